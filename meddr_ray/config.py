@@ -1,0 +1,573 @@
+"""Structured configuration: typed dataclasses, YAML presets and ``key=value`` overrides.
+
+``load_config("tiny", ["train.num_workers=2"])`` merges, in order, the dataclass defaults, the preset (a name
+from ``meddr_ray/configs/`` or a path to a YAML file) and the overrides. OmegaConf checks every key and type
+against the dataclasses, so a misspelt key or a wrong type fails with the key's full name.
+
+Two resolvers make presets portable:
+- ``${pkg:assets/breastmnist.npz}``: a file shipped inside the installed package;
+- ``${cache:models/tiny}``: a folder under ``$MEDDR_RAY_CACHE`` (default ``~/.cache/meddr-ray``), where the
+  offline-built tiny/smol checkpoints live.
+Relative local paths are made absolute at load time, because Ray workers do not share the driver's cwd.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+PRESET_DIR = PACKAGE_DIR / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key or file."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MEDDR_RAY_CACHE", Path.home() / ".cache" / "meddr-ray")).expanduser()
+
+
+def _register_resolvers() -> None:
+    register = getattr(OmegaConf, "register_resolver", None) or OmegaConf.register_new_resolver  # 2.4 renamed it
+    if not OmegaConf.has_resolver("pkg"):
+        register("pkg", lambda rel: str(PACKAGE_DIR / rel))
+    if not OmegaConf.has_resolver("cache"):
+        register("cache", lambda rel: str(cache_dir() / rel))
+
+
+# ----------------------------------------------------------------------------------------------- sections
+
+
+@dataclass
+class SourceConfig:
+    """One input data source, read by :func:`meddr_ray.data.read_source` into the sample schema."""
+
+    name: str = MISSING
+    """Dataset name (``breastmnist``, ``slake``, ...). Part of every row id, and the key for MedMNIST metadata."""
+    format: str = MISSING
+    """``medmnist`` (.npz) | ``image_folder`` (images + labels CSV) | ``vqa_json`` | ``reports`` (JSONL/CSV) | ``dicom``."""
+    path: str = MISSING
+    """The .npz / CSV / JSON / JSONL file, or for ``dicom`` a folder of .dcm files (or one file)."""
+    splits: List[str] = field(default_factory=lambda: ["train"])
+    """Splits to read: MedMNIST array prefixes; for the other formats a filter on their ``split`` column if present."""
+    task: Optional[str] = None
+    """``diagnosis`` | ``vqa`` | ``report``; default by format (vqa_json -> vqa, reports -> report, else diagnosis)."""
+    modality: Optional[str] = None
+    """Imaging modality in prompts ("breast ultrasound"); default: known for MedMNIST, the DICOM tag, or a column."""
+    label_names: Optional[List[str]] = None
+    """Names of the classes, index -> name. Known for MedMNIST; for a CSV the distinct values if unset."""
+    image_root: Optional[str] = None
+    """Folder that relative image paths are resolved against; default: the folder of ``path``."""
+    image_column: str = "image"
+    """CSV/JSON column holding the image file name (``img_name`` is also tried for SLAKE-style JSON)."""
+    label_column: str = "label"
+    """CSV column holding the label (a name or an index into ``label_names``; ``|``-separated for multi-label)."""
+    text_column: str = "text"
+    """Report column for ``reports`` sources (IU-Xray: ``text``; MIMIC-style CSV: ``report``)."""
+    require_images: bool = True
+    """If false, rows whose image file is absent load with an empty image (metadata-only use, e.g. SLAKE QA)."""
+    language: Optional[str] = "en"
+    """VQA: keep only rows whose ``q_lang`` equals this (SLAKE is bilingual); null keeps all."""
+    limit: Optional[int] = None
+    """Read only the first N rows after filtering (quick runs)."""
+    weight: float = 1.0
+    """Instruction mix: sampling weight of this source (1.0 = every row once; 2.0 = twice; 0.5 = half)."""
+    cap: Optional[int] = None
+    """Instruction mix: at most this many rows from this source."""
+
+
+@dataclass
+class DataConfig:
+    """How samples are decoded and what happens to bad ones."""
+
+    on_error: str = "raise"
+    """``raise``: a bad row stops the stage with an error naming file and row. ``skip``: it is set aside, counted
+    in the stage summary and written to ``<stage>/failed/`` with its error."""
+    max_image_bytes: int = 64 * 1024 * 1024
+    """Larger encoded images are refused (decompression-bomb and memory guard)."""
+    max_image_pixels: int = 64_000_000
+    """Images with more pixels (width x height) are refused."""
+    rows_per_block: int = 256
+    """Rows per Ray Data block when a reader fans a metadata table out to image-decoding tasks."""
+
+
+@dataclass
+class ModelBuildConfig:
+    """Shape of an offline-built model (``build: tiny`` or ``build: smol``); ignored for real checkpoints."""
+
+    image_size: int = 32
+    """Side of the square image the vision tower sees (pixels)."""
+    patch_size: int = 8
+    """ViT patch side; (image_size / patch_size)^2 image tokens go into the prompt."""
+    vision_hidden_size: int = 64
+    """Width of the SigLIP vision tower, which is also the dimension of the retrieval embedding."""
+    vision_layers: int = 2
+    """Depth of the vision tower."""
+    text_hidden_size: int = 64
+    """Width of the tiny Llama (tiny only; smol uses SmolLM2's 576)."""
+    text_layers: int = 2
+    """Depth of the tiny Llama (tiny only)."""
+    vocab_size: int = 2048
+    """Size of the BPE vocabulary trained offline for the tiny model (tiny only)."""
+    seed: int = 0
+    """Seed for the random weights, so every machine builds the same model."""
+
+
+@dataclass
+class ModelConfig:
+    """A vision-language checkpoint in hub format on local or shared storage. Nothing is downloaded."""
+
+    name: str = "tiny-llava"
+    """Id recorded in artifacts (bootstrap rows, adapter metadata, index manifest)."""
+    path: str = "${cache:models/tiny}"
+    """Local checkpoint directory (config.json, weights, processor files)."""
+    build: Optional[str] = None
+    """``tiny`` | ``smol``: build the checkpoint offline at ``path`` if it is missing. null: it must exist."""
+    build_options: ModelBuildConfig = field(default_factory=ModelBuildConfig)
+    """Shape of the offline-built model."""
+    trust_remote_code: bool = False
+    """Allow the checkpoint's own modelling code (InternVL chat checkpoints need it)."""
+    dtype: str = "float32"
+    """Weights dtype: float32 | bfloat16 | float16."""
+    device: str = "auto"
+    """``auto`` (cuda when the actor has a GPU) | ``cpu`` | ``cuda``."""
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings, passed to ``model.generate``."""
+
+    max_new_tokens: int = 64
+    """Upper bound on generated tokens per sample."""
+    do_sample: bool = False
+    """False: greedy (or beam) decoding, reproducible."""
+    temperature: float = 1.0
+    """Sampling temperature (only with do_sample)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (only with do_sample)."""
+    num_beams: int = 1
+    """Beam search width; 1 = none."""
+    repetition_penalty: float = 1.0
+    """>1 discourages repeats; SmolLM2 loops under plain greedy decoding without it."""
+    no_repeat_ngram_size: int = 0
+    """Forbid repeating any n-gram of this size; 0 = off."""
+    response_prefix: str = ""
+    """Text the answer is made to start with (e.g. "Findings:"), which steers a small teacher into the report
+    format; it is part of the returned text."""
+
+
+@dataclass
+class ActorPoolConfig:
+    """A Ray Data actor pool that runs a model (teacher, encoder, student)."""
+
+    min_actors: int = 1
+    """Actors kept alive; each loads the model once."""
+    max_actors: int = 1
+    """Autoscaling ceiling of the pool."""
+    batch_size: int = 8
+    """Rows per ``map_batches`` call (the model's batch)."""
+    num_cpus: float = 1.0
+    """CPUs reserved per actor."""
+    num_gpus: float = 0.0
+    """GPUs per actor (0 on CPU machines; 1 on a GPU cluster)."""
+    max_restarts: int = 3
+    """Times Ray restarts a dead actor."""
+    max_task_retries: int = 3
+    """Times a batch is retried on a restarted actor."""
+
+
+@dataclass
+class BootstrapConfig:
+    """Diagnosis-guided bootstrapping (paper section 3.1): the teacher writes reports for labelled images."""
+
+    sources: List[SourceConfig] = field(default_factory=list)
+    """Labelled image sources (diagnosis task)."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Teacher decoding."""
+    pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
+    """Teacher actor pool."""
+    output_dir: Optional[str] = None
+    """Default ``<run_dir>/bootstrap``."""
+    prompt_version: str = "meddr-3.1"
+    """Recorded with each row, so reports from different templates are never mixed silently."""
+
+
+@dataclass
+class InstructConfig:
+    """The instruction-tuning mix of Appendix A."""
+
+    sources: List[SourceConfig] = field(default_factory=list)
+    """Diagnosis, VQA and report sources, each rendered with its task's template."""
+    use_bootstrap: bool = True
+    """Include the bootstrapped reports (diagnosis-guided template A.4, diagnosis not in the instruction)."""
+    bootstrap_weight: float = 1.0
+    """Sampling weight of the bootstrapped reports."""
+    bootstrap_cap: Optional[int] = None
+    """At most this many bootstrapped reports."""
+    descriptions: bool = False
+    """Also add an OpenI-style description sample (A.4) for each report row."""
+    val_fraction: float = 0.1
+    """Share of rows (by id hash, deterministic) that go to the validation split."""
+    output_dir: Optional[str] = None
+    """Default ``<run_dir>/instruct``."""
+
+
+@dataclass
+class LoraConfig:
+    """peft LoRA on the language model (paper: r=16, alpha=32)."""
+
+    r: int = 16
+    """Rank of the update matrices."""
+    alpha: int = 32
+    """Scaling numerator (update scaled by alpha / r)."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input."""
+    target_modules: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    """Linear layers of the language model that get adapters."""
+    train_vision_tower: bool = False
+    """Unfreeze the vision tower (the paper keeps it frozen)."""
+    train_projector: bool = False
+    """Unfreeze the vision-language projector (the paper keeps it frozen)."""
+
+
+@dataclass
+class TrainConfig:
+    """Instruction tuning on Ray Train with DeepSpeed ZeRO and LoRA."""
+
+    num_workers: int = 2
+    """Ray Train workers (one per GPU on a cluster)."""
+    use_gpu: bool = False
+    """Workers take a GPU each."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Adapter settings."""
+    learning_rate: float = 1e-5
+    """Peak learning rate."""
+    lr_scheduler: str = "cosine"
+    """cosine | linear | constant (after warm-up)."""
+    warmup_ratio: float = 0.03
+    """Share of steps with linear warm-up."""
+    weight_decay: float = 0.05
+    """AdamW weight decay."""
+    epochs: int = 2
+    """Passes over the training split."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps (overrides epochs when set)."""
+    global_batch_size: int = 128
+    """Samples per optimizer step over all workers (micro batch x workers x accumulation)."""
+    micro_batch_size: int = 4
+    """Samples per worker per forward pass."""
+    max_length: int = 512
+    """Token budget per sample (prompt + image tokens + answer); longer answers are truncated."""
+    precision: str = "fp32"
+    """fp32 (CPU) | bf16 (GPU)."""
+    zero_stage: int = 3
+    """DeepSpeed ZeRO stage."""
+    offload_optimizer: bool = False
+    """ZeRO-Offload of optimizer states to CPU memory."""
+    gradient_clipping: float = 1.0
+    """Global gradient-norm clip."""
+    checkpoint_every: int = 50
+    """Optimizer steps between checkpoints."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept by Ray Train."""
+    max_failures: int = 2
+    """Worker-group restarts from the last checkpoint before the run fails."""
+    storage_path: Optional[str] = None
+    """Ray Train storage (checkpoints); default ``<run_dir>/train``. Shared storage on a cluster."""
+    name: str = "finetune"
+    """Run name under storage_path; re-running the same name resumes."""
+    merge_lora: bool = False
+    """Also save the base model with LoRA merged in, at ``<run_dir>/merged``."""
+    log_every: int = 1
+    """Report metrics every N optimizer steps."""
+    seed: int = 0
+    """Seed for data order and adapter initialisation."""
+    adapter_dir: Optional[str] = None
+    """Default ``<run_dir>/adapter``."""
+
+
+@dataclass
+class IndexConfig:
+    """The retrieval database (paper section 3.3)."""
+
+    sources: List[SourceConfig] = field(default_factory=list)
+    """Training sources whose images become keys; empty: the instruction Parquet."""
+    type: str = "auto"
+    """auto | flat | ivf | hnsw. auto: flat below ``auto_ivf_threshold`` vectors, IVF above."""
+    auto_ivf_threshold: int = 100_000
+    """Vector count from which ``auto`` picks IVF."""
+    nlist: int = 1024
+    """IVF: number of coarse cells."""
+    nprobe: int = 32
+    """IVF: cells searched per query."""
+    hnsw_m: int = 32
+    """HNSW: neighbours per node."""
+    ef_construction: int = 80
+    """HNSW: build-time beam."""
+    ef_search: int = 64
+    """HNSW: query-time beam."""
+    num_shards: int = 2
+    """Embedding Parquet shards, each indexed by its own Ray task before the merge."""
+    pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
+    """Encoder actor pool."""
+    device: str = "cpu"
+    """cpu | gpu (faiss-gpu when installed)."""
+    output_dir: Optional[str] = None
+    """Default ``<run_dir>/index``."""
+
+
+@dataclass
+class RagConfig:
+    """Retrieval-augmented prompting."""
+
+    top_k_diagnosis: int = 5
+    """Neighbour labels put into a diagnosis prompt (paper: 5)."""
+    top_k_vqa: int = 1
+    """Neighbour texts put into a VQA prompt (paper: 1)."""
+    top_k_report: int = 1
+    """Neighbour reports put into a report prompt (paper: 1)."""
+
+
+@dataclass
+class EvaluateConfig:
+    """Evaluation on held-out data: no-RAG, RAG and voting."""
+
+    sources: List[SourceConfig] = field(default_factory=list)
+    """Test sources."""
+    modes: List[str] = field(default_factory=lambda: ["no_rag", "rag", "voting"])
+    """Which rows of the paper's RAG table to compute."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Student decoding."""
+    pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
+    """Student actor pool."""
+    output_dir: Optional[str] = None
+    """Default ``<run_dir>/eval``."""
+
+
+@dataclass
+class ServeConfig:
+    """The Ray Serve application."""
+
+    host: str = "127.0.0.1"
+    """HTTP bind address."""
+    port: int = 8000
+    """HTTP port."""
+    route_prefix: str = "/"
+    """Route of the ingress."""
+    num_cpus: float = 0.5
+    """CPUs per replica (fractional on small machines, or replicas never start)."""
+    num_gpus: float = 0.0
+    """GPUs per generator replica."""
+    min_replicas: int = 1
+    """Autoscaling floor of the generator."""
+    max_replicas: int = 2
+    """Autoscaling ceiling of the generator."""
+    target_ongoing_requests: float = 4.0
+    """Autoscaling target per replica."""
+    max_batch_size: int = 8
+    """``@serve.batch`` size."""
+    batch_wait_timeout_s: float = 0.05
+    """``@serve.batch`` wait."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Student decoding in the service."""
+
+
+@dataclass
+class RayConfig:
+    """Where the stages run."""
+
+    address: Optional[str] = None
+    """Cluster address; null: ``RAY_ADDRESS`` or a new local cluster."""
+    num_cpus: Optional[int] = None
+    """CPUs of a new local cluster (null: all)."""
+
+
+@dataclass
+class Config:
+    """The whole configuration of a run."""
+
+    preset: str = "custom"
+    """Name of the preset this config came from (set by the loader)."""
+    run_dir: str = "runs/${preset}"
+    """Folder of the run's artifacts; every stage reads and writes under it unless its own paths say otherwise."""
+    seed: int = 0
+    """Global seed."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """Decoding limits and bad-row policy."""
+    teacher: ModelConfig = field(default_factory=ModelConfig)
+    """General-domain model that writes the bootstrapped reports."""
+    student: ModelConfig = field(default_factory=ModelConfig)
+    """The model that is fine-tuned, embeds the index and answers."""
+    bootstrap: BootstrapConfig = field(default_factory=BootstrapConfig)
+    instruct: InstructConfig = field(default_factory=InstructConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    rag: RagConfig = field(default_factory=RagConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+
+    def stage_dir(self, stage: str) -> str:
+        """``<run_dir>/<stage>`` unless the stage's ``output_dir`` is set."""
+        section = getattr(self, stage, None)
+        explicit = getattr(section, "output_dir", None) if section is not None else None
+        return explicit or join_path(self.run_dir, stage)
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.structured(self))
+
+    def fingerprint(self) -> str:
+        """Short hash of the resolved config, recorded with artifacts."""
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def join_path(base: str, *parts: str) -> str:
+    if is_uri(base):
+        return "/".join([base.rstrip("/"), *parts])
+    return str(Path(base, *parts))
+
+
+def available_presets() -> List[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+
+
+def _preset_file(preset_or_path: str) -> Path:
+    candidate = Path(preset_or_path).expanduser()
+    if candidate.suffix in (".yaml", ".yml"):
+        if not candidate.is_file():
+            raise ConfigError(f"config file not found: {candidate}")
+        return candidate
+    preset = PRESET_DIR / f"{preset_or_path}.yaml"
+    if not preset.is_file():
+        raise ConfigError(
+            f"unknown preset {preset_or_path!r}: choose one of {', '.join(available_presets())} or give a .yaml path"
+        )
+    return preset
+
+
+def _absolutize(cfg: Config, base: Path) -> None:
+    """Make local relative paths absolute (Ray workers run elsewhere)."""
+
+    def fix(path: Optional[str]) -> Optional[str]:
+        if not path or is_uri(path):
+            return path
+        p = Path(path).expanduser()
+        return str(p if p.is_absolute() else (base / p).resolve())
+
+    cfg.run_dir = fix(cfg.run_dir)
+    for model in (cfg.teacher, cfg.student):
+        model.path = fix(model.path)
+    for section in (cfg.bootstrap, cfg.instruct, cfg.index, cfg.evaluate):
+        if hasattr(section, "output_dir"):
+            section.output_dir = fix(section.output_dir)
+        for src in section.sources:
+            src.path = fix(src.path)
+            src.image_root = fix(src.image_root)
+    cfg.train.storage_path = fix(cfg.train.storage_path)
+    cfg.train.adapter_dir = fix(cfg.train.adapter_dir)
+
+
+def load_config(preset_or_path: str = "tiny", overrides: Sequence[str] = ()) -> Config:
+    """Resolve a preset name or YAML path plus ``key=value`` overrides into a checked :class:`Config`."""
+    _register_resolvers()
+    path = _preset_file(preset_or_path)
+    schema = OmegaConf.structured(Config)
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as exc:  # yaml syntax errors
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    loaded.setdefault("preset", path.stem)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+    try:
+        merged = OmegaConf.merge(schema, loaded)
+        for item in overrides:
+            key, _, raw = item.partition("=")
+            # update() walks list indices too (bootstrap.sources.0.limit=8) and type-checks against the schema
+            OmegaConf.update(merged, key.strip(), yaml.safe_load(raw) if raw.strip() else "", merge=True)
+        OmegaConf.resolve(merged)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"{path}: required keys have no value: {', '.join(missing)}")
+        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        msg = str(exc).splitlines()[0]
+        raise ConfigError(f"{path}: {'key ' + repr(key) + ': ' if key else ''}{msg}") from exc
+    _validate(cfg)
+    _absolutize(cfg, Path.cwd())
+    return cfg
+
+
+_CHOICES: Dict[str, Sequence[Any]] = {
+    "data.on_error": ("raise", "skip"),
+    "index.type": ("auto", "flat", "ivf", "hnsw"),
+    "index.device": ("cpu", "gpu"),
+    "train.precision": ("fp32", "bf16", "fp16"),
+    "train.lr_scheduler": ("cosine", "linear", "constant"),
+    "train.zero_stage": (0, 1, 2, 3),
+    "teacher.build": (None, "tiny", "smol"),
+    "student.build": (None, "tiny", "smol"),
+    "teacher.device": ("auto", "cpu", "cuda"),
+    "student.device": ("auto", "cpu", "cuda"),
+}
+
+SOURCE_FORMATS = ("medmnist", "image_folder", "vqa_json", "reports", "dicom")
+TASKS = ("diagnosis", "vqa", "report")
+
+
+def _validate(cfg: Config) -> None:
+    for key, choices in _CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in choices:
+            raise ConfigError(f"key {key!r}: {value!r} is not one of {list(choices)}")
+    for section in ("bootstrap", "instruct", "index", "evaluate"):
+        for i, src in enumerate(getattr(cfg, section).sources):
+            where = f"{section}.sources[{i}]"
+            if src.format not in SOURCE_FORMATS:
+                raise ConfigError(f"key '{where}.format': {src.format!r} is not one of {list(SOURCE_FORMATS)}")
+            if src.task is not None and src.task not in TASKS:
+                raise ConfigError(f"key '{where}.task': {src.task!r} is not one of {list(TASKS)}")
+            if src.weight < 0:
+                raise ConfigError(f"key '{where}.weight': must be >= 0")
+    for mode in cfg.evaluate.modes:
+        if mode not in ("no_rag", "rag", "voting"):
+            raise ConfigError(f"key 'evaluate.modes': {mode!r} is not one of ['no_rag', 'rag', 'voting']")
+    if cfg.train.global_batch_size % (cfg.train.micro_batch_size * cfg.train.num_workers):
+        raise ConfigError(
+            "key 'train.global_batch_size': must be a multiple of train.micro_batch_size x train.num_workers "
+            f"({cfg.train.micro_batch_size} x {cfg.train.num_workers})"
+        )
+
+
+def save_config(cfg: Config, folder: str, filename: str = "config.yaml") -> str:
+    """Write the resolved config next to an artifact."""
+    from meddr_ray.storage import write_text  # local: storage is a sibling leaf module
+
+    return write_text(join_path(folder, filename), cfg.to_yaml())

@@ -1,0 +1,215 @@
+"""What every reader shares: reading a metadata file, the error policy, and the Ray step that loads images.
+
+The table readers (image folder, VQA JSON, reports, DICOM) all work the same way. The driver reads only the
+small metadata file and builds one row per sample, with the image left empty and two helper columns: where
+the image is (``image_ref``) and how to name the row in errors (``where``). :func:`metadata_dataset` cuts
+that table into blocks of ``rows_per_block`` rows, and a Ray task per block reads, checks and encodes the
+images, so no image byte passes through the driver.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any, Dict, List, Optional
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from meddr_ray import storage
+from meddr_ray.config import DataConfig, SourceConfig, join_path
+from meddr_ray.data.errors import DataError
+from meddr_ray.data.images import load_image
+from meddr_ray.data.schema import SAMPLE_SCHEMA, make_row, rows_to_table
+
+IMAGE_REF = "image_ref"
+WHERE = "where"
+META_SCHEMA = SAMPLE_SCHEMA.append(pa.field(IMAGE_REF, pa.string())).append(pa.field(WHERE, pa.string()))
+
+# Tried in this order when an image name has no extension (HAM10000's image_id, DICOM series exports).
+IMAGE_EXTENSIONS = ("", ".jpg", ".jpeg", ".png", ".dcm")
+
+_DEFAULT_TASK = {"vqa_json": "vqa", "reports": "report"}
+
+
+def default_task(src: SourceConfig) -> str:
+    return src.task or _DEFAULT_TASK.get(src.format, "diagnosis")
+
+
+def default_split(src: SourceConfig) -> str:
+    """The split of rows whose file has no split column: the first configured split (default ``train``)."""
+    return src.splits[0] if src.splits else "train"
+
+
+def image_root(src: SourceConfig) -> str:
+    return src.image_root or os.path.dirname(src.path.rstrip("/"))
+
+
+def row_where(path: str, index: int) -> str:
+    return f"{os.path.basename(path)} row {index}"
+
+
+def check_on_error(data_cfg: DataConfig) -> str:
+    if data_cfg.on_error not in ("raise", "skip"):
+        raise ValueError(f"data.on_error must be 'raise' or 'skip', not {data_cfg.on_error!r}")
+    return data_cfg.on_error
+
+
+def fail(row: Dict[str, Any], message: str, on_error: str) -> Dict[str, Any]:
+    """Apply the error policy to a bad row: raise, or keep the row with its error and no image."""
+    if on_error == "raise":
+        raise DataError(message)
+    row["image"] = None
+    row["error"] = message
+    return row
+
+
+# ------------------------------------------------------------------------------------ metadata files
+
+
+def read_metadata_bytes(path: str) -> bytes:
+    try:
+        return storage.read_bytes(path)
+    except (FileNotFoundError, OSError) as exc:
+        raise DataError(f"{path}: cannot read the file ({exc})") from None
+
+
+def read_records(path: str) -> List[Dict[str, Any]]:
+    """Rows of a JSON list of objects, a JSONL file or a CSV (all cells as strings, empty cell -> None)."""
+    data = read_metadata_bytes(path)
+    name = os.path.basename(path)
+    lower = path.lower()
+    if lower.endswith(".csv"):
+        import pandas as pd
+
+        try:
+            frame = pd.read_csv(io.BytesIO(data), dtype=str, keep_default_na=False)
+        except Exception as exc:
+            raise DataError(f"{path}: not a readable CSV ({exc})") from None
+        frame.columns = [str(c).strip() for c in frame.columns]
+        return [{k: (v if v != "" else None) for k, v in rec.items()} for rec in frame.to_dict("records")]
+    if lower.endswith(".jsonl"):
+        records = []
+        for i, line in enumerate(data.decode("utf-8").splitlines()):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{name} line {i + 1}: not valid JSON ({exc})") from None
+    else:
+        try:
+            records = json.loads(data)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise DataError(f"{path}: expected a list of JSON objects (one per sample)")
+    return records
+
+
+def require_columns(path: str, records: List[Dict[str, Any]], columns: List[str]) -> None:
+    present = set(records[0]) if records else set()
+    missing = [c for c in columns if c not in present]
+    if records and missing:
+        raise DataError(f"{path}: no column {missing[0]!r} (columns: {', '.join(sorted(present))})")
+
+
+def limit_reached(rows: List[Dict[str, Any]], src: SourceConfig) -> bool:
+    """``src.limit`` counts rows after the split/language filters; rows past it are not even checked."""
+    return src.limit is not None and len(rows) >= src.limit
+
+
+# ------------------------------------------------------------------------------- the image-loading step
+
+
+def metadata_dataset(
+    rows: List[Dict[str, Any]],
+    src: SourceConfig,
+    data_cfg: DataConfig,
+    *,
+    dicom: Optional[bool] = None,
+):
+    """A Ray Dataset in :data:`SAMPLE_SCHEMA` from metadata rows; images are read and checked in Ray tasks.
+
+    Each row holds the schema columns plus ``image_ref`` (a path relative to the source's image root, or
+    absolute; None = no image) and ``where`` (the row's name in error messages).
+    """
+    import ray
+
+    table = pa.Table.from_pylist([{**make_row(), **r} for r in rows], schema=META_SCHEMA)
+    step = max(1, data_cfg.rows_per_block)
+    blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)] or [table]
+    return ray.data.from_arrow(blocks).map_batches(
+        _attach_images,
+        batch_size=None,  # one call per block: the blocks are already cut to rows_per_block
+        batch_format="pyarrow",
+        fn_kwargs=dict(
+            root=image_root(src),
+            require_images=src.require_images,
+            dicom=dicom,
+            max_bytes=data_cfg.max_image_bytes,
+            max_pixels=data_cfg.max_image_pixels,
+            on_error=check_on_error(data_cfg),
+        ),
+    )
+
+
+def _is_file(path: str) -> bool:
+    fs, p = storage.resolve(path)
+    return fs.get_file_info(p).type == pafs.FileType.File
+
+
+def find_image(root: str, ref: str, where: str, require: bool) -> Optional[str]:
+    """The existing file ``ref`` names (trying extensions if it has none); None if absent and not required."""
+    has_ext = bool(os.path.splitext(ref)[1])
+    for ext in ("",) if has_ext else IMAGE_EXTENSIONS:
+        name = ref + ext
+        path = name if (os.path.isabs(name) or "://" in name) else join_path(root, name)
+        if _is_file(path):
+            return path
+    if require:
+        tried = "" if has_ext else f" (also tried {', '.join(IMAGE_EXTENSIONS[1:])})"
+        raise DataError(f"{where}: image {ref!r} not found under {root}{tried}")
+    return None
+
+
+def _read_image(path: str, where: str) -> bytes:
+    try:
+        return storage.read_bytes(path)
+    except OSError as exc:
+        raise DataError(f"{where}: cannot read image {path} ({exc})") from None
+
+
+def _attach_images(
+    batch: pa.Table,
+    *,
+    root: str,
+    require_images: bool,
+    dicom: Optional[bool],
+    max_bytes: int,
+    max_pixels: int,
+    on_error: str,
+) -> pa.Table:
+    """Ray task: read, validate and encode the image of every row of a block (runs where the block is)."""
+    out = []
+    for row in batch.to_pylist():
+        ref, where = row.pop(IMAGE_REF), row.pop(WHERE)
+        if ref and row["error"] is None:
+            try:
+                path = find_image(root, ref, where, require_images)
+                if path is not None:
+                    row["image"], tag = load_image(
+                        _read_image(path, where), max_bytes=max_bytes, max_pixels=max_pixels, where=where, dicom=dicom
+                    )
+                    row["modality"] = row["modality"] or tag
+            except DataError as exc:
+                fail(row, str(exc), on_error)
+        out.append(row)
+    return rows_to_table(out)
+
+
+def split_errors(ds):
+    """``(good, bad)``: rows without and with an ``error``. Stages count and set aside the bad ones."""
+    from ray.data.expressions import col
+
+    return ds.filter(expr=col("error").is_null()), ds.filter(expr=col("error").is_not_null())

@@ -1,0 +1,36 @@
+"""Connecting to Ray the same way from the CLI, the job scripts and the tests."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from meddr_ray.config import Config
+
+log = logging.getLogger("meddr_ray")
+
+# Environment every Ray worker of this project gets: where offline-built models live, and DeepSpeed's CPU backend
+# when there is no GPU (DeepSpeed otherwise probes for CUDA and fails on CPU-only nodes).
+_FORWARDED_ENV = ("MEDDR_RAY_CACHE", "DS_ACCELERATOR", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+
+
+def worker_env() -> dict:
+    env = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.update({k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ})
+    return env
+
+
+def init_ray(cfg: Config):
+    """Join ``ray.address`` / ``RAY_ADDRESS`` if given (a cluster, or inside ``ray job submit``), else start a
+    local cluster with ``ray.num_cpus`` logical CPUs. Idempotent."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
+    kwargs = dict(runtime_env={"env_vars": worker_env()}, log_to_driver=True)
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(num_cpus=cfg.ray.num_cpus, **kwargs)
+    return ray

@@ -1,0 +1,87 @@
+"""Local paths and pyarrow-filesystem URIs (``s3://``, ``gs://``, ...) behind one small API.
+
+Artifacts live under ``run_dir``, which may be a shared filesystem on a cluster. Writes that readers must
+never see half-done go to a temporary name first and are then moved into place.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import List, Tuple
+
+import pyarrow.fs as pafs
+
+
+def resolve(path: str) -> Tuple[pafs.FileSystem, str]:
+    """The filesystem and the path inside it."""
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def exists(path: str) -> bool:
+    fs, p = resolve(path)
+    return fs.get_file_info(p).type != pafs.FileType.NotFound
+
+
+def is_dir(path: str) -> bool:
+    fs, p = resolve(path)
+    return fs.get_file_info(p).type == pafs.FileType.Directory
+
+
+def makedirs(path: str) -> None:
+    fs, p = resolve(path)
+    fs.create_dir(p, recursive=True)
+
+
+def list_files(path: str, suffix: str = "") -> List[str]:
+    """Files (not folders) directly under ``path`` ending with ``suffix``, sorted; [] if absent."""
+    fs, p = resolve(path)
+    if fs.get_file_info(p).type != pafs.FileType.Directory:
+        return []
+    infos = fs.get_file_info(pafs.FileSelector(p, recursive=False))
+    prefix = path[: len(path) - len(p)] if "://" in path else ""
+    return sorted(prefix + i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+
+
+def read_bytes(path: str) -> bytes:
+    fs, p = resolve(path)
+    with fs.open_input_file(p) as f:
+        return f.read()
+
+
+def read_text(path: str) -> str:
+    return read_bytes(path).decode("utf-8")
+
+
+def write_bytes(path: str, data: bytes) -> str:
+    """Write atomically: a temporary sibling, then a rename (a reader sees the old file or the new one)."""
+    fs, p = resolve(path)
+    parent = os.path.dirname(p)
+    if parent:
+        fs.create_dir(parent, recursive=True)
+    tmp = f"{p}.tmp-{uuid.uuid4().hex[:8]}"
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    fs.move(tmp, p)
+    return path
+
+
+def write_text(path: str, text: str) -> str:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def remove(path: str) -> None:
+    fs, p = resolve(path)
+    info = fs.get_file_info(p)
+    if info.type == pafs.FileType.Directory:
+        fs.delete_dir(p)
+    elif info.type == pafs.FileType.File:
+        fs.delete_file(p)
+
+
+def move(src: str, dst: str) -> None:
+    fs, s = resolve(src)
+    _, d = resolve(dst)
+    fs.move(s, d)

@@ -1,0 +1,83 @@
+import pytest
+
+from meddr_ray.config import Config, ConfigError, available_presets, load_config
+
+
+def test_presets_exist():
+    assert {"tiny", "demo", "paper"} <= set(available_presets())
+
+
+@pytest.mark.parametrize("preset", ["tiny", "demo", "paper"])
+def test_every_preset_resolves(preset):
+    cfg = load_config(preset)
+    assert isinstance(cfg, Config)
+    assert cfg.preset == preset
+    assert "${" not in cfg.to_yaml()  # every interpolation resolved
+
+
+def test_paper_preset_matches_the_paper():
+    cfg = load_config("paper")
+    t = cfg.train
+    assert (t.lora.r, t.lora.alpha, t.lora.dropout) == (16, 32, 0.05)
+    assert set(t.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert not t.lora.train_vision_tower and not t.lora.train_projector
+    assert (t.learning_rate, t.lr_scheduler, t.warmup_ratio, t.weight_decay) == (1e-5, "cosine", 0.03, 0.05)
+    assert (t.epochs, t.global_batch_size, t.precision, t.zero_stage, t.num_workers) == (2, 128, "bf16", 3, 16)
+    assert cfg.student.trust_remote_code and cfg.student.build is None
+
+
+def test_overrides_apply_with_types_and_list_indices():
+    cfg = load_config("tiny", ["train.num_workers=1", "bootstrap.sources.0.limit=8", "index.sources.0.splits=[test]"])
+    assert cfg.train.num_workers == 1
+    assert cfg.bootstrap.sources[0].limit == 8
+    assert cfg.index.sources[0].splits == ["test"]
+
+
+def test_run_dir_defaults_per_preset_and_is_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("tiny", ["run_dir=runs/try1"])
+    assert cfg.run_dir == str(tmp_path / "runs" / "try1")
+    assert cfg.stage_dir("bootstrap") == str(tmp_path / "runs" / "try1" / "bootstrap")
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.nope=1", "train.nope"),
+        ("nope=1", "nope"),
+        ("train.num_workers=abc", "train.num_workers"),
+        ("bootstrap.sources.0.bogus=1", "bootstrap.sources[0].bogus"),
+        ("data.on_error=ignore", "data.on_error"),
+        ("bootstrap.sources.0.format=xls", "bootstrap.sources[0].format"),
+    ],
+)
+def test_bad_key_or_type_names_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace("[", r"\[").replace("]", r"\]")):
+        load_config("tiny", [override])
+
+
+def test_bad_yaml_file_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  num_workerz: 2\n")
+    with pytest.raises(ConfigError, match="bad.yaml.*num_workerz"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config("nosuchpreset")
+
+
+def test_override_without_equals_is_refused():
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config("tiny", ["train.num_workers"])
+
+
+def test_every_preset_key_has_a_comment():
+    from meddr_ray.config import PRESET_DIR
+
+    for path in PRESET_DIR.glob("*.yaml"):
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            stripped = line.strip()
+            if not stripped or stripped.startswith("#"):
+                continue
+            if stripped.endswith(":") and not stripped.startswith("- "):
+                continue  # a section header: its keys carry the comments
+            assert "#" in line, f"{path.name}:{n} has no comment: {line!r}"
