@@ -79,9 +79,7 @@ class VisionLanguageModel:
         dtype = getattr(torch, _DTYPES.get(cfg.dtype, "float32"))
         self.processor = AutoProcessor.from_pretrained(self.path, trust_remote_code=cfg.trust_remote_code)
         self.processor.tokenizer.padding_side = "left"  # generation appends on the right
-        model = AutoModelForImageTextToText.from_pretrained(
-            self.path, dtype=dtype, trust_remote_code=cfg.trust_remote_code
-        )
+        model = _load_weights(self.path, dtype, cfg.trust_remote_code)
         self.adapter_dir = adapter_dir
         if adapter_dir:
             from peft import PeftModel
@@ -167,6 +165,19 @@ class VisionLanguageModel:
                 h.update(flat[:: max(1, flat.numel() // 4096)].numpy().tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
+
+
+def _load_weights(path: Path, dtype, trust_remote_code: bool):
+    """``AutoModelForImageTextToText``; checkpoints whose own code registers only ``AutoModel`` (the original
+    InternVL-Chat releases) fall back to it when ``trust_remote_code`` allows their code."""
+    from transformers import AutoModel, AutoModelForImageTextToText
+
+    try:
+        return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    except ValueError:
+        if not trust_remote_code:
+            raise
+        return AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=True)
 
 
 def load_model(cfg: ModelConfig, adapter_dir: Optional[str] = None) -> VisionLanguageModel:
