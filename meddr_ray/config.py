@@ -214,6 +214,9 @@ class InstructConfig:
     """Sampling weight of the bootstrapped reports."""
     bootstrap_cap: Optional[int] = None
     """At most this many bootstrapped reports."""
+    bootstrap_quality: List[str] = field(default_factory=lambda: ["ok", "partial"])
+    """Bootstrapped reports used only if their ``quality`` flag is one of these (ok | partial | no_sections |
+    empty, see ``meddr_ray.reports``); the others are set aside and counted."""
     descriptions: bool = False
     """Also add an OpenI-style description sample (A.4) for each report row."""
     val_fraction: float = 0.1
@@ -294,6 +297,15 @@ class TrainConfig:
     """Also save the base model with LoRA merged in, at ``<run_dir>/merged``."""
     log_every: int = 1
     """Report metrics every N optimizer steps."""
+    eval_at_start: bool = True
+    """Measure the validation loss before the first step too (the baseline the learning curve starts from)."""
+    shuffle_buffer_size: int = 256
+    """Rows in each worker's local shuffle buffer (seeded by seed, epoch and rank, so a resumed epoch replays the
+    same order); 0 = the data's own order."""
+    param_persistence_threshold: int = 100_000
+    """ZeRO-3: parameters with fewer elements stay whole on every rank (fewer all-gathers); 0 partitions all."""
+    bucket_size: int = 50_000_000
+    """Elements per ZeRO communication bucket (reduce, all-gather, prefetch); DeepSpeed's 5e8 is 2 GB in fp32."""
     seed: int = 0
     """Seed for data order and adapter initialisation."""
     adapter_dir: Optional[str] = None
@@ -328,6 +340,13 @@ class IndexConfig:
     """cpu | gpu (faiss-gpu when installed)."""
     output_dir: Optional[str] = None
     """Default ``<run_dir>/index``."""
+    train_size: Optional[int] = None
+    """IVF: vectors sampled to train the coarse quantizer; null: 64 per cell (nlist), at most all of them."""
+    build_cpus: float = 1.0
+    """CPUs reserved by each shard-build, IVF-training and merge task; FAISS uses as many threads."""
+    add_sources: List[SourceConfig] = field(default_factory=list)
+    """Incremental add: when non-empty, ``meddr-ray index`` appends these cases to the current version as a new
+    version instead of building one (the same as ``--add source.yaml``); rows already indexed are skipped."""
 
 
 @dataclass

@@ -1,0 +1,194 @@
+"""Publishing and loading index versions (no Ray): atomic switch, and every broken artifact refused by name."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from meddr_ray import faiss_index as fi
+from meddr_ray.faiss_index import IndexArtifactError, load_index, publish
+
+FP = "0123456789abcdef"
+
+
+def unit(n: int, dim: int = 16, seed: int = 0) -> np.ndarray:
+    x = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def values(n: int, start: int = 0) -> pa.Table:
+    ids = [f"case{i}" for i in range(start, start + n)]
+    return pa.table(
+        {
+            "id": ids,
+            "dataset": ["toy"] * n,
+            "modality": ["ultrasound"] * n,
+            "task": ["diagnosis"] * n,
+            "label": [("malignant" if i % 2 else "benign") for i in range(start, start + n)],
+            "text": [("malignant" if i % 2 else "benign") for i in range(start, start + n)],
+        }
+    )
+
+
+def make(index_dir, n: int = 50, start: int = 0, seed: int = 0, fp: str = FP):
+    index = fi.build_shard(unit(n, seed=seed), fi.IndexParams("flat"))
+    return publish(str(index_dir), index, values(n, start), {"encoder_fingerprint": fp, "model_name": "toy"})
+
+
+def test_publish_writes_a_version_and_switches_current(tmp_path):
+    m1 = make(tmp_path)
+    assert m1["version"] == "v0001" and (tmp_path / "CURRENT").read_text().strip() == "v0001"
+    assert {p.name for p in (tmp_path / "v0001").iterdir()} == {"manifest.json", "index.faiss", "values.parquet"}
+    on_disk = json.loads((tmp_path / "v0001" / "manifest.json").read_text())
+    for key in ("version", "dim", "metric", "count", "faiss_type", "encoder_fingerprint", "model_name", "created"):
+        assert key in on_disk, key
+    assert (on_disk["dim"], on_disk["count"], on_disk["faiss_type"], on_disk["metric"]) == (
+        16, 50, "IndexFlatIP", "inner_product")  # fmt: skip
+    assert len(on_disk["files"]["index.faiss"]["sha256"]) == 64
+    m2 = make(tmp_path, n=60, seed=1)
+    assert m2["version"] == "v0002"
+    assert load_index(str(tmp_path)).count == 60
+    assert load_index(str(tmp_path), version="v0001").count == 50  # the old version stays readable
+    assert fi.list_versions(str(tmp_path)) == ["v0001", "v0002"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_publish_refuses_values_that_do_not_line_up(tmp_path):
+    index = fi.build_shard(unit(10), fi.IndexParams("flat"))
+    with pytest.raises(IndexArtifactError, match="9 value rows for 10 vectors"):
+        publish(str(tmp_path), index, values(9), {"encoder_fingerprint": FP})
+    assert fi.current_version(str(tmp_path)) is None
+
+
+def test_an_interrupted_publish_leaves_the_old_version_current(tmp_path, monkeypatch):
+    make(tmp_path)
+
+    def crash(*_):
+        raise KeyboardInterrupt("killed before the switch")
+
+    # killed after the new folder is complete but before CURRENT moves
+    monkeypatch.setattr(fi, "_switch_current", crash)
+    with pytest.raises(KeyboardInterrupt):
+        make(tmp_path, n=70, seed=2)
+    loaded = load_index(str(tmp_path))
+    assert (loaded.version, loaded.count) == ("v0001", 50)
+    # killed while the files are still being written: only a hidden temporary folder exists
+    monkeypatch.setattr(fi, "_claim_and_rename", crash)
+    with pytest.raises(KeyboardInterrupt):
+        make(tmp_path, n=80, seed=3)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    assert load_index(str(tmp_path)).version == "v0001"
+    monkeypatch.undo()
+    # the next publish takes the next free number and becomes current
+    assert make(tmp_path, n=90, seed=4)["version"] == "v0003"
+    assert load_index(str(tmp_path)).count == 90
+
+
+def test_a_concurrent_reader_never_sees_a_half_published_version(tmp_path):
+    make(tmp_path, n=20)
+    stop = threading.Event()
+    seen, problems = set(), []
+
+    def reader():
+        while not stop.is_set():
+            try:
+                loaded = load_index(str(tmp_path))
+                assert loaded.values.num_rows == loaded.index.ntotal == loaded.manifest["count"]
+                assert loaded.values.column("id")[0].as_py() == "case0"
+                seen.add(loaded.version)
+            except Exception as exc:  # noqa: BLE001 - collected and reported below
+                problems.append(repr(exc))
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for i in range(15):
+            make(tmp_path, n=20 + 10 * i, seed=i)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not problems, problems[:3]
+    assert len(seen) >= 2  # the readers really ran while versions switched
+
+
+# ------------------------------------------------------------------------------ refused artifacts
+
+
+@pytest.fixture
+def published(tmp_path):
+    make(tmp_path, n=40)
+    return tmp_path, tmp_path / "v0001"
+
+
+def test_missing_current_is_refused(tmp_path):
+    with pytest.raises(IndexArtifactError, match=r"no published index \(CURRENT is missing\)"):
+        load_index(str(tmp_path))
+
+
+def test_current_naming_a_missing_version_is_refused(published):
+    root, _ = published
+    (root / "CURRENT").write_text("v0042\n")
+    with pytest.raises(IndexArtifactError, match="'v0042' does not exist; published versions: v0001"):
+        load_index(str(root))
+    with pytest.raises(IndexArtifactError, match="'v0007' does not exist"):
+        load_index(str(root), version="v0007")
+
+
+def test_dimension_mismatch_is_refused(published):
+    root, _ = published
+    with pytest.raises(IndexArtifactError, match="the index has dimension 16 but the encoder produces 64"):
+        load_index(str(root), expect_dim=64)
+
+
+def test_fingerprint_mismatch_is_refused(published):
+    root, _ = published
+    with pytest.raises(IndexArtifactError, match=f"built with encoder {FP} .* current encoder is feedfacefeedface"):
+        load_index(str(root), expect_fingerprint="feedfacefeedface")
+    assert load_index(str(root), expect_dim=16, expect_fingerprint=FP).count == 40
+
+
+def test_truncated_index_is_refused(published):
+    root, vdir = published
+    data = (vdir / "index.faiss").read_bytes()
+    (vdir / "index.faiss").write_bytes(data[: len(data) // 2])
+    with pytest.raises(IndexArtifactError, match=r"index.faiss is truncated or corrupt: \d+ bytes, the manifest says"):
+        load_index(str(root))
+
+
+def test_corrupt_index_fails_its_checksum_and_faiss_read(published):
+    root, vdir = published
+    data = bytearray((vdir / "index.faiss").read_bytes())
+    data[:4] = b"XXXX"  # same size, broken header
+    (vdir / "index.faiss").write_bytes(bytes(data))
+    with pytest.raises(IndexArtifactError, match="index.faiss is corrupt: its sha256 does not match"):
+        load_index(str(root))
+    with pytest.raises(IndexArtifactError, match="index.faiss: not a readable FAISS index"):
+        load_index(str(root), verify=False)
+
+
+def test_values_that_do_not_line_up_with_the_index_are_refused(published):
+    root, vdir = published
+    pq.write_table(values(39), vdir / "values.parquet")
+    manifest = json.loads((vdir / "manifest.json").read_text())  # a consistent manifest: only the count is off
+    manifest["files"]["values.parquet"] = {
+        "bytes": os.path.getsize(vdir / "values.parquet"),
+        "sha256": fi._sha256_file(str(vdir / "values.parquet")),
+    }
+    (vdir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(IndexArtifactError, match="values.parquet: 39 rows but the index holds 40 vectors"):
+        load_index(str(root))
+
+
+def test_missing_manifest_is_refused(published):
+    root, vdir = published
+    (vdir / "manifest.json").unlink()
+    with pytest.raises(IndexArtifactError, match="has no manifest.json"):
+        load_index(str(root))

@@ -1,0 +1,138 @@
+"""Retrieval-augmented prompts, the voting baseline and the Retriever (no Ray)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from meddr_ray import faiss_index as fi
+from meddr_ray import prompts
+from meddr_ray.config import RagConfig
+from meddr_ray.rag import IndexArtifactError, Neighbor, Retriever, rag_context, rag_prompt, retrieve, top_k_for, vote
+
+
+def nb(label, score, text=None, i=0, task="diagnosis"):
+    return Neighbor(f"id{i}", label, text if text is not None else label, score, "toy", "ultrasound", task)
+
+
+# ------------------------------------------------------------------------------------------------- vote
+
+
+def test_vote_takes_the_majority_label():
+    assert vote([nb("a", 0.99), nb("b", 0.98), nb("b", 0.5), nb("b", 0.4), nb("a", 0.9)]) == "b"
+
+
+def test_vote_tie_goes_to_the_larger_summed_similarity():
+    # two each: a sums 0.9 + 0.5 = 1.4, b sums 0.8 + 0.7 = 1.5 although a holds rank 1
+    assert vote([nb("a", 0.9), nb("b", 0.8), nb("b", 0.7), nb("a", 0.5)]) == "b"
+    assert vote([nb("a", 0.9), nb("b", 0.8), nb("b", 0.5), nb("a", 0.6)]) == "a"
+
+
+def test_vote_full_tie_goes_to_the_nearest_label_and_unlabelled_cases_do_not_vote():
+    assert vote([nb("b", 0.7), nb("a", 0.7)]) == "b"
+    assert vote([nb(None, 0.99, text="a report"), nb("a", 0.5), nb(None, 0.98, text="x")]) == "a"
+    assert vote([nb(None, 0.9, text="a report")]) is None
+    assert vote([]) is None
+
+
+# ---------------------------------------------------------------------------------------------- context
+
+RAG = RagConfig(top_k_diagnosis=3, top_k_vqa=1, top_k_report=1)
+
+
+def test_top_k_per_task_follows_the_config():
+    assert [top_k_for(t, RagConfig()) for t in ("diagnosis", "vqa", "report")] == [5, 1, 1]
+    with pytest.raises(ValueError, match="unknown task 'segment'"):
+        top_k_for("segment", RAG)
+
+
+def test_diagnosis_context_is_the_top_k_labels_in_order():
+    ns = [nb("malignant", 0.9), nb(None, 0.89, text="r"), nb("benign", 0.8), nb("malignant", 0.7), nb("benign", 0.6)]
+    assert rag_context("diagnosis", ns, RAG) == ["malignant", "benign", "malignant"]
+    prompt = rag_prompt("diagnosis", ns, RAG, modality="breast ultrasound", options=["malignant", "benign"])
+    assert prompt == prompts.diagnosis_prompt(
+        "breast ultrasound", ["malignant", "benign"], retrieved_labels=["malignant", "benign", "malignant"]
+    )
+    assert prompt.endswith("The diagnoses of the most similar cases are: malignant, benign, malignant.")
+
+
+def test_vqa_and_report_context_is_the_top1_text():
+    ns = [nb(None, 0.9, text="  yes, the left lung  ", task="vqa"), nb(None, 0.8, text="no", i=1, task="vqa")]
+    assert rag_context("vqa", ns, RAG) == "yes, the left lung"
+    prompt = rag_prompt("vqa", ns, RAG, modality="chest X-ray", question="Is the lung abnormal?")
+    assert prompt == prompts.vqa_prompt("Is the lung abnormal?", "chest X-ray", context="yes, the left lung")
+    assert "A similar case answered a question as follows: yes, the left lung Is the lung abnormal?" in prompt
+    rs = [nb(None, 0.9, text="Findings: clear lungs. Impression: normal.", task="report")]
+    assert rag_prompt("report", rs, RAG, modality="chest X-ray").endswith(
+        "The report of the most similar case is: Findings: clear lungs. Impression: normal."
+    )
+
+
+def test_without_neighbours_the_prompt_has_no_context():
+    assert rag_prompt("report", None, RAG, modality="CT") == prompts.report_prompt("CT")
+    assert rag_prompt("diagnosis", [], RAG, modality="CT", options=["a", "b"]) == prompts.diagnosis_prompt("CT", ["a", "b"])
+    assert rag_context("vqa", [nb(None, 0.9, text="  ")], RAG) is None
+    with pytest.raises(ValueError, match="needs the question"):
+        rag_prompt("vqa", None, RAG)
+    with pytest.raises(ValueError, match="label options"):
+        rag_prompt("diagnosis", None, RAG, modality="CT")
+
+
+# -------------------------------------------------------------------------------------------- Retriever
+
+
+def unit(n, dim=8, seed=0):
+    x = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def publish_toy(root, x, start=0, fp="f" * 16):
+    n = len(x)
+    table = pa.table(
+        {
+            "id": [f"c{i}" for i in range(start, start + n)],
+            "dataset": ["toy"] * n,
+            "modality": ["CT"] * n,
+            "task": ["diagnosis"] * n,
+            "label": ["a" if i % 3 else "b" for i in range(n)],
+            "text": ["a" if i % 3 else "b" for i in range(n)],
+        }
+    )
+    index = fi.build_shard(x, fi.IndexParams("flat"))
+    return fi.publish(str(root), index, table, {"encoder_fingerprint": fp, "model_name": "toy"})
+
+
+def test_retriever_returns_neighbours_with_values_and_scores(tmp_path):
+    x = unit(30)
+    publish_toy(tmp_path, x)
+    r = Retriever.open(str(tmp_path), expect_dim=8)
+    res = r.search(x[[4, 9]], k=3)
+    assert [row[0].id for row in res] == ["c4", "c9"]
+    assert res[0][0].score == pytest.approx(1.0, abs=1e-5)
+    assert res[0][0].label == "a" and res[1][0].label == "b" and res[0][0].dataset == "toy"
+    assert res[0][0].score >= res[0][1].score >= res[0][2].score
+    assert res[0][0].evidence() == {"id": "c4", "label": "a", "text": "a", "score": res[0][0].score, "dataset": "toy"}
+    # fewer vectors than k: no padding ids leak out
+    assert len(r.search(x[:1], k=50)[0]) == 30
+    # retrieve() accepts a loaded index too
+    assert retrieve(fi.load_index(str(tmp_path)), x[4], 1)[0][0].id == "c4"
+    with pytest.raises(ValueError, match="dimension 4, the index has 8"):
+        Retriever.open(str(tmp_path)).search(unit(1, dim=4), 1)
+    with pytest.raises(IndexArtifactError, match="dimension 8 but the encoder produces 4"):
+        Retriever.open(str(tmp_path), expect_dim=4)
+
+
+def test_retriever_follows_current_after_an_incremental_add(tmp_path):
+    x = unit(20)
+    publish_toy(tmp_path, x)
+    r = Retriever.open(str(tmp_path), expect_fingerprint="f" * 16)
+    assert r.reload_if_changed() is False
+    y = unit(5, seed=7)
+    publish_toy(tmp_path, np.concatenate([x, y]))
+    assert r.reload_if_changed() is True and r.version == "v0002" and r.count == 25
+    assert r.search(y[:1], 1)[0][0].id == "c20"
+    publish_toy(tmp_path, x, fp="0" * 16)  # a rebuild with another encoder is not picked up silently
+    with pytest.raises(IndexArtifactError, match="current encoder is ffffffffffffffff"):
+        r.reload_if_changed()
+    assert r.version == "v0002"
