@@ -59,7 +59,7 @@ def check_on_error(data_cfg: DataConfig) -> str:
 def fail(row: Dict[str, Any], message: str, on_error: str) -> Dict[str, Any]:
     """Apply the error policy to a bad row: raise, or keep the row with its error and no image."""
     if on_error == "raise":
-        raise DataError(message)
+        raise DataError(message) from None  # one clean traceback, not "during handling of ..." twice
     row["image"] = None
     row["error"] = message
     return row
@@ -136,9 +136,11 @@ def metadata_dataset(
     """
     import ray
 
+    if not rows:  # Ray drops empty blocks, and with them the schema
+        return ray.data.from_arrow(SAMPLE_SCHEMA.empty_table())
     table = pa.Table.from_pylist([{**make_row(), **r} for r in rows], schema=META_SCHEMA)
     step = max(1, data_cfg.rows_per_block)
-    blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)] or [table]
+    blocks = [table.slice(i, step) for i in range(0, table.num_rows, step)]
     return ray.data.from_arrow(blocks).map_batches(
         _attach_images,
         batch_size=None,  # one call per block: the blocks are already cut to rows_per_block
@@ -209,7 +211,10 @@ def _attach_images(
 
 
 def split_errors(ds):
-    """``(good, bad)``: rows without and with an ``error``. Stages count and set aside the bad ones."""
+    """``(good, bad)``: rows without and with an ``error``. Stages count and set aside the bad ones.
+
+    Both are lazy views of ``ds``: materialize ``ds`` first if it should not be read twice.
+    """
     from ray.data.expressions import col
 
     return ds.filter(expr=col("error").is_null()), ds.filter(expr=col("error").is_not_null())

@@ -69,7 +69,8 @@ def read_reports(src: SourceConfig, data_cfg: DataConfig):
         row[WHERE] = where
         try:
             if row["report"] is None:
-                raise DataError(f"{where}: no report text (looked for {src.text_column!r}, 'report', 'findings'/'impression')")
+                looked = f"{src.text_column!r}, 'report', 'findings'/'impression'"
+                raise DataError(f"{where}: no report text (looked for {looked})")
             if row[IMAGE_REF] is None and src.require_images:
                 raise DataError(f"{where}: no image named in column {src.image_column!r}")
         except DataError as exc:

@@ -1,0 +1,127 @@
+"""Driver-side metadata handling (no Ray): npz headers, MedMNIST tables, labels CSVs, record files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from meddr_ray.config import DataConfig, SourceConfig
+from meddr_ray.data import MEDMNIST_INFO, DataError, medmnist_info
+from meddr_ray.data import medmnist as mm
+from meddr_ray.data.common import read_records
+from meddr_ray.data.image_folder import labelled_rows
+from meddr_ray.data.reports import report_text
+
+
+@pytest.mark.parametrize(
+    "name,count,modality",
+    [
+        ("breastmnist", 2, "breast ultrasound"),
+        ("pneumoniamnist", 2, "chest X-ray"),
+        ("bloodmnist", 8, "blood cell microscopy"),
+        ("organamnist", 11, "abdominal CT"),
+        ("organcmnist", 11, "abdominal CT"),
+        ("organsmnist", 11, "abdominal CT"),
+        ("octmnist", 4, "retinal OCT"),
+        ("dermamnist", 7, "dermatoscopy"),
+        ("retinamnist", 5, "fundus photography"),
+        ("pathmnist", 9, "colon pathology"),
+        ("tissuemnist", 8, "kidney cortex microscopy"),
+        ("chestmnist", 14, "chest X-ray"),
+    ],
+)
+def test_medmnist_info(name, count, modality):
+    info = MEDMNIST_INFO[name]
+    assert len(info["labels"]) == count and len(set(info["labels"])) == count
+    assert info["modality"] == modality
+    assert info.get("multi_label", False) == (name == "chestmnist")
+
+
+def test_medmnist_info_lookup():
+    assert medmnist_info("BreastMNIST")["labels"] == ["malignant", "normal, benign"]
+    assert medmnist_info("breastmnist_224") is MEDMNIST_INFO["breastmnist"]
+    assert medmnist_info("unknown") is None
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed])
+def test_npz_headers_and_chunk_arrays(tmp_path, save):
+    path = str(tmp_path / "x.npz")
+    images = np.arange(5 * 4 * 4, dtype=np.uint8).reshape(5, 4, 4)
+    save(path, train_images=images, train_labels=np.arange(5).reshape(5, 1))
+    assert mm.npz_shapes(path, ["train_images", "train_labels"]) == {"train_images": (5, 4, 4), "train_labels": (5, 1)}
+    array = mm._array(path, 1, "train_images")
+    assert isinstance(array, np.memmap) == (save is np.savez)  # stored members are mapped, not loaded
+    chunk = np.asarray(array[2:4])
+    assert (chunk == images[2:4]).all()
+
+
+def test_npz_missing_key_names_file_and_key(tmp_path):
+    path = str(tmp_path / "broken.npz")
+    np.savez(path, train_images=np.zeros((2, 4, 4), np.uint8))
+    with pytest.raises(DataError, match=r"broken\.npz: missing array 'train_labels' \(the file has: train_images\)"):
+        mm.npz_shapes(path, ["train_images", "train_labels"])
+    (tmp_path / "junk.npz").write_bytes(b"not a zip")
+    with pytest.raises(DataError, match=r"junk\.npz: not a readable \.npz"):
+        mm.npz_shapes(str(tmp_path / "junk.npz"), ["train_images"])
+
+
+def test_label_decoding():
+    names = ["a", "b", "c"]
+    assert mm._label_names(np.array([2]), names, False, "w", "d") == ["c"]
+    assert mm._label_names(np.array([1, 0, 1]), names, True, "w", "d") == ["a", "c"]
+    assert mm._label_names(np.array([0, 0, 0]), names, True, "w", "d") == []
+    with pytest.raises(DataError, match=r"^f\.npz split test row 9: label 3 is outside the 3 classes of d \(0\.\.2\)"):
+        mm._label_names(np.array([3]), names, False, "f.npz split test row 9", "d")
+    with pytest.raises(DataError, match="0/1"):
+        mm._label_names(np.array([2, 0, 0]), names, True, "w", "d")
+
+
+def _csv(tmp_path, text: str, **kw) -> SourceConfig:
+    path = tmp_path / "labels.csv"
+    path.write_text(text)
+    return SourceConfig(name="csvset", format="image_folder", path=str(path), **kw)
+
+
+def test_labels_csv_label_set_split_and_multilabel(tmp_path):
+    src = _csv(tmp_path, "image,label,split\na.png,cat,train\nb.png,dog|cat,train\nc.png,bird,test\n")
+    rows = labelled_rows(src, DataConfig())
+    assert [r["labels"] for r in rows] == [["cat"], ["dog", "cat"]]
+    assert rows[1]["label"] == "dog, cat" and rows[0]["label_set"] == ["bird", "cat", "dog"]
+    assert [r["source_index"] for r in rows] == [0, 1]
+
+
+def test_labels_csv_indices_into_label_names(tmp_path):
+    src = _csv(tmp_path, "image,label\na.png,1\nb.png,benign\n", label_names=["malignant", "benign"])
+    assert [r["label"] for r in labelled_rows(src, DataConfig())] == ["benign", "benign"]
+
+
+def test_labels_csv_bad_label_raises_or_is_kept(tmp_path):
+    src = _csv(tmp_path, "image,label\na.png,benign\nb.png,unknown\n", label_names=["malignant", "benign"])
+    with pytest.raises(DataError, match=r"^labels\.csv row 1: label 'unknown' is not one of the label_names"):
+        labelled_rows(src, DataConfig())
+    rows = labelled_rows(src, DataConfig(on_error="skip"))
+    assert len(rows) == 2 and rows[0]["error"] is None and "row 1" in rows[1]["error"]
+
+
+def test_labels_csv_missing_column(tmp_path):
+    src = _csv(tmp_path, "image_id,dx\na,nv\n")
+    with pytest.raises(DataError, match=r"labels\.csv: no column 'image'"):
+        labelled_rows(src, DataConfig())
+
+
+def test_read_records_errors(tmp_path):
+    (tmp_path / "a.json").write_text('{"not": "a list"}')
+    with pytest.raises(DataError, match="expected a list of JSON objects"):
+        read_records(str(tmp_path / "a.json"))
+    (tmp_path / "b.jsonl").write_text('{"ok": 1}\n{broken\n')
+    with pytest.raises(DataError, match=r"b\.jsonl line 2: not valid JSON"):
+        read_records(str(tmp_path / "b.jsonl"))
+    with pytest.raises(DataError, match="cannot read"):
+        read_records(str(tmp_path / "missing.csv"))
+
+
+def test_report_text_fallbacks():
+    assert report_text({"text": " Normal. "}, "text") == "Normal."
+    assert report_text({"report": "R"}, "text") == "R"
+    assert report_text({"findings": "F.", "impression": "I."}, "text") == "F. I."
+    assert report_text({"findings": "", "impression": None}, "text") is None
