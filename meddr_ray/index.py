@@ -1,0 +1,703 @@
+"""The index stage (paper section 3.3): the student's own vision encoder embeds every training image into a
+versioned FAISS index whose values are the cases' labels, answers and reports.
+
+``run_index(cfg)``:
+1. Ray Data reads ``index.sources`` (any source format) or, when empty, the instruction Parquet of the run.
+2. An actor pool (``index.pool``; the model loaded once per actor) embeds the images -- pooled last hidden state
+   of the vision tower, L2-normalised -- and writes ``(values..., embedding)`` Parquet files to a work folder.
+   Only embeddings and text leave the actors; images never pass through the driver.
+3. The driver reads just the ``id``/``error`` columns, sets failed rows aside, and cuts the good rows into
+   ``index.num_shards`` contiguous shards. Ray tasks build one FAISS index per shard in parallel (IVF: each a
+   clone of one template trained on a sample), and a last task merges them and publishes a new version
+   (:func:`meddr_ray.faiss_index.publish`: temporary folder, rename, then ``CURRENT``). HNSW cannot be merged,
+   so it is built in that last task from the gathered vectors.
+
+``run_index(cfg, add_source=path)`` (``meddr-ray index --add source.yaml``) appends the cases of a source as a
+new version: only rows whose id is not in the current version are embedded, and they are added to a copy of the
+current index (IVF: with its trained quantizer, no retraining). The parent version stays as it was.
+
+Resume: the embeddings of an interrupted run stay in ``<index_dir>/_work/<key>/`` (the key hashes the sources,
+the model and adapter files, and the parent version); a re-run embeds only the rows not there yet.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+
+from meddr_ray import storage
+from meddr_ray.config import (
+    SOURCE_FORMATS,
+    TASKS,
+    Config,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    SourceConfig,
+    is_uri,
+    join_path,
+)
+from meddr_ray.faiss_index import (
+    VALUE_COLUMNS,
+    IndexArtifactError,
+    IndexParams,
+    effective_nlist,
+    ivf_train_size,
+    load_manifest,
+    resolve_kind,
+)
+
+log = logging.getLogger("meddr_ray.index")
+
+# Columns of the rows that go into the encoder (image included) and of the embedding files it writes (no image).
+ROW_COLUMNS = [
+    "key", "id", "dataset", "split", "source_file", "source_index", "modality", "task", "label", "text", "error",
+]  # fmt: skip
+ROW_SCHEMA = pa.schema(
+    [pa.field(c, pa.int64() if c == "source_index" else pa.string()) for c in ROW_COLUMNS]
+    + [pa.field("image", pa.binary())]
+)
+WORK_DIR = "_work"
+FAILED_DIR = "failed"
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+def value_text(task: Optional[str], label: Optional[str], answer: Optional[str], report: Optional[str]) -> Optional[str]:
+    """What a prompt quotes from a case: the label (diagnosis), the answer (VQA) or the report."""
+    if task == "vqa":
+        return answer
+    if task == "report":
+        return report
+    return label
+
+
+def case_key(case_id: str, task: Optional[str]) -> str:
+    """One case per (sample id, task): the unit of resume, de-duplication and incremental add."""
+    return f"{case_id}\x1f{task}"
+
+
+def _sample_rows(batch: pa.Table) -> pa.Table:
+    """Sample-schema rows -> encoder input rows (``text`` from the task's field)."""
+    d = batch.to_pydict()
+    n = batch.num_rows
+    d["text"] = [value_text(d["task"][i], d["label"][i], d["answer"][i], d["report"][i]) for i in range(n)]
+    d["key"] = [case_key(d["id"][i], d["task"][i]) for i in range(n)]
+    return pa.table({c: d[c] for c in ROW_SCHEMA.names}, schema=ROW_SCHEMA)
+
+
+def _instruct_rows(batch: pa.Table) -> pa.Table:
+    """Instruction-Parquet rows (``meddr_ray.instruct.MIX_SCHEMA``) -> encoder input rows.
+
+    A case is the source sample (``source_id``) under one task, its text the instruction's answer (the label,
+    the VQA answer, the reference or bootstrapped report). Copies made by a source weight > 1 share the key and
+    are indexed once (counted as duplicates)."""
+    d = batch.to_pydict()
+    n = batch.num_rows
+
+    def col(name, default=None):
+        return d[name] if name in d else [default] * n
+
+    ids = [s or i for s, i in zip(col("source_id"), d["id"])]
+    task, answer = col("task", "diagnosis"), col("answer")
+    label = [lab if lab is not None else (a if t == "diagnosis" else None) for lab, a, t in zip(col("label"), answer, task)]
+    out = {
+        "key": [case_key(i, t) for i, t in zip(ids, task)],
+        "id": ids,
+        "dataset": col("dataset"),
+        "split": col("split"),
+        "source_file": col("source_file"),
+        "source_index": col("source_index"),
+        "modality": col("modality"),
+        "task": task,
+        "label": label,
+        "text": answer,
+        "error": col("error"),
+        "image": d["image"],
+    }
+    return pa.table(out, schema=ROW_SCHEMA)
+
+
+def load_source_yaml(path: str) -> SourceConfig:
+    """One :class:`SourceConfig` mapping from a YAML file (``--add``); a bad key or type is named."""
+    from omegaconf import DictConfig, OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from meddr_ray.config import _register_resolvers
+
+    _register_resolvers()
+    if not os.path.isfile(path):
+        raise ConfigError(f"source file not found: {path}")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as exc:  # yaml syntax
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{path}: expected one source as a mapping (name, format, path, splits, ...)")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(SourceConfig), raw)
+        OmegaConf.resolve(merged)
+        missing = sorted(OmegaConf.missing_keys(merged))
+        if missing:
+            raise ConfigError(f"{path}: required keys have no value: {', '.join(missing)}")
+        src: SourceConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None)
+        raise ConfigError(f"{path}: {'key ' + repr(key) + ': ' if key else ''}{str(exc).splitlines()[0]}") from exc
+    return _checked_source(src, path)
+
+
+def _checked_source(src: SourceConfig, where: str) -> SourceConfig:
+    if src.format not in SOURCE_FORMATS:
+        raise ConfigError(f"{where}: key 'format': {src.format!r} is not one of {list(SOURCE_FORMATS)}")
+    if src.task is not None and src.task not in TASKS:
+        raise ConfigError(f"{where}: key 'task': {src.task!r} is not one of {list(TASKS)}")
+    # relative paths are relative to the working directory, as in presets (Ray workers run elsewhere)
+    for attr in ("path", "image_root"):
+        value = getattr(src, attr)
+        if value and not is_uri(value) and not os.path.isabs(value):
+            setattr(src, attr, os.path.abspath(os.path.expanduser(value)))
+    return src
+
+
+def _read_sources(sources: Sequence[SourceConfig], data_cfg: DataConfig):
+    from meddr_ray.data import read_source
+
+    datasets = [read_source(src, data_cfg).map_batches(_sample_rows, batch_format="pyarrow") for src in sources]
+    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+
+
+def _instruct_parquet_files(folder: str) -> List[str]:
+    """The instruction Parquet files of the run (``failed/`` and other sub-folders are not cases)."""
+    files = storage.list_files(folder, ".parquet")
+    if not files:
+        raise FileNotFoundError(
+            f"no instruction data at {folder}: run `meddr-ray instruct` first, or list the training images "
+            f"under index.sources"
+        )
+    return files
+
+
+def _input_dataset(cfg: Config) -> Tuple[Any, List[Dict[str, Any]]]:
+    import ray
+
+    if cfg.index.sources:
+        return _read_sources(cfg.index.sources, cfg.data), [asdict(s) for s in cfg.index.sources]
+    folder = cfg.stage_dir("instruct")
+    files = _instruct_parquet_files(folder)
+    ds = ray.data.read_parquet(files).map_batches(_instruct_rows, batch_format="pyarrow")
+    return ds, [{"name": "instruct", "format": "parquet", "path": folder}]
+
+
+# ---------------------------------------------------------------------------------------------- encoder
+
+
+class Encoder:
+    """Ray Data actor: loads the student once, embeds a batch of images, returns values + embedding rows."""
+
+    def __init__(self, model_cfg: ModelConfig, adapter_dir: Optional[str], data_cfg: DataConfig):
+        from meddr_ray.model import load_model
+
+        self.model = load_model(model_cfg, adapter_dir=adapter_dir)
+        self.fingerprint = self.model.encoder_fingerprint()
+        self.dim = self.model.embed_dim
+        self.data_cfg = data_cfg
+
+    def _where(self, row: Dict[str, Any]) -> str:
+        src = row.get("source_file") or row.get("dataset") or "?"
+        idx = row.get("source_index")
+        return f"{os.path.basename(str(src))} row {idx} (id {row['id']})" if idx is not None else f"id {row['id']}"
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from meddr_ray.data import DataError, decode_image
+
+        rows = batch.select([c for c in ROW_COLUMNS]).to_pylist()
+        images = batch.column("image").to_pylist()
+        errors = [r["error"] for r in rows]
+        decoded, positions = [], []
+        for i, (row, data) in enumerate(zip(rows, images)):
+            if errors[i] is not None:
+                continue  # the reader already set this row aside (on_error=skip)
+            try:
+                if not data:
+                    raise DataError(f"{self._where(row)}: no image to embed")
+                decoded.append(
+                    decode_image(
+                        data,
+                        max_bytes=self.data_cfg.max_image_bytes,
+                        max_pixels=self.data_cfg.max_image_pixels,
+                        where=self._where(row),
+                    )
+                )
+                positions.append(i)
+            except DataError as exc:
+                if self.data_cfg.on_error == "raise":
+                    raise
+                errors[i] = str(exc)
+        vectors = np.zeros((len(rows), self.dim), dtype=np.float32)
+        if decoded:
+            vectors[positions] = self.model.embed(decoded)
+        valid = np.zeros(len(rows), dtype=bool)
+        valid[positions] = True
+        embedding = pa.FixedSizeListArray.from_arrays(
+            pa.array(vectors.reshape(-1)), self.dim, mask=pa.array(~valid)
+        )
+        out = {c: batch.column(c) for c in ROW_COLUMNS if c != "error"}
+        out["error"] = pa.array(errors, pa.string())
+        out["fingerprint"] = pa.array([self.fingerprint] * len(rows), pa.string())
+        out["embedding"] = embedding
+        return pa.table(out)
+
+
+def _weights_signature(paths: Sequence[Optional[str]]) -> List[Any]:
+    """Names, sizes and times of the model and adapter files: part of the resume key, so embeddings made with
+    other weights are never reused (they also carry the encoder fingerprint, checked before the build)."""
+    sig: List[Any] = []
+    for path in paths:
+        if not path or not os.path.isdir(path):
+            sig.append([path, None])
+            continue
+        for name in sorted(os.listdir(path)):
+            st = os.stat(os.path.join(path, name))
+            sig.append([name, st.st_size, st.st_mtime_ns])
+    return sig
+
+
+def _valid_embedding_files(folder: str) -> List[str]:
+    """Complete embedding files of an earlier attempt; a file cut short by a crash is deleted (its rows are
+    embedded again)."""
+    import pyarrow.parquet as pq
+
+    good = []
+    for path in storage.list_files(folder, ".parquet"):
+        fs, p = storage.resolve(path)
+        try:
+            with fs.open_input_file(p) as f:
+                pq.read_metadata(f)
+            good.append(path)
+        except Exception as exc:  # truncated footer, partial write
+            log.warning("index: %s is incomplete (%s); its rows will be embedded again", path, exc)
+            storage.remove(path)
+    return good
+
+
+def _read_columns(path: str, columns: List[str]) -> pa.Table:
+    import pyarrow.parquet as pq
+
+    fs, p = storage.resolve(path)
+    return pq.read_table(p, columns=columns, filesystem=fs)
+
+
+_ID_FILTERS: Dict[str, Any] = {}
+
+
+def _drop_known_ids(batch: pa.Table, ids_ref) -> pa.Table:
+    """Keep rows whose case key is not in the (object-store) array of known keys; cached per worker process."""
+    import pyarrow.compute as pc
+    import ray
+
+    if isinstance(ids_ref, ray.ObjectRef):  # fetched once per worker process, not once per batch
+        key = ids_ref.hex()
+        if key not in _ID_FILTERS:
+            _ID_FILTERS.clear()
+            _ID_FILTERS[key] = ray.get(ids_ref)
+        known = _ID_FILTERS[key]
+    else:
+        known = ids_ref
+    return batch.filter(pc.invert(pc.is_in(batch.column("key"), value_set=known)))
+
+
+def _embed(cfg: Config, ds, out_dir: str, adapter: Optional[str], known_ids: pa.Array) -> int:
+    """Run the encoder pool over the rows whose case key is not in ``known_ids``; returns how many were skipped."""
+    import ray
+
+    if len(known_ids):
+        ds = ds.map_batches(_drop_known_ids, fn_args=(ray.put(known_ids),), batch_format="pyarrow")
+    pool = cfg.index.pool
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for actor restarts yet and warns about the generic remote args
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
+        embedded = ds.map_batches(
+            Encoder,
+            fn_constructor_kwargs={"model_cfg": cfg.student, "adapter_dir": adapter, "data_cfg": cfg.data},
+            batch_size=pool.batch_size,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(
+                min_size=pool.min_actors, max_size=max(pool.min_actors, pool.max_actors)
+            ),
+            num_cpus=pool.num_cpus,
+            num_gpus=pool.num_gpus,
+            max_restarts=pool.max_restarts,
+            max_task_retries=pool.max_task_retries,
+        )
+    embedded.write_parquet(out_dir)
+    return len(known_ids)
+
+
+# ------------------------------------------------------------------------------------------------ plan
+
+
+@dataclass
+class Plan:
+    """Which rows of which embedding files become FAISS ids, in order; and which were set aside."""
+
+    files: List[str]
+    keep: List[np.ndarray]  # per file: row numbers that get indexed, in file order
+    failed: List[np.ndarray]  # per file: rows with an error
+    dim: int = 0
+    fingerprint: Optional[str] = None
+    duplicates: int = 0
+    keys: Optional[pa.Array] = None  # every indexed case key, in FAISS order
+
+    @property
+    def count(self) -> int:
+        return int(sum(len(k) for k in self.keep))
+
+    @property
+    def failed_count(self) -> int:
+        return int(sum(len(f) for f in self.failed))
+
+    def _positions(self) -> List[Tuple[int, int]]:
+        return [(f, int(r)) for f, rows in enumerate(self.keep) for r in rows]
+
+    @staticmethod
+    def _group(files: List[str], pairs: Sequence[Tuple[int, int]]) -> List[Tuple[str, np.ndarray]]:
+        groups: Dict[int, List[int]] = {}
+        for f, r in pairs:
+            groups.setdefault(f, []).append(r)
+        return [(files[f], np.asarray(rows, dtype=np.int64)) for f, rows in sorted(groups.items())]
+
+    def shards(self, n: int) -> List[List[Tuple[str, np.ndarray]]]:
+        """``n`` contiguous, near-equal slices of the FAISS order (fewer when there are fewer rows)."""
+        pos = self._positions()
+        n = max(1, min(n, len(pos)))
+        bounds = np.linspace(0, len(pos), n + 1).astype(int)
+        return [self._group(self.files, pos[bounds[i] : bounds[i + 1]]) for i in range(n)]
+
+    def sample(self, size: int, seed: int) -> List[Tuple[str, np.ndarray]]:
+        pos = self._positions()
+        pick = np.sort(np.random.default_rng(seed).choice(len(pos), size=min(size, len(pos)), replace=False))
+        return self._group(self.files, [pos[i] for i in pick])
+
+    def everything(self) -> List[Tuple[str, np.ndarray]]:
+        return self._group(self.files, self._positions())
+
+
+def make_plan(files: List[str], known_ids: pa.Array) -> Plan:
+    """Order the embedded rows (file by file); set aside the ones with errors and skip case keys seen before
+    (both counted)."""
+    import pyarrow.compute as pc
+
+    plan = Plan(files=list(files), keep=[], failed=[])
+    seen = set(known_ids.to_pylist()) if len(known_ids) else set()
+    fingerprints = set()
+    ordered_ids: List[str] = []
+    for path in plan.files:
+        t = _read_columns(path, ["key", "error", "fingerprint", "embedding"])
+        if not plan.dim and t.num_rows:
+            plan.dim = t.schema.field("embedding").type.list_size
+        errors = t.column("error").is_valid().to_numpy(zero_copy_only=False)
+        fingerprints.update(x for x in pc.unique(t.column("fingerprint")).to_pylist() if x)
+        keep = []
+        for r, (rid, bad) in enumerate(zip(t.column("key").to_pylist(), errors)):
+            if bad:
+                continue
+            if rid in seen:
+                plan.duplicates += 1
+                continue
+            seen.add(rid)
+            keep.append(r)
+            ordered_ids.append(rid)
+        plan.keep.append(np.asarray(keep, dtype=np.int64))
+        plan.failed.append(np.flatnonzero(errors))
+    if len(fingerprints) > 1:
+        raise IndexArtifactError(
+            f"the embeddings were made by different encoders ({sorted(fingerprints)}); delete "
+            f"{os.path.dirname(files[0])} and run again"
+        )
+    plan.fingerprint = next(iter(fingerprints), None)
+    plan.keys = pa.array(ordered_ids, pa.string())
+    return plan
+
+
+# ---------------------------------------------------------------------------------- build tasks (Ray)
+
+
+def read_entries(entries: Sequence[Tuple[str, np.ndarray]], dim: int, with_values: bool = True):
+    """``(vectors (n, dim) float32, values table)`` of the given rows of embedding files, in order."""
+    vectors, values = [], []
+    columns = ["embedding"] + (VALUE_COLUMNS if with_values else [])
+    for path, rows in entries:
+        t = _read_columns(path, columns).take(pa.array(rows))
+        emb = t.column("embedding").combine_chunks()
+        vectors.append(emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim))
+        if with_values:
+            values.append(t.select(VALUE_COLUMNS))
+    x = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
+    return x, (pa.concat_tables(values) if with_values and values else None)
+
+
+def _threads(n: float) -> None:
+    import faiss
+
+    faiss.omp_set_num_threads(max(1, int(n)))
+
+
+def _train_ivf_task(entries, dim: int, params: IndexParams, nlist: int, device: str, cpus: float):
+    from meddr_ray import faiss_index as fi
+
+    _threads(cpus)
+    sample, _ = read_entries(entries, dim, with_values=False)
+    return fi.index_to_bytes(fi.train_ivf(sample, params, nlist, device))
+
+
+def _shard_task(entries, dim: int, params: IndexParams, template, cpus: float):
+    from meddr_ray import faiss_index as fi
+
+    _threads(cpus)
+    vectors, values = read_entries(entries, dim)
+    index = fi.build_shard(vectors, params, fi.index_from_bytes(template) if template is not None else None)
+    return fi.index_to_bytes(index), values
+
+
+def _merge_publish_task(index_dir: str, manifest: dict, extra: dict, cpus: float, *shards):
+    from meddr_ray import faiss_index as fi
+
+    _threads(cpus)
+    index = fi.merge_shards([fi.index_from_bytes(buf) for buf, _ in shards])
+    values = pa.concat_tables([v for _, v in shards])
+    return fi.publish(index_dir, index, values, manifest, extra)
+
+
+def _hnsw_publish_task(index_dir: str, manifest: dict, extra: dict, entries, dim: int, params, cpus: float):
+    from meddr_ray import faiss_index as fi
+
+    _threads(cpus)
+    vectors, values = read_entries(entries, dim)
+    return fi.publish(index_dir, fi.build_hnsw(vectors, params), values, manifest, extra)
+
+
+def _add_publish_task(index_dir: str, parent: str, manifest: dict, extra: dict, entries, dim: int, cpus: float):
+    """Load the parent version, add the new vectors with its trained structure, publish as a new version."""
+    from meddr_ray import faiss_index as fi
+
+    _threads(cpus)
+    base = fi.load_index(index_dir, expect_dim=dim, expect_fingerprint=manifest["encoder_fingerprint"], version=parent)
+    vectors, values = read_entries(entries, dim)
+    base.index.add(fi.check_vectors(vectors, dim))
+    merged = pa.concat_tables([base.values.select(VALUE_COLUMNS).cast(fi.VALUES_SCHEMA), values.cast(fi.VALUES_SCHEMA)])
+    return fi.publish(index_dir, base.index, merged, manifest, extra)
+
+
+# ----------------------------------------------------------------------------------------------- stage
+
+
+@dataclass
+class _Run:
+    index_dir: str
+    mode: str  # build | add
+    sources: List[Dict[str, Any]]
+    parent: Optional[Dict[str, Any]] = None  # manifest of the version added to
+    known_ids: pa.Array = field(default_factory=lambda: pa.array([], pa.string()))
+
+
+def _work_key(cfg: Config, run: _Run, adapter: Optional[str]) -> str:
+    blob = json.dumps(
+        {
+            "mode": run.mode,
+            "sources": run.sources,
+            "parent": run.parent["version"] if run.parent else None,
+            "model": [cfg.student.name, cfg.student.path, adapter],
+            "weights": _weights_signature([cfg.student.path, adapter]),
+            "data": asdict(cfg.data),
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _write_failed(run: _Run, plan: Plan, version: str) -> Optional[str]:
+    """Rows set aside (unreadable images, ...) with their errors: ``<index_dir>/failed/<version>.parquet``."""
+    if not plan.failed_count:
+        return None
+    columns = [c for c in ROW_COLUMNS]
+    parts = [_read_columns(p, columns).take(pa.array(rows)) for p, rows in zip(plan.files, plan.failed) if len(rows)]
+    path = join_path(run.index_dir, FAILED_DIR, f"{version}.parquet")
+    import pyarrow.parquet as pq
+
+    storage.makedirs(join_path(run.index_dir, FAILED_DIR))
+    fs, p = storage.resolve(path)
+    pq.write_table(pa.concat_tables(parts), p, filesystem=fs)
+    return path
+
+
+def _remove_work(work: str) -> None:
+    """The embeddings are in the published index now; drop them (and ``_work/`` once empty)."""
+    storage.remove(work)
+    parent = os.path.dirname(work)
+    if not is_uri(work) and os.path.isdir(parent) and not os.listdir(parent):
+        os.rmdir(parent)
+
+
+def _gpu_for_tasks(cfg: Config) -> float:
+    """One GPU for the IVF training task when asked for and the cluster has one (else it would never run)."""
+    import ray
+
+    if cfg.index.device != "gpu":
+        return 0
+    if ray.cluster_resources().get("GPU", 0) >= 1:
+        return 1
+    log.warning("index.device=gpu but the Ray cluster has no GPU: FAISS runs on the CPU")
+    return 0
+
+
+def run_index(cfg: Config, add_source: Optional[str] = None) -> str:
+    """Build (or, with ``add_source`` / ``index.add_sources``, extend) the retrieval index; returns the path of
+    the published version. Prints count, dimension, type and version."""
+    import ray
+
+    from meddr_ray.model import default_adapter, ensure_model
+    from meddr_ray.runtime import init_ray
+
+    init_ray(cfg)
+    index_dir = cfg.stage_dir("index")
+    adapter = default_adapter(cfg.train.adapter_dir or join_path(cfg.run_dir, "adapter"))
+    log.info("index: encoder %s (%s)%s", cfg.student.name, cfg.student.path, f" + adapter {adapter}" if adapter else "")
+    if cfg.student.build:
+        ensure_model(cfg.student)  # build the offline model once here, not in every actor
+
+    add_sources = [_checked_source(s, f"index.add_sources[{i}]") for i, s in enumerate(cfg.index.add_sources)]
+    if add_source:
+        add_sources.append(load_source_yaml(add_source))
+    if add_sources:
+        parent = load_manifest(index_dir)
+        from meddr_ray.faiss_index import VALUES_FILE
+
+        pv = _read_columns(join_path(parent["path"], VALUES_FILE), ["id", "task"]).to_pydict()
+        known = pa.array([case_key(i, t) for i, t in zip(pv["id"], pv["task"])], pa.string())
+        run = _Run(index_dir, "add", [asdict(s) for s in add_sources], parent, known)
+        ds = _read_sources(add_sources, cfg.data)
+        log.info("index: adding %s to version %s (%d cases)", [s.name for s in add_sources], parent["version"], parent["count"])
+    else:
+        ds, sources = _input_dataset(cfg)
+        run = _Run(index_dir, "build", sources)
+
+    # ------------------------------------------------------------------ 1-2: embed (resuming earlier attempts)
+    work = join_path(index_dir, WORK_DIR, _work_key(cfg, run, adapter))
+    emb_dir = join_path(work, "embeddings")
+    t0 = time.time()
+    done = _valid_embedding_files(emb_dir)
+    done_ids = (
+        pa.concat_arrays([_read_columns(p, ["key"]).column("key").combine_chunks() for p in done])
+        if done
+        else pa.array([], pa.string())
+    )
+    if len(done_ids):
+        log.info("index: resuming, %d rows already embedded in %s", len(done_ids), emb_dir)
+    skip = pa.concat_arrays([run.known_ids.cast(pa.string()), done_ids.cast(pa.string())])
+    _embed(cfg, ds, emb_dir, adapter, skip)
+    embed_s = time.time() - t0
+
+    # ------------------------------------------------------------------ 3: plan, shard, build, merge, publish
+    plan = make_plan(_valid_embedding_files(emb_dir), run.known_ids)
+    if plan.failed_count:
+        log.warning("index: %d rows could not be embedded; they are listed in %s/", plan.failed_count, join_path(index_dir, FAILED_DIR))
+    if plan.duplicates:
+        log.warning("index: %d rows repeat an id already indexed and were not added again", plan.duplicates)
+    if run.mode == "add" and plan.count == 0:
+        print(
+            f"index: nothing new to add (every case is already in version {run.parent['version']}"
+            + (f"; {plan.failed_count} failed" if plan.failed_count else "")
+            + f"); version {run.parent['version']} stays current"
+        )
+        _remove_work(work)
+        return run.parent["path"]
+    if plan.count == 0:
+        raise ValueError(f"index: no rows to index ({plan.failed_count} failed); see {join_path(index_dir, FAILED_DIR)}")
+    if run.parent and plan.fingerprint != run.parent["encoder_fingerprint"]:
+        raise IndexArtifactError(
+            f"cannot add to version {run.parent['version']}: it was built with encoder "
+            f"{run.parent['encoder_fingerprint']} but the current encoder is {plan.fingerprint}; rebuild the index "
+            f"with `meddr-ray index`"
+        )
+
+    total = plan.count + (run.parent["count"] if run.parent else 0)
+    kind = run.parent["index_type"] if run.parent else resolve_kind(cfg.index.type, total, cfg.index.auto_ivf_threshold)
+    params = IndexParams.from_config(cfg.index, kind)
+    if run.parent:
+        params = IndexParams(**{**asdict(params), **run.parent.get("params", {})})
+    previous = None
+    try:
+        from meddr_ray.faiss_index import current_version
+
+        previous = current_version(index_dir)
+    except Exception:  # noqa: BLE001 - informational only
+        pass
+    manifest = {
+        "encoder_fingerprint": plan.fingerprint,
+        "model_name": cfg.student.name,
+        "model_path": cfg.student.path,
+        "adapter_dir": adapter,
+        "parent_version": run.parent["version"] if run.parent else None,
+        "replaces": previous if not run.parent else None,
+        "sources": [{k: s.get(k) for k in ("name", "format", "path", "splits")} for s in run.sources],
+        "config_fingerprint": cfg.fingerprint(),
+    }
+    extra = {"config.yaml": cfg.to_yaml()}
+    cpus = cfg.index.build_cpus
+    task = ray.remote(num_cpus=cpus, max_retries=2)
+    gpus = _gpu_for_tasks(cfg)
+    shards_used = 1
+    t1 = time.time()
+    summary = {"added": plan.count, "failed": plan.failed_count, "duplicates": plan.duplicates, "device": "gpu" if gpus else "cpu"}
+
+    def finish_manifest(**more):
+        m = dict(manifest, params=params.as_dict())
+        m["summary"] = dict(summary, shards=shards_used, embed_seconds=round(embed_s, 2), **more)
+        return m
+
+    if run.parent:
+        ref = task(_add_publish_task).remote(
+            index_dir, run.parent["version"], finish_manifest(), extra, plan.everything(), plan.dim, cpus
+        )
+    elif kind == "hnsw":
+        ref = task(_hnsw_publish_task).remote(index_dir, finish_manifest(), extra, plan.everything(), plan.dim, params, cpus)
+    else:
+        shards = plan.shards(cfg.index.num_shards)
+        shards_used = len(shards)
+        template = None
+        if kind == "ivf":
+            params.nlist = effective_nlist(cfg.index.nlist, plan.count)
+            size = ivf_train_size(params.nlist, plan.count, cfg.index.train_size)
+            log.info("index: training the IVF template (nlist=%d) on %d vectors", params.nlist, size)
+            template = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=2)(_train_ivf_task).remote(
+                plan.sample(size, cfg.seed), plan.dim, params, params.nlist, cfg.index.device, cpus
+            )
+        log.info("index: building %d %s shards of %d vectors in parallel", len(shards), kind, plan.count)
+        shard_refs = [task(_shard_task).remote(entries, plan.dim, params, template, cpus) for entries in shards]
+        ref = task(_merge_publish_task).remote(index_dir, finish_manifest(), extra, cpus, *shard_refs)
+    published = ray.get(ref)
+    build_s = time.time() - t1
+
+    failed_path = _write_failed(run, plan, published["version"])
+    _remove_work(work)
+    print(
+        f"index: {published['count']} vectors, dimension {published['dim']}, {published['faiss_type']} "
+        f"({published['index_type']}), version {published['version']}"
+        + (f" (parent {run.parent['version']}, +{plan.count})" if run.parent else "")
+        + f" -> {published['path']}  [embed {embed_s:.1f} s, build {build_s:.1f} s"
+        + (f", {plan.failed_count} failed -> {failed_path}" if failed_path else "")
+        + "]"
+    )
+    return published["path"]

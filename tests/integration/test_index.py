@@ -1,0 +1,250 @@
+"""The index job on the shared local Ray cluster, with the tiny student over BreastMNIST (shipped).
+
+One full build (train + val = 624 images) is shared by the module; the sharding, resume, bad-row and incremental
+tests run on small limits.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from PIL import Image
+
+from meddr_ray import faiss_index as fi
+from meddr_ray import index as index_mod
+from meddr_ray.config import PACKAGE_DIR, ConfigError, load_config
+from meddr_ray.data import sample_id
+from meddr_ray.index import load_source_yaml, run_index
+from meddr_ray.model import load_model
+from meddr_ray.rag import Retriever, vote
+
+pytestmark = pytest.mark.integration
+
+NPZ = PACKAGE_DIR / "assets" / "breastmnist.npz"
+
+
+def tiny(run_dir: Path, *overrides: str):
+    return load_config("tiny", [f"run_dir={run_dir}", *overrides])
+
+
+def images(split: str, rows) -> list:
+    arrays = np.load(NPZ)[f"{split}_images"]
+    return [Image.fromarray(arrays[i]).convert("RGB") for i in rows]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load_model(tiny(Path("/tmp")).student)
+
+
+@pytest.fixture(scope="module")
+def built(ray_cluster, tmp_path_factory):
+    """The preset's index: BreastMNIST train + val, two shards, flat."""
+    cfg = tiny(tmp_path_factory.mktemp("index-full"))
+    path = run_index(cfg)
+    return cfg, path
+
+
+def test_build_publishes_a_checked_version(built, model, capsys):
+    cfg, path = built
+    index_dir = cfg.stage_dir("index")
+    assert path == str(Path(index_dir) / "v0001")
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    assert (manifest["count"], manifest["dim"], manifest["faiss_type"]) == (624, model.embed_dim, "IndexFlatIP")
+    assert manifest["encoder_fingerprint"] == model.encoder_fingerprint()
+    assert manifest["model_name"] == "tiny-llava" and manifest["parent_version"] is None
+    assert manifest["summary"]["shards"] == 2 and manifest["summary"]["failed"] == 0
+    loaded = fi.load_index(index_dir, expect_dim=model.embed_dim, expect_fingerprint=model.encoder_fingerprint())
+    values = loaded.values.to_pydict()
+    assert len(set(values["id"])) == 624
+    assert Counter(values["dataset"]) == {"breastmnist": 624}
+    assert set(values["label"]) == {"malignant", "normal, benign"} and values["text"] == values["label"]
+    assert set(values["modality"]) == {"breast ultrasound"} and set(values["task"]) == {"diagnosis"}
+    assert not (Path(index_dir) / "_work").exists()  # the embeddings went into the index
+
+
+def test_a_training_image_retrieves_itself_first(built, model):
+    cfg, _ = built
+    retriever = Retriever.from_config(cfg, model, version="v0001")
+    rows = [0, 17, 200, 545]
+    hits = retriever.search(model.embed(images("train", rows)), k=3)
+    for row, neighbours in zip(rows, hits):
+        top = neighbours[0]
+        assert top.score == pytest.approx(1.0, abs=1e-4)
+        # an exact duplicate image elsewhere in the set would tie; the query's own id must be among the ties
+        tied = [n.id for n in neighbours if n.score >= top.score - 1e-5]
+        assert sample_id("breastmnist", "train", row) in tied
+
+
+def test_voting_on_the_test_split_uses_the_retrieved_labels(built, model):
+    cfg, _ = built
+    loaded = fi.load_index(cfg.stage_dir("index"), version="v0001")
+    retriever = Retriever(loaded)
+    data = np.load(NPZ)
+    names = ["malignant", "normal, benign"]
+    truth = [names[int(y)] for y in data["test_labels"].reshape(-1)]
+    queries = model.embed(images("test", range(len(truth))))
+    k = cfg.rag.top_k_diagnosis
+    predicted = [vote(n) for n in retriever.search(queries, k)]
+    accuracy = float(np.mean([p == t for p, t in zip(predicted, truth)]))
+    print(f"\nvoting baseline, BreastMNIST test, tiny encoder, k={k}: accuracy {accuracy:.3f} on {len(truth)} images")
+    assert 0.0 <= accuracy <= 1.0 and len(predicted) == 156
+    # the same vote from a brute-force numpy kNN over the stored vectors
+    keys = loaded.index.reconstruct_n(0, loaded.count)
+    labels = np.array(loaded.values.column("label").to_pylist())
+    sims = queries @ keys.T
+    order = np.argsort(-sims, axis=1, kind="stable")
+    checked = 0
+    for q in range(len(truth)):
+        s = sims[q, order[q]]
+        if s[k - 1] - s[k] < 1e-5:
+            continue  # a tie at the k-th place: either neighbour is right
+        top = order[q, :k]
+        counts = Counter(labels[top])
+        best = max(counts, key=lambda lab: (counts[lab], sims[q, top][labels[top] == lab].sum()))
+        assert predicted[q] == best, q
+        checked += 1
+    assert checked > 100
+
+
+def _bad_folder(root: Path) -> Path:
+    """Six ultrasound-like PNGs and one truncated file, listed in a labels CSV."""
+    root.mkdir(parents=True)
+    arrays = np.load(NPZ)["test_images"]
+    lines = ["image,label"]
+    for i in range(6):
+        buf = io.BytesIO()
+        Image.fromarray(arrays[i]).save(buf, format="PNG")
+        (root / f"img{i}.png").write_bytes(buf.getvalue())
+        lines.append(f"img{i}.png,{'malignant' if i % 2 else 'benign'}")
+    (root / "broken.png").write_bytes(buf.getvalue()[:40])
+    lines.append("broken.png,benign")
+    (root / "labels.csv").write_text("\n".join(lines) + "\n")
+    return root / "labels.csv"
+
+
+def test_resume_bad_rows_and_sharded_equals_single_build(ray_cluster, tmp_path, monkeypatch, model):
+    """A run interrupted after embedding resumes without re-embedding; a bad image is set aside and listed; the
+    resumed single-shard build and a three-shard build give the same neighbours."""
+    csv = _bad_folder(tmp_path / "folder")
+    sources = (
+        f"index.sources=[{{name: breastmnist, format: medmnist, path: {NPZ}, splits: [train], limit: 40}}, "
+        f"{{name: folder, format: image_folder, path: {csv}, modality: ultrasound}}]"
+    )
+    cfg = tiny(tmp_path / "one", "data.on_error=skip", sources, "index.num_shards=1")
+    real_plan, real_embed = index_mod.make_plan, index_mod._embed
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt("driver killed after embedding")
+
+    monkeypatch.setattr(index_mod, "make_plan", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_index(cfg)
+    work = Path(cfg.stage_dir("index")) / "_work"
+    assert any(work.rglob("*.parquet")) and fi.current_version(cfg.stage_dir("index")) is None
+
+    skipped = []
+
+    def spy(cfg_, ds, out_dir, adapter, known_ids):
+        skipped.append(len(known_ids))
+        return real_embed(cfg_, ds, out_dir, adapter, known_ids)
+
+    monkeypatch.setattr(index_mod, "make_plan", real_plan)
+    monkeypatch.setattr(index_mod, "_embed", spy)
+    one = run_index(cfg)
+    assert skipped == [47]  # every row embedded by the interrupted run, the bad one included, is not redone
+    manifest = json.loads((Path(one) / "manifest.json").read_text())
+    assert manifest["count"] == 46 and manifest["summary"]["failed"] == 1 and manifest["summary"]["shards"] == 1
+    import pyarrow.parquet as pq
+
+    failed = pq.read_table(Path(cfg.stage_dir("index")) / "failed" / "v0001.parquet").to_pylist()
+    assert len(failed) == 1 and failed[0]["dataset"] == "folder"
+    assert "labels.csv row 6" in failed[0]["error"] and "not a readable image" in failed[0]["error"]
+
+    three = run_index(tiny(tmp_path / "three", "data.on_error=skip", sources, "index.num_shards=3"))
+    assert json.loads((Path(three) / "manifest.json").read_text())["summary"]["shards"] == 3
+    a = Retriever.open(str(Path(one).parent))
+    b = Retriever.open(str(Path(three).parent))
+    assert a.count == b.count == 46
+    queries = model.embed(images("train", range(0, 40, 3)) + images("test", range(6)))
+    for x, y in zip(a.search(queries, 5), b.search(queries, 5)):
+        assert [n.id for n in x] == [n.id for n in y]
+        np.testing.assert_allclose([n.score for n in x], [n.score for n in y], atol=1e-6)
+
+
+def test_incremental_add_appends_a_new_version(built, model, tmp_path):
+    cfg, first = built
+    index_dir = cfg.stage_dir("index")
+    before = {p.name: p.read_bytes() for p in Path(first).iterdir()}
+    source = tmp_path / "new_cases.yaml"
+    source.write_text(f"name: breastmnist\nformat: medmnist\npath: {NPZ}\nsplits: [test]\nlimit: 30\n")
+    path = run_index(cfg, add_source=str(source))
+    assert Path(path).name == "v0002" and fi.current_version(index_dir) == "v0002"
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    assert manifest["parent_version"] == "v0001" and manifest["count"] == 654 and manifest["summary"]["added"] == 30
+    assert manifest["encoder_fingerprint"] == model.encoder_fingerprint()
+    assert {p.name: p.read_bytes() for p in Path(first).iterdir()} == before  # the old version is untouched
+    retriever = Retriever.from_config(cfg, model)
+    assert retriever.version == "v0002"
+    hits = retriever.search(model.embed(images("test", [0, 29])), k=1)
+    assert [h[0].id for h in hits] == [sample_id("breastmnist", "test", i) for i in (0, 29)]
+    assert fi.load_index(index_dir, version="v0001").count == 624
+    # adding the same cases again embeds nothing and publishes nothing
+    assert run_index(cfg, add_source=str(source)) == path
+    assert fi.list_versions(index_dir) == ["v0001", "v0002"]
+
+
+def test_build_from_the_instruction_parquet(ray_cluster, tmp_path):
+    """With no index.sources the cases come from the run's instruction mix: one per (source sample, task)."""
+    import pyarrow.parquet as pq
+
+    from meddr_ray.instruct import MIX_SCHEMA
+
+    arrays = np.load(NPZ)["train_images"]
+    rows = []
+    for i in range(8):
+        buf = io.BytesIO()
+        Image.fromarray(arrays[i]).save(buf, format="PNG")
+        sid = sample_id("breastmnist", "train", i)
+        label = "malignant" if i % 2 else "normal, benign"
+        base = dict(source_id=sid, dataset="breastmnist", modality="breast ultrasound", label=label,
+                    image=buf.getvalue(), prompt="p", source_file=str(NPZ), source_index=i,
+                    split="val" if i == 7 else "train")  # fmt: skip
+        for copy in range(2 if i < 3 else 1):  # weight 2 on three samples: copies share the case
+            rows.append(dict(base, id=f"d{i}-{copy}", task="diagnosis", answer=label))
+        if i < 4:
+            rows.append(dict(base, id=f"g{i}", task="guided_report", answer=f"Findings: case {i}. Impression: {label}."))
+    folder = tmp_path / "run" / "instruct"
+    folder.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=MIX_SCHEMA), folder / "part-0.parquet")
+    (folder / "failed").mkdir()  # set-aside rows of the instruct stage are not cases
+    pq.write_table(pa.table({"source_id": ["x"], "error": ["bad"]}), folder / "failed" / "part-0.parquet")
+    path = run_index(tiny(tmp_path / "run", "index.sources=[]"))
+    manifest = json.loads((Path(path) / "manifest.json").read_text())
+    assert manifest["count"] == 12 and manifest["summary"]["duplicates"] == 3
+    values = pq.read_table(Path(path) / "values.parquet").to_pylist()
+    assert Counter(v["task"] for v in values) == {"diagnosis": 8, "guided_report": 4}
+    report = next(v for v in values if v["task"] == "guided_report" and v["id"] == sample_id("breastmnist", "train", 1))
+    assert report["label"] == "malignant" and report["text"] == "Findings: case 1. Impression: malignant."
+    assert all(v["text"] == v["label"] for v in values if v["task"] == "diagnosis")
+
+
+def test_add_source_yaml_errors_name_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(f"name: x\nformat: medmnist\npath: {NPZ}\nsplitz: [test]\n")
+    with pytest.raises(ConfigError, match="splitz"):
+        load_source_yaml(str(bad))
+    bad.write_text("name: x\nformat: tiff\npath: a.npz\n")
+    with pytest.raises(ConfigError, match="'format': 'tiff' is not one of"):
+        load_source_yaml(str(bad))
+    bad.write_text("name: x\nformat: medmnist\n")
+    with pytest.raises(ConfigError, match="required keys have no value: path"):
+        load_source_yaml(str(bad))
+    with pytest.raises(ConfigError, match="source file not found"):
+        load_source_yaml(str(tmp_path / "missing.yaml"))
