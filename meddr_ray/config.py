@@ -200,6 +200,12 @@ class BootstrapConfig:
     """Default ``<run_dir>/bootstrap``."""
     prompt_version: str = "meddr-3.1"
     """Recorded with each row, so reports from different templates are never mixed silently."""
+    impression_prefix: Optional[str] = None
+    """If set (e.g. ``"Impression:"``), a report that came back without an impression is continued: the teacher
+    gets its own findings back (cut at the last full sentence) followed by this header, and writes the impression
+    in a second batched ``generate``. Small teachers (SmolLM2) rarely write the second section on their own."""
+    impression_max_new_tokens: int = 48
+    """Token budget of that second, impression-only generation."""
 
 
 @dataclass
@@ -306,6 +312,9 @@ class TrainConfig:
     """ZeRO-3: parameters with fewer elements stay whole on every rank (fewer all-gathers); 0 partitions all."""
     bucket_size: int = 50_000_000
     """Elements per ZeRO communication bucket (reduce, all-gather, prefetch); DeepSpeed's 5e8 is 2 GB in fp32."""
+    cache_data: bool = False
+    """Read the instruction Parquet once and keep the rows in Ray's object store for every epoch and validation
+    pass (small datasets); false streams them from storage again each time (datasets larger than memory)."""
     seed: int = 0
     """Seed for data order and adapter initialisation."""
     adapter_dir: Optional[str] = None

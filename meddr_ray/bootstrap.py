@@ -1,0 +1,488 @@
+"""Diagnosis-guided bootstrapping (paper section 3.1) as a Ray Data job: the teacher writes a report per image.
+
+``run_bootstrap(cfg)`` reads every ``bootstrap.sources`` entry into the sample schema, and a pool of teacher
+actors (``map_batches`` with a callable class, ``ActorPoolStrategy``) sees each labelled image with the
+section 3.1 prompt (its modality and diagnosis, every label of a multi-label sample) and writes a report.
+
+Exactly once, resumable. Each actor call writes its own Parquet file, atomically (temporary name, then a
+rename), named by a hash of the ids in it: a killed driver or actor leaves only complete files, and a batch
+that Ray retries rewrites the same file instead of adding a second one. A re-run first reads the ``id``
+column of the files already there and the actors skip those ids, so in the end every input id is written
+exactly once. Ids that failed before (in ``failed/``) are skipped too; delete ``failed/`` to retry them.
+
+Layout of ``<stage_dir>`` (default ``<run_dir>/bootstrap``):
+- ``part-<hash>.parquet``: reports (:data:`REPORT_SCHEMA`);
+- ``failed/part-<hash>.parquet``: rows that could not be used, with their error (:data:`FAILED_SCHEMA`);
+- ``summary.json``: the accounting of the last run; ``config.yaml``: the resolved config of the last run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import re
+import time
+import warnings
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from meddr_ray import prompts, storage
+from meddr_ray.config import Config, ConfigError, GenerationConfig, ModelConfig, join_path, save_config
+from meddr_ray.reports import FLAGGED, QUALITIES, split_report
+
+log = logging.getLogger("meddr_ray.bootstrap")
+
+PART_PREFIX = "part-"
+FAILED_DIR = "failed"
+SUMMARY_FILE = "summary.json"
+DEFAULT_MODALITY = "medical"  # a source with no modality: "a medical image"
+
+REPORT_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),  # the sample's stable id (dataset + split + index)
+        pa.field("dataset", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("source_index", pa.int64()),
+        pa.field("modality", pa.string()),
+        pa.field("label", pa.string()),  # ", "-joined diagnosis
+        pa.field("labels", pa.list_(pa.string())),  # every label the teacher was told
+        pa.field("label_set", pa.list_(pa.string())),
+        pa.field("image", pa.binary()),  # encoded image, as read
+        pa.field("prompt", pa.string()),  # the exact instruction the teacher saw
+        pa.field("report", pa.string()),  # the teacher's whole text
+        pa.field("findings", pa.string()),  # null when absent
+        pa.field("impression", pa.string()),  # null when absent
+        pa.field("quality", pa.string()),  # ok | partial | no_sections | empty (meddr_ray.reports)
+        pa.field("teacher", pa.string()),  # teacher model name
+        pa.field("teacher_path", pa.string()),  # teacher checkpoint directory
+        pa.field("prompt_version", pa.string()),
+        pa.field("generation", pa.string()),  # decoding settings, JSON
+        pa.field("tokens", pa.int64()),  # generated tokens
+    ]
+)
+
+FAILED_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("dataset", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("source_file", pa.string()),
+        pa.field("source_index", pa.int64()),
+        pa.field("error", pa.string()),
+    ]
+)
+
+# One row per actor call: what it did. The driver sums these; images never come back to it.
+_STAT_KEYS = ("rows_in", "written", "skipped", "skipped_failed", "failed", "tokens") + tuple(
+    f"quality_{q}" for q in QUALITIES
+)
+
+
+# --------------------------------------------------------------------------------------------- pure helpers
+
+
+def teacher_prompt(row: Dict[str, Any]) -> str:
+    """The section 3.1 prompt of a sample: its modality and every one of its labels."""
+    labels = [x for x in (row.get("labels") or []) if x] or [row.get("label") or ""]
+    return prompts.bootstrap_prompt(row.get("modality") or DEFAULT_MODALITY, labels)
+
+
+def report_row(
+    sample: Dict[str, Any],
+    prompt: str,
+    generated: Dict[str, Any],
+    *,
+    teacher: ModelConfig,
+    prompt_version: str,
+    generation_json: str,
+) -> Dict[str, Any]:
+    """An output row (:data:`REPORT_SCHEMA`) from an input sample and the teacher's ``{"text", "tokens"}``."""
+    text = generated.get("text") or ""
+    parts = split_report(text)
+    return {
+        "id": sample["id"],
+        "dataset": sample.get("dataset"),
+        "split": sample.get("split"),
+        "source_index": sample.get("source_index"),
+        "modality": sample.get("modality"),
+        "label": sample.get("label"),
+        "labels": list(sample.get("labels") or []),
+        "label_set": list(sample.get("label_set") or []),
+        "image": sample.get("image"),
+        "prompt": prompt,
+        "report": text,
+        "findings": parts.findings,
+        "impression": parts.impression,
+        "quality": parts.quality,
+        "teacher": teacher.name,
+        "teacher_path": teacher.path,
+        "prompt_version": prompt_version,
+        "generation": generation_json,
+        "tokens": int(generated.get("tokens") or 0),
+    }
+
+
+def failed_row(sample: Dict[str, Any], error: str) -> Dict[str, Any]:
+    return {
+        "id": sample["id"],
+        "dataset": sample.get("dataset"),
+        "split": sample.get("split"),
+        "source_file": sample.get("source_file"),
+        "source_index": sample.get("source_index"),
+        "error": error,
+    }
+
+
+def generation_json(gen: GenerationConfig) -> str:
+    return json.dumps(dataclasses.asdict(gen), sort_keys=True)
+
+
+def part_name(ids: Iterable[str]) -> str:
+    """File name of a batch: the same set of ids always gets the same name, so a retried batch overwrites."""
+    digest = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:24]
+    return f"{PART_PREFIX}{digest}.parquet"
+
+
+def write_table(folder: str, table: pa.Table) -> str:
+    """Write ``table`` as ``folder/part-<hash of its ids>.parquet``, atomically."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return storage.write_bytes(join_path(folder, part_name(table.column("id").to_pylist())), buf.getvalue())
+
+
+def part_files(folder: str) -> List[str]:
+    return [f for f in storage.list_files(folder, ".parquet") if f.rsplit("/", 1)[-1].startswith(PART_PREFIX)]
+
+
+def read_columns(folder: str, columns: Sequence[str]) -> pa.Table:
+    """Only ``columns`` of every part file in ``folder`` (never the images); empty table if there are none."""
+    files = part_files(folder)
+    if not files:
+        return pa.table({c: pa.array([], pa.string()) for c in columns})
+    fs, _ = storage.resolve(files[0])
+    paths = [storage.resolve(f)[1] for f in files]
+    return pa.concat_tables([pq.read_table(p, columns=list(columns), filesystem=fs) for p in paths])
+
+
+def remove_stale_temps(folder: str) -> int:
+    """Delete ``*.tmp-*`` files a killed writer left behind (never read: they do not end in .parquet)."""
+    n = 0
+    for f in storage.list_files(folder):
+        if ".tmp-" in f.rsplit("/", 1)[-1]:
+            storage.remove(f)
+            n += 1
+    return n
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+_SENTENCE_END = re.compile(r"[.!?](?=\s|$)")
+
+
+def continuation_prefix(text: str, header: str) -> str:
+    """The teacher's text cut after its last full sentence, then ``header`` on a new line."""
+    ends = list(_SENTENCE_END.finditer(text))
+    kept = text[: ends[-1].end()] if ends else text
+    return f"{kept.rstrip()}\n{header}"
+
+
+def generate_with_prefixes(vlm, images: Sequence, texts: Sequence[str], prefixes: Sequence[str], gen) -> List[dict]:
+    """Like ``VisionLanguageModel.generate`` but each answer starts with its own prefix (part of the text)."""
+    import torch
+
+    batch = [vlm.chat_prompt(t) + p for t, p in zip(texts, prefixes)]
+    inputs = vlm.processor(images=list(images), text=batch, return_tensors="pt", padding=True).to(vlm.device)
+    tok = vlm.processor.tokenizer
+    kwargs = {k: v for k, v in dataclasses.asdict(gen).items() if v is not None and k != "response_prefix"}
+    if not gen.do_sample:
+        kwargs.pop("temperature", None)
+        kwargs.pop("top_p", None)
+    with torch.inference_mode():
+        out = vlm.model.generate(**inputs, **kwargs, pad_token_id=tok.pad_token_id)
+    stop = {tok.pad_token_id, tok.eos_token_id, vlm.model.generation_config.eos_token_id}
+    results = []
+    for prefix, row in zip(prefixes, out[:, inputs["input_ids"].shape[1] :].tolist()):
+        n = len(row)
+        while n and row[n - 1] in stop:
+            n -= 1
+        results.append({"text": (prefix + tok.decode(row[:n], skip_special_tokens=True)).strip(), "tokens": n})
+    return results
+
+
+def teacher_generate(
+    vlm,
+    images: Sequence,
+    texts: Sequence[str],
+    gen: GenerationConfig,
+    impression_prefix: Optional[str] = None,
+    impression_max_new_tokens: int = 48,
+) -> List[dict]:
+    """The teacher's reports ``[{"text", "tokens"}]``: one batched ``generate``, then, with
+    ``impression_prefix``, a second one that continues every report still lacking an impression."""
+    outs = vlm.generate(images, texts, gen)
+    if not impression_prefix:
+        return outs
+    need = [i for i, o in enumerate(outs) if o["text"] and split_report(o["text"]).impression is None]
+    if not need:
+        return outs
+    prefixes = [continuation_prefix(outs[i]["text"], impression_prefix) for i in need]
+    gen2 = dataclasses.replace(gen, max_new_tokens=impression_max_new_tokens, response_prefix="")
+    more = generate_with_prefixes(vlm, [images[i] for i in need], [texts[i] for i in need], prefixes, gen2)
+    for i, prefix, extra in zip(need, prefixes, more):
+        text = prefix + trim_continuation(extra["text"][len(prefix) :])
+        outs[i] = {"text": text, "tokens": outs[i]["tokens"] + extra["tokens"]}
+    return outs
+
+
+def trim_continuation(text: str) -> str:
+    """The impression a teacher wrote, up to its first blank line (small models start a new document there)
+    and its last full sentence, if it has one."""
+    text = text.split("\n\n")[0].rstrip()
+    ends = list(_SENTENCE_END.finditer(text))
+    return text[: ends[-1].end()] if ends else text
+
+
+# ------------------------------------------------------------------------------------------- the actor
+
+
+class TeacherWriter:
+    """Ray Data callable class: one teacher model per actor, loaded in ``__init__`` and kept for its life.
+
+    Each call takes a batch of samples, skips ids already done, sets aside bad rows, generates the reports
+    of the rest in one batched ``generate``, writes both kinds of rows to their own files and returns one
+    row of counts.
+    """
+
+    def __init__(
+        self,
+        *,
+        teacher: ModelConfig,
+        generation: GenerationConfig,
+        out_dir: str,
+        done_ref: List[Any],
+        prompt_version: str,
+        impression_prefix: Optional[str],
+        impression_max_new_tokens: int,
+        max_image_bytes: int,
+        max_image_pixels: int,
+    ):
+        import ray
+        from ray.util.metrics import Counter
+
+        from meddr_ray.model import load_model
+
+        done, failed = ray.get(done_ref[0])  # wrapped in a list so Ray hands the ref over unresolved
+        self.done: Set[str] = set(done.to_pylist())
+        self.failed_before: Set[str] = set(failed.to_pylist())
+        self.model = load_model(teacher)
+        self.teacher = teacher
+        self.gen = generation
+        self.gen_json = generation_json(generation)
+        self.out_dir = out_dir
+        self.failed_dir = join_path(out_dir, FAILED_DIR)
+        self.prompt_version = prompt_version
+        self.impression = dict(
+            impression_prefix=impression_prefix, impression_max_new_tokens=impression_max_new_tokens
+        )
+        self.limits = dict(max_bytes=max_image_bytes, max_pixels=max_image_pixels)
+        tags = ("teacher",)
+        self.tags = {"teacher": teacher.name}
+        self.m_written = Counter("meddr_bootstrap_reports_written", "Reports written by the teacher", tag_keys=tags)
+        self.m_tokens = Counter("meddr_bootstrap_tokens_generated", "Tokens generated by the teacher", tag_keys=tags)
+        self.m_failed = Counter("meddr_bootstrap_rows_failed", "Rows set aside as bad input", tag_keys=tags)
+
+    def _decode(self, row: Dict[str, Any]):
+        """The sample's image as RGB, or an error message naming the source row."""
+        from meddr_ray.data import DataError, decode_image
+
+        where = f"{row.get('source_file') or row.get('dataset')} row {row.get('source_index')}"
+        if row.get("error"):
+            return None, row["error"]
+        if not row.get("image"):
+            return None, f"{where}: no image"
+        try:
+            return decode_image(row["image"], where=where, **self.limits), None
+        except DataError as exc:
+            return None, str(exc)
+
+    def __call__(self, batch: pa.Table) -> Dict[str, List[Any]]:
+        stats = dict.fromkeys(_STAT_KEYS, 0)
+        todo, images, bad = [], [], []
+        for row in batch.to_pylist():
+            stats["rows_in"] += 1
+            if row["id"] in self.done:
+                stats["skipped"] += 1
+                continue
+            if row["id"] in self.failed_before:
+                stats["skipped_failed"] += 1
+                continue
+            image, error = self._decode(row)
+            if error is not None:
+                bad.append(failed_row(row, error))
+            else:
+                todo.append(row)
+                images.append(image)
+
+        started = time.perf_counter()
+        rows = []
+        if todo:
+            texts = [teacher_prompt(r) for r in todo]
+            outs = teacher_generate(self.model, images, texts, self.gen, **self.impression)
+            kw = dict(teacher=self.teacher, prompt_version=self.prompt_version, generation_json=self.gen_json)
+            rows = [report_row(r, p, o, **kw) for r, p, o in zip(todo, texts, outs)]
+            write_table(self.out_dir, pa.Table.from_pylist(rows, schema=REPORT_SCHEMA))
+        seconds = time.perf_counter() - started
+        if bad:
+            write_table(self.failed_dir, pa.Table.from_pylist(bad, schema=FAILED_SCHEMA))
+
+        stats["written"] = len(rows)
+        stats["failed"] = len(bad)
+        stats["tokens"] = sum(r["tokens"] for r in rows)
+        for r in rows:
+            stats[f"quality_{r['quality']}"] += 1
+        if rows:
+            self.m_written.inc(len(rows), tags=self.tags)
+        if stats["tokens"]:
+            self.m_tokens.inc(stats["tokens"], tags=self.tags)
+        if bad:
+            self.m_failed.inc(len(bad), tags=self.tags)
+        out = {k: [v] for k, v in stats.items()}
+        out["generate_seconds"] = [seconds]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- the job
+
+
+def _check_sources(cfg: Config) -> None:
+    if not cfg.bootstrap.sources:
+        raise ConfigError("key 'bootstrap.sources': no sources to bootstrap (list at least one labelled source)")
+    seen: Dict[Tuple[str, str], int] = {}
+    for i, src in enumerate(cfg.bootstrap.sources):
+        for split in src.splits:
+            # ids are hash(name, split, index): two sources with the same name and split would share ids
+            if (src.name, split) in seen:
+                raise ConfigError(
+                    f"key 'bootstrap.sources[{i}]': source {src.name!r} split {split!r} is already "
+                    f"bootstrap.sources[{seen[(src.name, split)]}]; give each source its own name"
+                )
+            seen[(src.name, split)] = i
+
+
+def _check_compatible(existing: pa.Table, cfg: Config, out_dir: str) -> None:
+    """Refuse to add reports of another teacher or prompt version to the same folder (a silent mix)."""
+    if existing.num_rows == 0:
+        return
+    for column, want in (("teacher", cfg.teacher.name), ("prompt_version", cfg.bootstrap.prompt_version)):
+        have = set(existing.column(column).unique().to_pylist())
+        if have != {want}:
+            raise ConfigError(
+                f"{out_dir} already holds reports with {column} {sorted(map(str, have))}, but this run uses "
+                f"{want!r}: use another run_dir / bootstrap.output_dir, or delete the folder to start over"
+            )
+
+
+def format_summary(s: Dict[str, Any]) -> str:
+    return (
+        f"bootstrap: rows in {s['rows_in']}, written {s['written']}, skipped (already done) {s['skipped']}, "
+        f"skipped (failed before) {s['skipped_failed']}, failed {s['failed']}, "
+        f"quality-flagged {s['quality_flagged']}, tokens {s['tokens']}, {s['tokens_per_s']:.1f} tokens/s "
+        f"in {s['seconds']:.1f} s; {s['total_reports']} reports in {s['output_dir']}"
+    )
+
+
+def run_bootstrap(cfg: Config) -> str:
+    """Bootstrap reports for every sample of ``cfg.bootstrap.sources``; returns the output folder."""
+    from meddr_ray.model import ensure_model
+
+    _check_sources(cfg)
+    # Fail fast, before any Ray work, on a missing checkpoint; and build tiny/smol here once, so that the
+    # actors find it ready instead of racing to build it.
+    teacher_path = ensure_model(cfg.teacher)
+    log.info("teacher %s at %s", cfg.teacher.name, teacher_path)
+
+    out_dir = cfg.stage_dir("bootstrap")
+    failed_dir = join_path(out_dir, FAILED_DIR)
+    storage.makedirs(failed_dir)
+    remove_stale_temps(out_dir)
+    remove_stale_temps(failed_dir)
+    existing = read_columns(out_dir, ["id", "teacher", "prompt_version"])
+    _check_compatible(existing, cfg, out_dir)
+    failed_before = read_columns(failed_dir, ["id"]).column("id")
+    done = existing.column("id")
+    save_config(cfg, out_dir)
+
+    from meddr_ray.runtime import init_ray
+
+    ray = init_ray(cfg)
+    import ray.data
+    from meddr_ray.data import read_source
+
+    datasets = [read_source(src, cfg.data) for src in cfg.bootstrap.sources]
+    ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+    pool = cfg.bootstrap.pool
+    done_ref = ray.put((done.combine_chunks(), failed_before.combine_chunks()))
+    with warnings.catch_warnings():
+        # Ray 2.60 marks extra **ray_remote_args deprecated but has no named parameter yet for the actors'
+        # max_restarts / max_task_retries (its own ActorPoolMapOperator documents passing them this way).
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        stats_ds = ds.map_batches(
+            TeacherWriter,
+            fn_constructor_kwargs=dict(
+                teacher=cfg.teacher,
+                generation=cfg.bootstrap.generation,
+                out_dir=out_dir,
+                done_ref=[done_ref],
+                prompt_version=cfg.bootstrap.prompt_version,
+                impression_prefix=cfg.bootstrap.impression_prefix,
+                impression_max_new_tokens=cfg.bootstrap.impression_max_new_tokens,
+                max_image_bytes=cfg.data.max_image_bytes,
+                max_image_pixels=cfg.data.max_image_pixels,
+            ),
+            compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+            batch_size=pool.batch_size,
+            batch_format="pyarrow",
+            num_cpus=pool.num_cpus,
+            num_gpus=pool.num_gpus,
+            max_restarts=pool.max_restarts,
+            max_task_retries=pool.max_task_retries,
+        )
+
+    started = time.perf_counter()
+    totals: Dict[str, float] = dict.fromkeys(_STAT_KEYS + ("generate_seconds",), 0)
+    for batch in stats_ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for key in totals:
+            totals[key] += sum(batch.column(key).to_pylist())
+    seconds = time.perf_counter() - started
+
+    summary: Dict[str, Any] = {k: int(v) for k, v in totals.items() if k != "generate_seconds"}
+    summary["quality"] = {q: summary.pop(f"quality_{q}") for q in QUALITIES}
+    summary["quality_flagged"] = sum(summary["quality"][q] for q in FLAGGED)
+    summary["seconds"] = round(seconds, 3)
+    summary["generate_seconds"] = round(float(totals["generate_seconds"]), 3)
+    summary["tokens_per_s"] = summary["tokens"] / seconds if seconds > 0 else 0.0
+    summary["total_reports"] = len(done) + summary["written"]
+    summary["total_failed"] = len(failed_before) + summary["failed"]
+    summary.update(
+        output_dir=out_dir,
+        teacher=cfg.teacher.name,
+        teacher_path=str(teacher_path),
+        prompt_version=cfg.bootstrap.prompt_version,
+        actors={"min": pool.min_actors, "max": pool.max_actors, "batch_size": pool.batch_size},
+        finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
+    storage.write_text(join_path(out_dir, SUMMARY_FILE), json.dumps(summary, indent=2, sort_keys=True))
+    line = format_summary(summary)
+    log.info(line)
+    print(line, flush=True)
+    return out_dir
+
+
+def load_summary(out_dir: str) -> Optional[Dict[str, Any]]:
+    path = join_path(out_dir, SUMMARY_FILE)
+    return json.loads(storage.read_text(path)) if storage.exists(path) else None

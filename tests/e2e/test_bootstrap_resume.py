@@ -1,0 +1,134 @@
+"""Kill the bootstrap driver with SIGKILL midway, run it again: every input id is written exactly once.
+
+The job runs as `python -m meddr_ray.cli bootstrap` in its own session (``start_new_session``), so the driver
+and the local Ray cluster its ``ray.init`` starts (GCS, raylet, workers, dashboard) form one process group
+that the test kills as a whole; the test then checks that no process of that run is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Set
+
+import pyarrow.parquet as pq
+import pytest
+
+from meddr_ray.bootstrap import SUMMARY_FILE, part_files
+from meddr_ray.data import sample_id
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+LIMIT = 256
+
+
+def _processes() -> Dict[int, tuple]:
+    """pid -> (ppid, process group, session) of every live process."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) "
+        if fields[0] != "Z":  # a zombie is dead already, it only waits to be reaped
+            out[int(entry)] = (int(fields[1]), int(fields[2]), int(fields[3]))
+    return out
+
+
+def _family(root: int) -> Set[int]:
+    """``root``, its descendants, and everything in its session (Ray may re-parent its daemons)."""
+    procs = _processes()
+    family = {pid for pid, (_, _, sid) in procs.items() if sid == root} | {root}
+    grew = True
+    while grew:
+        kids = {pid for pid, (ppid, _, _) in procs.items() if ppid in family} - family
+        family |= kids
+        grew = bool(kids)
+    return family & set(procs)
+
+
+def _kill_and_check_gone(proc: subprocess.Popen, family: Set[int]) -> None:
+    """SIGKILL the run's process group; fail, naming them, if any of its processes outlives that."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        alive = (family | _family(proc.pid)) & set(_processes())
+        alive.discard(proc.pid)
+        if not alive:
+            return
+        time.sleep(0.25)
+    names = {p: Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")[:120] for p in alive}
+    for pid in alive:  # do not leave them behind for the next test
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    pytest.fail(f"processes of the killed run are still alive after killing its group: {names}")
+
+
+def _ids(folder: Path) -> list:
+    return [i for f in part_files(str(folder)) for i in pq.read_table(f, columns=["id"]).column("id").to_pylist()]
+
+
+def test_sigkill_midway_then_resume_writes_every_id_exactly_once(tmp_path):
+    out = tmp_path / "bootstrap"
+    cmd = [
+        sys.executable, "-m", "meddr_ray.cli", "bootstrap", "--config", "tiny", f"run_dir={tmp_path}",
+        f"bootstrap.sources.0.limit={LIMIT}", "bootstrap.pool.batch_size=4",
+        "bootstrap.generation.max_new_tokens=48",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local cluster, not the tests'
+    env["MEDDR_RAY_CACHE"] = os.environ["MEDDR_RAY_CACHE"]
+
+    log1 = open(tmp_path / "run1.log", "wb")
+    first = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log1, stderr=subprocess.STDOUT, start_new_session=True)
+    family: Set[int] = set()
+    try:
+        deadline = time.monotonic() + 400
+        while len(part_files(str(out))) < 3:
+            if first.poll() is not None:
+                pytest.fail(f"the run ended (rc {first.returncode}) before it could be killed:\n"
+                            f"{(tmp_path / 'run1.log').read_text()[-3000:]}")  # fmt: skip
+            if time.monotonic() > deadline:
+                pytest.fail("no output after 400 s:\n" + (tmp_path / "run1.log").read_text()[-3000:])
+            time.sleep(0.05)
+        family = _family(first.pid)
+    finally:
+        _kill_and_check_gone(first, family)
+        log1.close()
+
+    partial = _ids(out)
+    assert len(partial) == len(set(partial)), "a killed run wrote an id twice"
+    assert 0 < len(partial) < LIMIT, f"the kill came too late to test a resume ({len(partial)} of {LIMIT} done)"
+    assert not (out / SUMMARY_FILE).exists()  # the killed run never got to its summary
+
+    log2 = open(tmp_path / "run2.log", "wb")
+    second = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log2, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        rc = second.wait(timeout=600)
+        family = _family(second.pid)
+    finally:
+        _kill_and_check_gone(second, family)
+        log2.close()
+    assert rc == 0, (tmp_path / "run2.log").read_text()[-3000:]
+
+    ids = _ids(out)
+    expected = [sample_id("breastmnist", "train", i) for i in range(LIMIT)]
+    assert len(ids) == len(set(ids)), "an id was written twice"
+    assert sorted(ids) == sorted(expected), "an id is missing"
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["skipped"] == len(partial)
+    assert summary["written"] == LIMIT - len(partial)
+    assert "bootstrap: rows in 256" in (tmp_path / "run2.log").read_text()

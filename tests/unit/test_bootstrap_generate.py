@@ -1,0 +1,58 @@
+"""The teacher's two-step generation (findings, then the impression) on the offline tiny model; no Ray."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from meddr_ray import prompts
+from meddr_ray.bootstrap import continuation_prefix, generate_with_prefixes, teacher_generate, trim_continuation
+from meddr_ray.config import GenerationConfig, load_config
+from meddr_ray.model import load_model
+
+
+def test_continuation_prefix_cuts_after_the_last_full_sentence():
+    assert continuation_prefix("Findings: a mass. It is oval. The margin", "Impression:") == (
+        "Findings: a mass. It is oval.\nImpression:"
+    )
+    assert continuation_prefix("Findings: a mass with", "Impression:") == "Findings: a mass with\nImpression:"
+
+
+def test_trim_continuation_stops_at_a_blank_line_and_a_sentence_end():
+    assert trim_continuation(" Likely benign. Follow up in 6 months. Medical\n\nReport: x") == (
+        " Likely benign. Follow up in 6 months."
+    )
+    assert trim_continuation(" likely benign") == " likely benign"
+
+
+@pytest.fixture(scope="module")
+def teacher():
+    return load_model(load_config("tiny").teacher)  # built offline into the test cache on first use
+
+
+def _batch(n=3):
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (28, 28), dtype=np.uint8)).convert("RGB") for _ in range(n)]
+    texts = [prompts.bootstrap_prompt("breast ultrasound", [lab]) for lab in ("malignant", "normal, benign", "x")[:n]]
+    return images, texts
+
+
+def test_per_sample_prefixes_match_the_model_generate(teacher):
+    images, texts = _batch()
+    gen = GenerationConfig(max_new_tokens=6, response_prefix="Findings:")
+    same = teacher.generate(images, texts, gen)
+    mine = generate_with_prefixes(teacher, images, texts, ["Findings:"] * 3, dataclasses.replace(gen, response_prefix=""))
+    assert mine == same  # one code path per prefix: the same tokens as VisionLanguageModel.generate
+
+
+def test_a_report_without_impression_is_continued_with_the_header(teacher):
+    images, texts = _batch()
+    gen = GenerationConfig(max_new_tokens=6, response_prefix="Findings:")
+    first = teacher.generate(images, texts, gen)
+    assert all("Impression:" not in o["text"] for o in first)  # the random tiny model never writes one
+    both = teacher_generate(teacher, images, texts, gen, impression_prefix="Impression:", impression_max_new_tokens=5)
+    for one, two in zip(first, both):
+        assert two["text"].startswith("Findings:") and "\nImpression:" in two["text"]
+        assert one["tokens"] < two["tokens"] <= one["tokens"] + 5
+    assert teacher_generate(teacher, images, texts, gen) == first  # without the option: one generate only
