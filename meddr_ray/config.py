@@ -312,9 +312,6 @@ class TrainConfig:
     """ZeRO-3: parameters with fewer elements stay whole on every rank (fewer all-gathers); 0 partitions all."""
     bucket_size: int = 50_000_000
     """Elements per ZeRO communication bucket (reduce, all-gather, prefetch); DeepSpeed's 5e8 is 2 GB in fp32."""
-    cache_data: bool = False
-    """Read the instruction Parquet once and keep the rows in Ray's object store for every epoch and validation
-    pass (small datasets); false streams them from storage again each time (datasets larger than memory)."""
     seed: int = 0
     """Seed for data order and adapter initialisation."""
     adapter_dir: Optional[str] = None
