@@ -221,13 +221,24 @@ def teacher_generate(
     gen: GenerationConfig,
     impression_prefix: Optional[str] = None,
     impression_max_new_tokens: int = 48,
+    seed: Optional[int] = None,
 ) -> List[dict]:
     """The teacher's reports ``[{"text", "tokens"}]``: one batched ``generate``, then, with
-    ``impression_prefix``, a second one that continues every report still lacking an impression."""
+    ``impression_prefix``, a second one that continues every report still lacking an impression.
+
+    With sampling, ``seed`` seeds torch first, so the same batch always gets the same reports.
+    """
+    if gen.do_sample and seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
     outs = vlm.generate(images, texts, gen)
     if not impression_prefix:
         return outs
     need = [i for i, o in enumerate(outs) if o["text"] and split_report(o["text"]).impression is None]
+    for i, o in enumerate(outs):
+        if i not in need:  # already complete: only drop a sentence the token budget cut off
+            o["text"] = drop_cut_sentence(o["text"])
     if not need:
         return outs
     prefixes = [continuation_prefix(outs[i]["text"], impression_prefix) for i in need]
@@ -237,6 +248,20 @@ def teacher_generate(
         text = prefix + trim_continuation(extra["text"][len(prefix) :])
         outs[i] = {"text": text, "tokens": outs[i]["tokens"] + extra["tokens"]}
     return outs
+
+
+def batch_seed(seed: int, ids: Sequence[str]) -> int:
+    """A sampling seed fixed by the run's seed and the batch's ids (a retried batch samples the same text)."""
+    return int(hashlib.sha1(f"{seed}\x1f{'|'.join(sorted(ids))}".encode()).hexdigest()[:8], 16)
+
+
+def drop_cut_sentence(text: str) -> str:
+    """``text`` without a last sentence the token budget cut off, unless that would empty a section."""
+    ends = list(_SENTENCE_END.finditer(text))
+    if not ends or text.rstrip()[-1:] in (".", "!", "?"):
+        return text
+    cut = text[: ends[-1].end()]
+    return cut if split_report(cut).quality == split_report(text).quality else text
 
 
 def trim_continuation(text: str) -> str:
@@ -268,6 +293,7 @@ class TeacherWriter:
         prompt_version: str,
         impression_prefix: Optional[str],
         impression_max_new_tokens: int,
+        seed: int,
         max_image_bytes: int,
         max_image_pixels: int,
     ):
@@ -286,6 +312,7 @@ class TeacherWriter:
         self.out_dir = out_dir
         self.failed_dir = join_path(out_dir, FAILED_DIR)
         self.prompt_version = prompt_version
+        self.seed = seed
         self.impression = dict(
             impression_prefix=impression_prefix, impression_max_new_tokens=impression_max_new_tokens
         )
@@ -332,7 +359,8 @@ class TeacherWriter:
         rows = []
         if todo:
             texts = [teacher_prompt(r) for r in todo]
-            outs = teacher_generate(self.model, images, texts, self.gen, **self.impression)
+            seed = batch_seed(self.seed, [r["id"] for r in todo])
+            outs = teacher_generate(self.model, images, texts, self.gen, **self.impression, seed=seed)
             kw = dict(teacher=self.teacher, prompt_version=self.prompt_version, generation_json=self.gen_json)
             rows = [report_row(r, p, o, **kw) for r, p, o in zip(todo, texts, outs)]
             write_table(self.out_dir, pa.Table.from_pylist(rows, schema=REPORT_SCHEMA))
@@ -441,6 +469,7 @@ def run_bootstrap(cfg: Config) -> str:
                 prompt_version=cfg.bootstrap.prompt_version,
                 impression_prefix=cfg.bootstrap.impression_prefix,
                 impression_max_new_tokens=cfg.bootstrap.impression_max_new_tokens,
+                seed=cfg.seed,
                 max_image_bytes=cfg.data.max_image_bytes,
                 max_image_pixels=cfg.data.max_image_pixels,
             ),

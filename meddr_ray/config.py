@@ -203,7 +203,8 @@ class BootstrapConfig:
     impression_prefix: Optional[str] = None
     """If set (e.g. ``"Impression:"``), a report that came back without an impression is continued: the teacher
     gets its own findings back (cut at the last full sentence) followed by this header, and writes the impression
-    in a second batched ``generate``. Small teachers (SmolLM2) rarely write the second section on their own."""
+    in a second batched ``generate``. Small teachers (SmolLM2) rarely write the second section on their own.
+    With it set, a report the token budget cut mid-sentence also ends at its last full sentence."""
     impression_max_new_tokens: int = 48
     """Token budget of that second, impression-only generation."""
 

@@ -395,7 +395,8 @@ def run_instruct(cfg: Config) -> str:
     text = format_table(table)
     line = (
         f"instruct: {totals['total']} instructions ({totals['train']} train, {totals['val']} val), "
-        f"{n_bad} rows set aside (see {join_path(out_dir, FAILED_DIR)}), capped {sum(capped.values())}, "
+        f"{n_bad} rows set aside{f' (see {join_path(out_dir, FAILED_DIR)})' if n_bad else ''}, "
+        f"capped {sum(capped.values())}, "
         f"in {summary['seconds']:.1f} s -> {out_dir}"
     )
     print(text + "\n" + line, flush=True)

@@ -56,3 +56,26 @@ def test_a_report_without_impression_is_continued_with_the_header(teacher):
         assert two["text"].startswith("Findings:") and "\nImpression:" in two["text"]
         assert one["tokens"] < two["tokens"] <= one["tokens"] + 5
     assert teacher_generate(teacher, images, texts, gen) == first  # without the option: one generate only
+
+
+def test_sampling_is_reproducible_per_batch_seed(teacher):
+    from meddr_ray.bootstrap import batch_seed
+
+    images, texts = _batch()
+    gen = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=1.0, response_prefix="Findings:")
+    seed = batch_seed(0, ["b", "a"])
+    assert seed == batch_seed(0, ["a", "b"]) != batch_seed(1, ["a", "b"])
+    one = teacher_generate(teacher, images, texts, gen, seed=seed)
+    assert teacher_generate(teacher, images, texts, gen, seed=seed) == one
+    assert teacher_generate(teacher, images, texts, gen, seed=seed + 1) != one
+
+
+def test_drop_cut_sentence_keeps_every_section():
+    from meddr_ray.bootstrap import drop_cut_sentence
+
+    text = "Findings: a mass. Impression: benign. This can be confirmed as"
+    assert drop_cut_sentence(text) == "Findings: a mass. Impression: benign."
+    assert drop_cut_sentence("Findings: a mass. Impression: likely benign and") == (
+        "Findings: a mass. Impression: likely benign and"  # cutting would empty the impression
+    )
+    assert drop_cut_sentence("Findings: done.") == "Findings: done."

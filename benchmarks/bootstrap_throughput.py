@@ -1,0 +1,140 @@
+"""Bootstrap throughput: the Ray Data job (1 teacher actor, then 2) against a plain single-process loop.
+
+Same teacher (the demo preset's SmolLM2 LLaVA), same images (BreastMNIST train, the first ``--n``), same batch
+size, same decoding (the demo preset's, sampling seeded per batch), and the same function,
+``meddr_ray.bootstrap.teacher_generate``. Printed: generated tokens per second of each, end to end (the Ray
+job's whole ``run_bootstrap`` call, including starting its actors and loading the model in them; the plain
+loop's model load plus its loop) and for the generation calls alone, and the ratios to the plain loop.
+
+    .venv/bin/python benchmarks/bootstrap_throughput.py            # 256 images (several minutes on 2 cores)
+    .venv/bin/python benchmarks/bootstrap_throughput.py --n 32     # a quick look
+
+On a CPU machine each actor's torch uses as many threads as the actor has CPUs (Ray sets OMP_NUM_THREADS from
+``num_cpus``): 1 actor gets all the cores (``--cores``), 2 actors half each, and the plain loop uses torch's
+default (all cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("MEDDR_RAY_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "test"))
+# Ray runs its workers at nice 15 by default; on a machine shared with other work that alone would slow the
+# actors against the plain loop (which runs at the caller's priority). Measure the Ray overhead, not that.
+os.environ.setdefault("RAY_worker_niceness", "0")
+
+
+def plain_loop(cfg, n: int, batch_size: int) -> dict:
+    """The same work without Ray: load the teacher, then generate batch after batch in this process."""
+    import numpy as np
+    from PIL import Image
+
+    from meddr_ray.bootstrap import batch_seed, teacher_generate, teacher_prompt
+    from meddr_ray.data import medmnist_info, sample_id
+    from meddr_ray.model import load_model
+
+    src = cfg.bootstrap.sources[0]
+    info = medmnist_info(src.name)
+    started = time.perf_counter()
+    model = load_model(cfg.teacher)
+    with np.load(src.path) as npz:
+        images, labels = npz["train_images"][:n], npz["train_labels"][:n].reshape(-1)
+    tokens, gen_seconds = 0, 0.0
+    for start in range(0, n, batch_size):
+        idx = range(start, min(start + batch_size, n))
+        ids = [sample_id(src.name, "train", i) for i in idx]
+        rows = [{"modality": info["modality"], "labels": [info["labels"][int(labels[i])]]} for i in idx]
+        batch = [Image.fromarray(images[i]).convert("RGB") for i in idx]
+        t = time.perf_counter()
+        outs = teacher_generate(
+            model, batch, [teacher_prompt(r) for r in rows], cfg.bootstrap.generation,
+            cfg.bootstrap.impression_prefix, cfg.bootstrap.impression_max_new_tokens, seed=batch_seed(cfg.seed, ids),
+        )  # fmt: skip
+        gen_seconds += time.perf_counter() - t
+        tokens += sum(o["tokens"] for o in outs)
+    return {"tokens": tokens, "seconds": time.perf_counter() - started, "generate_seconds": gen_seconds,
+            "load_avg_1m_after": os.getloadavg()[0]}  # fmt: skip
+
+
+def ray_job(cfg_args, run_dir: str, actors: int, cpus_per_actor: int) -> dict:
+    from meddr_ray.bootstrap import load_summary, run_bootstrap
+    from meddr_ray.config import load_config
+
+    cfg = load_config("demo", cfg_args + [
+        f"run_dir={run_dir}", f"bootstrap.pool.min_actors={actors}", f"bootstrap.pool.max_actors={actors}",
+        f"bootstrap.pool.num_cpus={cpus_per_actor}",
+    ])  # fmt: skip
+    started = time.perf_counter()
+    run_bootstrap(cfg)
+    seconds = time.perf_counter() - started
+    s = load_summary(cfg.stage_dir("bootstrap"))
+    assert s["written"] == s["rows_in"], s  # a benchmark of a job that dropped rows would mean nothing
+    # generate_seconds of the actors add up over parallel actors; per actor it is that sum / actors
+    return {"tokens": s["tokens"], "seconds": seconds, "generate_seconds": s["generate_seconds"] / actors,
+            "load_avg_1m_after": os.getloadavg()[0]}  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=256, help="images (BreastMNIST train has 546)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the demo preset's pool batch size")
+    parser.add_argument("--cores", type=int, default=os.cpu_count(), help="CPUs given to the single actor")
+    parser.add_argument("--json", help="also write the figures to this file")
+    args = parser.parse_args()
+
+    from meddr_ray.config import load_config
+    from meddr_ray.model import ensure_model
+    from meddr_ray.runtime import init_ray
+
+    base = load_config("demo")
+    batch_size = args.batch_size or base.bootstrap.pool.batch_size
+    cfg_args = [f"bootstrap.sources.0.limit={args.n}", f"bootstrap.pool.batch_size={batch_size}",
+                f"ray.num_cpus={args.cores + 2}"]  # fmt: skip  # room for the read tasks next to the actors
+    cfg = load_config("demo", cfg_args)
+    ensure_model(cfg.teacher)  # built once, outside every timing
+
+    results = {}
+    print(f"load average (1 min) before: {os.getloadavg()[0]:.2f}; other work on the machine skews every figure")
+    print(f"bootstrap throughput: {args.n} BreastMNIST images, batch {batch_size}, teacher {cfg.teacher.name}, "
+          f"{args.cores} cores, max_new_tokens {cfg.bootstrap.generation.max_new_tokens} + impression "
+          f"{cfg.bootstrap.impression_max_new_tokens}", flush=True)  # fmt: skip
+    results["plain loop"] = plain_loop(cfg, args.n, batch_size)
+    print(f"  plain loop done: {results['plain loop']}", flush=True)
+
+    init_ray(cfg)
+    tmp = tempfile.mkdtemp(prefix="bench-bootstrap-")
+    try:
+        results["ray 1 actor"] = ray_job(cfg_args, f"{tmp}/one", 1, args.cores)
+        print(f"  ray 1 actor done: {results['ray 1 actor']}", flush=True)
+        per_actor = max(1, args.cores // 2)
+        results["ray 2 actors"] = ray_job(cfg_args, f"{tmp}/two", 2, per_actor)
+        print(f"  ray 2 actors done: {results['ray 2 actors']}", flush=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    plain = results["plain loop"]
+    same = len({r["tokens"] for r in results.values()}) == 1
+    print(f"\nthe same tokens generated by every run (same batches, same seeds): {'yes' if same else 'NO'}")
+    print(f"{'run':<14}{'tokens':>8}{'wall s':>9}{'tok/s':>9}{'ratio':>7}{'gen tok/s':>11}{'ratio':>7}{'load':>6}")
+    for name, r in results.items():
+        r["tokens_per_s"] = r["tokens"] / r["seconds"]
+        r["generate_tokens_per_s"] = r["tokens"] / r["generate_seconds"]
+        r["ratio"] = r["tokens_per_s"] / (plain["tokens"] / plain["seconds"])
+        r["generate_ratio"] = r["generate_tokens_per_s"] / (plain["tokens"] / plain["generate_seconds"])
+        print(f"{name:<14}{r['tokens']:>8}{r['seconds']:>9.1f}{r['tokens_per_s']:>9.1f}{r['ratio']:>7.2f}"
+              f"{r['generate_tokens_per_s']:>11.1f}{r['generate_ratio']:>7.2f}{r['load_avg_1m_after']:>6.1f}")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
