@@ -164,9 +164,11 @@ def read_columns(folder: str, columns: Sequence[str]) -> pa.Table:
     files = part_files(folder)
     if not files:
         return pa.table({c: pa.array([], pa.string()) for c in columns})
+    import pyarrow.dataset as pads
+
     fs, _ = storage.resolve(files[0])
     paths = [storage.resolve(f)[1] for f in files]
-    return pa.concat_tables([pq.read_table(p, columns=list(columns), filesystem=fs) for p in paths])
+    return pads.dataset(paths, format="parquet", filesystem=fs).to_table(columns=list(columns))
 
 
 def remove_stale_temps(folder: str) -> int:
@@ -355,16 +357,16 @@ class TeacherWriter:
                 todo.append(row)
                 images.append(image)
 
-        started = time.perf_counter()
-        rows = []
+        rows, seconds = [], 0.0
         if todo:
             texts = [teacher_prompt(r) for r in todo]
             seed = batch_seed(self.seed, [r["id"] for r in todo])
+            started = time.perf_counter()
             outs = teacher_generate(self.model, images, texts, self.gen, **self.impression, seed=seed)
+            seconds = time.perf_counter() - started
             kw = dict(teacher=self.teacher, prompt_version=self.prompt_version, generation_json=self.gen_json)
             rows = [report_row(r, p, o, **kw) for r, p, o in zip(todo, texts, outs)]
             write_table(self.out_dir, pa.Table.from_pylist(rows, schema=REPORT_SCHEMA))
-        seconds = time.perf_counter() - started
         if bad:
             write_table(self.failed_dir, pa.Table.from_pylist(bad, schema=FAILED_SCHEMA))
 

@@ -35,6 +35,7 @@ import pyarrow.compute as pc
 
 from meddr_ray import prompts, storage
 from meddr_ray.config import Config, ConfigError, join_path, save_config
+from meddr_ray.data import NO_FINDING, medmnist_info
 from meddr_ray.reports import split_report
 
 log = logging.getLogger("meddr_ray.instruct")
@@ -106,6 +107,10 @@ def _need(row: Dict[str, Any], key: str, what: str) -> str:
     return str(value).strip()
 
 
+def _multi_label(dataset: Optional[str]) -> bool:
+    return bool(dataset and (medmnist_info(dataset) or {}).get("multi_label"))
+
+
 def sample_instructions(row: Dict[str, Any], descriptions: bool = False) -> List[Tuple[str, str, str]]:
     """``[(task, prompt, answer)]`` for one sample-schema row, by its task; :class:`RowError` if unusable."""
     task = row.get("task") or TASK_DIAGNOSIS
@@ -115,6 +120,10 @@ def sample_instructions(row: Dict[str, Any], descriptions: bool = False) -> List
         options = list(row.get("label_set") or [])
         if not options:
             raise RowError("no label set to offer as options")
+        if _multi_label(row.get("dataset")) and NO_FINDING not in [o.lower() for o in options]:
+            # a multi-label sample may have no positive class (its label is "no finding"): offer it to every
+            # sample of the dataset, as A.3 does, so the option itself does not give the answer away
+            options.append(NO_FINDING)
         return [(TASK_DIAGNOSIS, prompts.diagnosis_prompt(modality or DEFAULT_MODALITY, options), label)]
     if task == TASK_VQA:
         question, answer = _need(row, "question", "question"), _need(row, "answer", "answer")

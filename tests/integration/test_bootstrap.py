@@ -5,8 +5,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -150,3 +152,53 @@ def test_ids_are_unique_per_source_and_split(tmp_path):
     cfg.bootstrap.sources = cfg.bootstrap.sources * 2
     with pytest.raises(ValueError, match="already bootstrap.sources"):
         run_bootstrap(cfg)
+
+
+def _descendants(root: int) -> dict:
+    """pid -> command line of every live descendant of ``root`` (the Ray workers this test session started)."""
+    parent = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+                parent[int(entry)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+            except OSError:
+                continue
+    found, frontier = {}, {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parent.items() if ppid in frontier} - set(found)
+        for pid in frontier:
+            try:
+                found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                pass
+    return found
+
+
+def test_a_killed_teacher_actor_is_restarted_and_no_id_is_lost_or_doubled(ray_cluster, tmp_path):
+    cfg = _cfg(tmp_path, "bootstrap.sources.0.limit=64", "bootstrap.pool.batch_size=2",
+               "bootstrap.generation.max_new_tokens=48", "bootstrap.pool.min_actors=1",
+               "bootstrap.pool.max_actors=1")  # fmt: skip
+    out = tmp_path / "bootstrap"
+    killed = []
+
+    def kill_the_actor_midway():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            if len(part_files(str(out))) >= 2:
+                for pid, cmd in _descendants(os.getpid()).items():
+                    if "MapBatches(TeacherWriter)" in cmd:
+                        os.kill(pid, signal.SIGKILL)
+                        killed.append(pid)
+                        return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_the_actor_midway, daemon=True)
+    killer.start()
+    run_bootstrap(cfg)
+    killer.join(timeout=5)
+    assert killed, "the actor was not found or the job ended before it could be killed"
+    ids = _ids(out)
+    assert sorted(ids) == sorted(sample_id("breastmnist", "train", i) for i in range(64))  # each id exactly once
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert summary["written"] == 64

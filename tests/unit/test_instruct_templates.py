@@ -119,3 +119,13 @@ def test_summary_table_adds_up_splits():
         {"task": "vqa", "dataset": "s", "train": 4, "val": 0, "total": 4},
     ]
     assert "diagnosis" in instruct.format_table(rows)
+
+
+def test_multi_label_datasets_offer_no_finding_to_every_sample():
+    row = dict(DIAG, dataset="chestmnist", modality="chest X-ray", label="effusion", label_set=["effusion", "mass"])
+    [(_, prompt, answer)] = instruct.sample_instructions(row)
+    assert prompt == prompts.diagnosis_prompt("chest X-ray", ["effusion", "mass", "no finding"])
+    assert "Only if no other options are available, you can choose 'No finding'." in prompt
+    assert answer == "effusion"
+    [(_, single, _)] = instruct.sample_instructions(DIAG)
+    assert "No finding" not in single
