@@ -324,6 +324,14 @@ def _embed(cfg: Config, ds, out_dir: str, adapter: Optional[str], known_ids: pa.
     if len(known_ids):
         ds = ds.map_batches(_drop_known_ids, fn_args=(ray.put(known_ids),), batch_format="pyarrow")
     pool = cfg.index.pool
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if pool.min_actors * pool.num_cpus + 1 > cpus:
+        # Ray Data would wait forever: the read and write tasks need a CPU the actors never free
+        log.warning(
+            "index: the encoder pool reserves %s of the cluster's %s CPUs, leaving none for reading and writing; "
+            "raise ray.num_cpus (logical CPUs) or lower index.pool.min_actors / num_cpus",
+            pool.min_actors * pool.num_cpus, cpus,
+        )  # fmt: skip
     with warnings.catch_warnings():
         # Ray 2.60 has no named parameter for actor restarts yet and warns about the generic remote args
         warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")

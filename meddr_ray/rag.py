@@ -13,8 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import defaultdict
-from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
@@ -34,9 +33,8 @@ from meddr_ray.faiss_index import (
 log = logging.getLogger("meddr_ray.rag")
 
 
-@dataclass(frozen=True)
-class Neighbor:
-    """One retrieved case."""
+class Neighbor(NamedTuple):
+    """One retrieved case (a tuple: cheap to make thousands of per second on the serving path)."""
 
     id: str
     label: Optional[str]
@@ -51,7 +49,7 @@ class Neighbor:
         return {"id": self.id, "label": self.label, "text": self.text, "score": self.score, "dataset": self.dataset}
 
     def as_dict(self) -> Dict[str, object]:
-        return asdict(self)
+        return self._asdict()
 
 
 class Retriever:
@@ -70,11 +68,11 @@ class Retriever:
         index = loaded.index
         apply_search_params(index, nprobe, ef_search)
         self.index = to_gpu(index) if use_gpu(device) else index
-        # Value columns as object arrays: one fancy-index per column per batch, not a Python loop per row.
-        self._columns = {
-            name: loaded.values.column(name).to_numpy(zero_copy_only=False)
-            for name in ("id", "label", "text", "dataset", "modality", "task")
-        }
+        # Value columns as Python lists, in Neighbor's field order: a list lookup per field per hit is the
+        # cheapest way from FAISS ids to Python objects.
+        self._columns = [
+            loaded.values.column(name).to_pylist() for name in ("id", "label", "text", "dataset", "modality", "task")
+        ]
         log.info(
             "retriever: index %s version %s, %d vectors of dimension %d (%s)",
             loaded.path, loaded.version, loaded.count, loaded.dim, loaded.manifest.get("faiss_type"),
@@ -164,22 +162,15 @@ class Retriever:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
         scores, ids = self.search_raw(embeddings, k)
-        safe = np.where(ids < 0, 0, ids)
-        cols = {name: arr[safe] for name, arr in self._columns.items()}
-        out: List[List[Neighbor]] = []
-        for i in range(ids.shape[0]):
-            row: List[Neighbor] = []
-            for j in range(ids.shape[1]):
-                if ids[i, j] < 0:
-                    break  # faiss pads with -1 when fewer than k vectors exist
-                row.append(
-                    Neighbor(
-                        cols["id"][i, j], cols["label"][i, j], cols["text"][i, j], float(scores[i, j]),
-                        cols["dataset"][i, j], cols["modality"][i, j], cols["task"][i, j],
-                    )  # fmt: skip
-                )
-            out.append(row)
-        return out
+        cid, label, text, dataset, modality, task = self._columns
+        return [
+            [
+                Neighbor(cid[i], label[i], text[i], s, dataset[i], modality[i], task[i])
+                for s, i in zip(srow, irow)
+                if i >= 0  # faiss pads with -1 when the index has fewer than k vectors
+            ]
+            for srow, irow in zip(scores.tolist(), ids.tolist())
+        ]
 
 
 def retrieve(index: Union[Retriever, LoadedIndex], embeddings: np.ndarray, k: int) -> List[List[Neighbor]]:

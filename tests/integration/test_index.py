@@ -248,3 +248,44 @@ def test_add_source_yaml_errors_name_the_key(tmp_path):
         load_source_yaml(str(bad))
     with pytest.raises(ConfigError, match="source file not found"):
         load_source_yaml(str(tmp_path / "missing.yaml"))
+
+
+def _run(cmd, tmp_path, timeout=600):
+    """A CLI / job-script process with its own Ray cluster, killed with its whole process group afterwards."""
+    import os
+    import signal
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        cmd, cwd=str(Path(__file__).resolve().parents[2]), env=env, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )  # fmt: skip
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # Ray's helper processes of that session
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, out[-3000:]
+    return out
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+def test_cli_builds_the_demo_index_and_the_job_adds_to_it(tmp_path):
+    import sys
+
+    run_dir = tmp_path / "demo"
+    out = _run([sys.executable, "-m", "meddr_ray.cli", "index", "--config", "demo", f"run_dir={run_dir}"], tmp_path)
+    assert "index: 624 vectors, dimension 64, IndexFlatIP (flat), version v0001" in out
+    assert f"index: wrote {run_dir / 'index' / 'v0001'}" in out
+    source = tmp_path / "new.yaml"
+    source.write_text(f"name: breastmnist\nformat: medmnist\npath: {NPZ}\nsplits: [test]\nlimit: 5\n")
+    out = _run(
+        [sys.executable, "jobs/build_index.py", "--config", "demo", "--add", str(source), f"run_dir={run_dir}"],
+        tmp_path,
+    )
+    assert "index: 629 vectors, dimension 64, IndexFlatIP (flat), version v0002 (parent v0001, +5)" in out
+    assert fi.current_version(str(run_dir / "index")) == "v0002"
