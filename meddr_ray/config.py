@@ -250,6 +250,9 @@ class LoraConfig:
     """Unfreeze the vision tower (the paper keeps it frozen)."""
     train_projector: bool = False
     """Unfreeze the vision-language projector (the paper keeps it frozen)."""
+    modules_to_save: List[str] = field(default_factory=list)
+    """Further modules trained in full and saved with the adapter (peft ``modules_to_save``), e.g. ``lm_head``
+    for the random-weight tiny model, whose frozen output layer caps how far its loss can fall."""
 
 
 @dataclass
@@ -313,6 +316,9 @@ class TrainConfig:
     """ZeRO-3: parameters with fewer elements stay whole on every rank (fewer all-gathers); 0 partitions all."""
     bucket_size: int = 50_000_000
     """Elements per ZeRO communication bucket (reduce, all-gather, prefetch); DeepSpeed's 5e8 is 2 GB in fp32."""
+    cache_data: bool = False
+    """Read the instruction Parquet once and keep the rows in Ray's object store for every epoch and validation
+    pass (small datasets); false streams them from storage again each time (datasets larger than memory)."""
     seed: int = 0
     """Seed for data order and adapter initialisation."""
     adapter_dir: Optional[str] = None

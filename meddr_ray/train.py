@@ -1,0 +1,254 @@
+"""Medical instruction tuning (paper section 3.2) on Ray Train: LoRA on the student with DeepSpeed ZeRO-3.
+
+``run_train(cfg)`` reads the instruction Parquet written by ``meddr-ray instruct`` (``<run_dir>/instruct``: rows
+``id, image, prompt, answer, split, ...``), starts a ``TorchTrainer`` (Ray Train V2) with
+``cfg.train.num_workers`` workers, each running :func:`meddr_ray.train_loop.train_loop_per_worker`, and writes
+the LoRA adapter to ``<run_dir>/adapter/`` (PEFT format + ``meddr.json``).
+
+Resume: checkpoints live under ``<storage_path>/<name>/`` (``train.storage_path``, default ``<run_dir>/train``).
+Ray Train V2 keeps a snapshot of the run's checkpoints there; a new ``TorchTrainer`` with the same storage path
+and name loads it, so ``ray.train.get_checkpoint()`` in the workers returns the latest checkpoint and training
+continues from its step (V2 has no ``resume_from_checkpoint`` argument: the run name is the handle). A worker
+that dies mid-run makes Ray Train restart the worker group (``train.max_failures`` times), which resumes the
+same way. Use a new ``train.name`` (or delete the folder) to start over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict
+from typing import Any, Dict, List, Optional
+
+from meddr_ray import storage
+from meddr_ray.config import Config, is_uri, join_path, save_config
+from meddr_ray.train_loop import ADAPTER_SUBDIR, STATE_FILE, Plan, make_plan, train_loop_per_worker
+
+log = logging.getLogger("meddr_ray.train")
+
+INSTRUCT_COLUMNS = ["id", "image", "prompt", "answer", "split"]
+
+
+class TrainDataError(FileNotFoundError):
+    """The instruction data is missing or unusable; the message names the folder."""
+
+
+def storage_root(cfg: Config) -> str:
+    """Where Ray Train keeps this run's checkpoints: ``train.storage_path`` or ``<run_dir>/train``."""
+    return cfg.train.storage_path or join_path(cfg.run_dir, "train")
+
+
+def adapter_dir(cfg: Config) -> str:
+    return cfg.train.adapter_dir or join_path(cfg.run_dir, "adapter")
+
+
+def instruction_files(cfg: Config) -> List[str]:
+    folder = cfg.stage_dir("instruct")
+    files = storage.list_files(folder, ".parquet")
+    if not files:
+        raise TrainDataError(
+            f"no instruction data: {folder} has no .parquet files. Run `meddr-ray instruct --config {cfg.preset}` "
+            "first (or point instruct.output_dir at the folder)"
+        )
+    return files
+
+
+def _split_counts(files: List[str]) -> Dict[str, int]:
+    """Rows per split, from the ``split`` column only (the driver never reads the images)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    counts: Dict[str, int] = {}
+    for path in files:
+        fs, p = storage.resolve(path)
+        table = pq.read_table(p, columns=["split"], filesystem=fs)
+        for item in pc.value_counts(table.column("split")).to_pylist():
+            key = item["values"] if item["values"] is not None else "null"
+            counts[key] = counts.get(key, 0) + int(item["counts"])
+    return counts
+
+
+def _check_columns(files: List[str]) -> None:
+    import pyarrow.parquet as pq
+
+    for path in files:
+        fs, p = storage.resolve(path)
+        names = set(pq.read_schema(fs.open_input_file(p)).names)
+        missing = [c for c in INSTRUCT_COLUMNS if c not in names]
+        if missing:
+            raise TrainDataError(f"{path}: instruction Parquet lacks column(s) {missing} (has {sorted(names)})")
+
+
+def _datasets(files: List[str], counts: Dict[str, int], cache_data: bool):
+    import ray.data
+    from ray.data.expressions import col
+
+    ds = ray.data.read_parquet(files, columns=INSTRUCT_COLUMNS)
+    out = {"train": ds.filter(expr=col("split") == "train").drop_columns(["split"])}
+    if counts.get("val", 0):
+        out["val"] = ds.filter(expr=col("split") == "val").drop_columns(["split"])
+    for name, split in out.items():
+        if cache_data:  # read once; every epoch and validation pass then iterates blocks already in memory
+            split = out[name] = split.materialize()
+        split.context.enable_progress_bars = False  # one bar per epoch and per evaluation would flood the log
+    return out
+
+
+def _copy_tree(src: str, dst: str) -> None:
+    """Copy a local folder to a local path or a URI, replacing what is there."""
+    if is_uri(dst):
+        import pyarrow.fs as pafs
+
+        fs, p = storage.resolve(dst)
+        if storage.exists(dst):
+            fs.delete_dir(p)
+        pafs.copy_files(src, p, destination_filesystem=fs)
+        return
+    tmp = f"{dst}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    if os.path.exists(dst):
+        shutil.rmtree(dst)
+    os.replace(tmp, dst)
+
+
+def _merge_task(cfg: Config, adapter: str, target: str) -> str:
+    """Base model + LoRA merged into one full checkpoint (runs as a Ray task: it loads the whole model)."""
+    from transformers import AutoProcessor
+
+    from meddr_ray.model import load_model
+
+    vlm = load_model(cfg.student, adapter_dir=adapter)  # loads the adapter and merges it into the weights
+    with tempfile.TemporaryDirectory() as tmp:
+        vlm.model.save_pretrained(tmp)
+        AutoProcessor.from_pretrained(vlm.path, trust_remote_code=cfg.student.trust_remote_code).save_pretrained(tmp)
+        _copy_tree(tmp, target)
+    return target
+
+
+def run_train(cfg: Config) -> str:
+    """Fine-tune the student with LoRA on the instruction data; returns the adapter folder."""
+    import ray
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from meddr_ray.model import ensure_model
+    from meddr_ray.runtime import init_ray
+
+    t = cfg.train
+    files = instruction_files(cfg)
+    _check_columns(files)
+    counts = _split_counts(files)
+    if not counts.get("train"):
+        raise TrainDataError(f"{cfg.stage_dir('instruct')}: no rows with split == 'train' (splits: {counts})")
+    plan = make_plan(t, counts["train"])
+    model_path = str(ensure_model(cfg.student))  # an offline build happens once, here, not in every worker
+
+    init_ray(cfg)
+    root = storage_root(cfg)
+    status_dir = None if is_uri(root) else os.path.join(root, t.name, "workers")
+    print(
+        f"[train] {counts['train']} train / {counts.get('val', 0)} val rows from {len(files)} file(s); "
+        f"{t.num_workers} workers, ZeRO-{t.zero_stage}, {t.precision}; {plan.total_steps} steps "
+        f"({plan.steps_per_epoch} per epoch); checkpoints in {join_path(root, t.name)}",
+        flush=True,
+    )
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # the same order every time: a resumed epoch can skip what it already trained on
+    resources = {"CPU": t.cpus_per_worker}
+    if t.use_gpu:
+        resources["GPU"] = 1
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "cfg": cfg,
+            "plan": asdict(plan),
+            "model_path": model_path,
+            "status_dir": status_dir,
+            "has_val": bool(counts.get("val")),
+        },
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            storage_path=root,
+            name=t.name,
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
+        datasets=_datasets(files, counts, t.cache_data),
+        dataset_config=DataConfig(execution_options=ingest),
+    )
+    started = time.time()
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training finished without a checkpoint in {join_path(root, t.name)}")
+
+    out = adapter_dir(cfg)
+    with result.checkpoint.as_directory() as folder:
+        with open(os.path.join(folder, STATE_FILE)) as f:
+            state = json.load(f)
+        _copy_tree(os.path.join(folder, ADAPTER_SUBDIR), out)
+    final = _final_metrics(state["history"])
+    meta = {
+        "base_model": {"name": cfg.student.name, "path": model_path},
+        "data": {"path": cfg.stage_dir("instruct"), "files": files, "rows": counts},
+        "config_fingerprint": cfg.fingerprint(),
+        "preset": cfg.preset,
+        "plan": asdict(plan),
+        "checkpoint": result.checkpoint.path,
+        "final_metrics": final,
+        "history": state["history"],
+        "events": state["events"],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    storage.write_text(join_path(out, "meddr.json"), json.dumps(meta, indent=2))
+    save_config(cfg, out, "config.yaml")
+    if t.merge_lora:
+        merged = join_path(cfg.run_dir, "merged")
+        ray.get(ray.remote(_merge_task).options(num_cpus=1).remote(cfg, out, merged))
+        print(f"[train] merged model: {merged}", flush=True)
+    _print_summary(state, plan, final, out, time.time() - started)
+    return out
+
+
+def _final_metrics(history: List[Dict[str, Any]]) -> Dict[str, Any]:
+    steps = [h for h in history if "loss" in h]
+    vals = [h for h in history if h.get("val_loss") is not None]
+    final: Dict[str, Any] = {}
+    if steps:
+        final.update({k: steps[-1][k] for k in ("step", "epoch", "loss", "lr")})
+        final["tokens_per_s_mean"] = sum(h["tokens_per_s"] for h in steps) / len(steps)
+    if vals:
+        final["val_loss"] = vals[-1]["val_loss"]
+        final["val_loss_first"] = vals[0]["val_loss"]
+    return final
+
+
+def _print_summary(state: Dict[str, Any], plan: Plan, final: Dict[str, Any], out: str, seconds: float) -> None:
+    resumes = [e for e in state["events"] if e.get("resumed")]
+    lines = [
+        f"[train] done: step {state['step']}/{plan.total_steps}, epoch {state['epoch']}, {seconds:.0f} s",
+        f"[train]   loss {final.get('loss', float('nan')):.4f}"
+        + (
+            f", val_loss {final['val_loss_first']:.4f} -> {final['val_loss']:.4f}"
+            if "val_loss" in final
+            else ", no validation split"
+        ),
+        f"[train]   resumed {len(resumes)} time(s)"
+        + (f" (from steps {', '.join(str(e['start_step']) for e in resumes)})" if resumes else ""),
+        f"[train]   adapter: {out}",
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def read_adapter_meta(folder: str) -> Optional[dict]:
+    """``meddr.json`` of an adapter folder, or None."""
+    path = join_path(folder, "meddr.json")
+    return json.loads(storage.read_text(path)) if storage.exists(path) else None
+
+
+__all__ = ["TrainDataError", "adapter_dir", "instruction_files", "read_adapter_meta", "run_train", "storage_root"]

@@ -1,0 +1,462 @@
+"""The per-worker loop of instruction tuning: runs inside each Ray Train worker (see :mod:`meddr_ray.train`).
+
+Each worker loads the student, wraps it with LoRA, hands it to ``deepspeed.initialize`` (ZeRO-3 partitions the
+parameters, gradients and optimizer states over the workers) and trains on its shard of the instruction data
+through ``iter_torch_batches`` with :class:`~meddr_ray.model.collate.InstructionCollator`.
+
+Checkpoints (every ``train.checkpoint_every`` optimizer steps and at the end) hold:
+- ``deepspeed/``: the DeepSpeed engine state of every rank (each rank saves its own partition into its own
+  temporary folder; Ray Train merges the ranks' folders into one checkpoint folder on the run's storage);
+- ``adapter/``: the LoRA adapter in PEFT format, gathered on rank 0 with ``deepspeed.zero.GatheredParameters``;
+- ``state.json`` (rank 0): step, epoch, micro-batches consumed in that epoch, the metrics history and the
+  start/resume events. A restarted or re-run job continues from there: same step, same learning rate, and the
+  batches of the current epoch it already trained on are skipped (each epoch's order is deterministic:
+  ``preserve_order`` ingest plus a local shuffle seeded by seed, epoch and rank).
+
+``deepspeed`` is imported only here, inside the loop, and after ``DS_ACCELERATOR=cpu`` is set on CPU workers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from meddr_ray.config import Config, TrainConfig
+
+STATE_FILE = "state.json"
+ADAPTER_SUBDIR = "adapter"
+DEEPSPEED_SUBDIR = "deepspeed"
+
+
+# ---------------------------------------------------------------------------------------------- planning
+
+
+@dataclass
+class Plan:
+    """How many batches and steps one run takes; computed by the driver from the row counts."""
+
+    world_size: int
+    micro_batch_size: int
+    accumulation: int
+    rows_per_worker: int
+    steps_per_epoch: int
+    total_steps: int
+
+    @property
+    def micro_per_epoch(self) -> int:
+        return self.steps_per_epoch * self.accumulation
+
+
+def make_plan(t: TrainConfig, train_rows: int) -> Plan:
+    """Gradient accumulation that reaches ``global_batch_size`` and the step counts it implies.
+
+    Ray Data splits the training rows equally over the workers (the remainder is dropped); each epoch trains on
+    whole accumulation cycles only, so every rank takes the same number of optimizer steps.
+    """
+    world = t.num_workers
+    per_pass = t.micro_batch_size * world
+    if t.global_batch_size % per_pass:
+        raise ValueError(
+            f"train.global_batch_size={t.global_batch_size} is not a multiple of micro_batch_size x num_workers "
+            f"= {per_pass}"
+        )
+    accumulation = t.global_batch_size // per_pass
+    rows_per_worker = train_rows // world
+    steps_per_epoch = rows_per_worker // t.micro_batch_size // accumulation
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{train_rows} training rows are fewer than one global batch of {t.global_batch_size} "
+            f"({world} workers x {t.micro_batch_size} x {accumulation} accumulation): lower train.global_batch_size "
+            "or add data"
+        )
+    total = t.max_steps if t.max_steps is not None else t.epochs * steps_per_epoch
+    return Plan(world, t.micro_batch_size, accumulation, rows_per_worker, steps_per_epoch, int(total))
+
+
+def lr_multiplier(t: TrainConfig, total_steps: int):
+    """The schedule as a function of the optimizer steps already taken (0 for the first step) -> factor of the
+    peak learning rate: linear warm-up over ``warmup_ratio`` of the steps (the first step already moves), then
+    cosine or linear decay towards 0, or constant."""
+    warmup = math.ceil(t.warmup_ratio * total_steps) if t.warmup_ratio > 0 else 0
+    kind = t.lr_scheduler
+
+    def factor(done: int) -> float:
+        if done < warmup:
+            return (done + 1) / warmup
+        if kind == "constant":
+            return 1.0
+        progress = min(1.0, (done - warmup) / max(1, total_steps - warmup))
+        if kind == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0 - progress  # linear
+
+    return factor
+
+
+def deepspeed_config(t: TrainConfig, plan: Plan) -> Dict[str, Any]:
+    """The DeepSpeed config of ``train``: ZeRO stage, precision, accumulation, clipping, torch AdamW.
+
+    The learning-rate schedule is a torch ``LambdaLR`` (:func:`lr_multiplier`) handed to
+    ``deepspeed.initialize``, which steps it at accumulation boundaries and keeps its state in checkpoints.
+    """
+    zero: Dict[str, Any] = {"stage": t.zero_stage}
+    if t.zero_stage == 3:
+        zero.update(
+            {
+                # parameters smaller than this stay whole on every rank (fewer all-gathers); 0 partitions all
+                "stage3_param_persistence_threshold": t.param_persistence_threshold,
+                "stage3_gather_16bit_weights_on_model_save": False,  # the adapter is gathered by hand, on rank 0
+            }
+        )
+    if t.zero_stage > 0:
+        # The fusion buckets default to 5e8 elements (2 GB in fp32) each; size them to the model instead.
+        zero.update({"reduce_bucket_size": t.bucket_size, "allgather_bucket_size": t.bucket_size})
+        if t.zero_stage == 3:
+            zero.update({"stage3_prefetch_bucket_size": t.bucket_size})
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": t.use_gpu}
+    config: Dict[str, Any] = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": plan.accumulation,
+        "gradient_clipping": t.gradient_clipping,
+        "zero_optimization": zero,
+        # torch's AdamW: DeepSpeed's fused/CPU Adam would compile a C++/CUDA op on first use
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": t.learning_rate, "weight_decay": t.weight_decay, "betas": [0.9, 0.999], "torch_adam": True},
+        },
+        # with offload, DeepSpeed insists on its own CPU Adam unless told that torch's is fine
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,  # progress goes through ray.train.report, not DeepSpeed's logger
+        "wall_clock_breakdown": False,
+    }
+    if t.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif t.precision == "fp16":
+        config["fp16"] = {"enabled": True, "initial_scale_power": 12}
+    return config
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def _say(message: str) -> None:
+    """One progress line on the worker's stdout (Ray Train V2 patches ``print`` into a logger, which echoes
+    each line twice once DeepSpeed has configured logging)."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
+def _numel(param) -> int:
+    """Full size of a parameter, also when ZeRO-3 has partitioned it (then ``numel()`` is 0)."""
+    return int(getattr(param, "ds_numel", 0) or param.numel())
+
+
+def count_parameters(model) -> Dict[str, float]:
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
+    return {"trainable": trainable, "total": total, "share_pct": 100.0 * trainable / max(total, 1)}
+
+
+def _write_worker_info(status_dir: Optional[str], rank: int, attempt: Dict[str, Any]) -> None:
+    """``<experiment>/workers/rank-<r>.json``: which process is which rank (operators, and the kill test)."""
+    if not status_dir:
+        return
+    os.makedirs(status_dir, exist_ok=True)
+    info = {"rank": rank, "pid": os.getpid(), "host": socket.gethostname(), **attempt}
+    tmp = os.path.join(status_dir, f".rank-{rank}.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(info, f)
+    os.replace(tmp, os.path.join(status_dir, f"rank-{rank}.json"))
+
+
+def save_adapter(engine, rank: int, folder: str) -> None:
+    """Gather the trainable (LoRA, and any unfrozen) parameters and write a PEFT adapter from rank 0.
+
+    ``GatheredParameters`` is a collective: every rank enters it, rank 0 reads the full tensors inside.
+    """
+    import deepspeed
+
+    model = engine.module
+    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    state = None
+    with deepspeed.zero.GatheredParameters([p for _, p in trainable], modifier_rank=None):
+        if rank == 0:
+            # full-model key names, as peft's save_pretrained expects; it keeps the LoRA and modules_to_save ones
+            state = {name: p.detach().cpu().clone() for name, p in trainable}
+    if rank == 0:
+        model.save_pretrained(folder, state_dict=state, safe_serialization=True)
+
+
+def _collate_fn(collator):
+    """The model-layer collator as a Ray ``NumpyBatchCollateFn`` (Ray runs it in its prefetch threads)."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class InstructionCollateFn(NumpyBatchCollateFn):
+        def __call__(self, batch):
+            return collator(batch)
+
+    return InstructionCollateFn()
+
+
+class _Reducer:
+    """Sums small vectors over the workers (loss, token counts); one all-reduce per call."""
+
+    def __init__(self):
+        import torch
+        import torch.distributed as dist
+
+        self.torch, self.dist = torch, dist
+        self.device = "cpu"
+
+    def sum(self, values: List[float]) -> List[float]:
+        t = self.torch.tensor(values, dtype=self.torch.float64, device=self.device)
+        if self.dist.is_initialized():
+            self.dist.all_reduce(t)
+        return t.tolist()
+
+
+class _Window:
+    """Training metrics accumulated between two reports (every ``log_every`` steps)."""
+
+    def __init__(self):
+        self.loss = self.micro = self.tokens = self.samples = 0.0
+        self.steps = 0
+        self.seconds = 0.0
+
+    def add(self, loss: float, tokens: float, samples: int) -> None:
+        self.loss += loss
+        self.micro += 1
+        self.tokens += tokens
+        self.samples += samples
+
+    def metrics(self, reducer: "_Reducer") -> Dict[str, float]:
+        """Means over the window and over all workers (one all-reduce)."""
+        loss, micro, tokens, samples = reducer.sum([self.loss, self.micro, self.tokens, self.samples])
+        seconds = max(self.seconds, 1e-9)
+        return {
+            "loss": loss / max(micro, 1),
+            "tokens_per_s": tokens / seconds,
+            "samples_per_s": samples / seconds,
+            "step_time_s": seconds / max(self.steps, 1),
+            "steps_in_window": self.steps,
+        }
+
+
+def evaluate(engine, shard, collate, micro_batch_size: int, reducer: _Reducer, device) -> Optional[float]:
+    """Token-weighted mean loss over the whole validation split (every worker's shard), or None if empty."""
+    import torch
+
+    from meddr_ray.model.collate import IGNORE_INDEX
+
+    if shard is None:
+        return None
+    engine.eval()
+    loss_sum, tokens = 0.0, 0
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(batch_size=micro_batch_size, collate_fn=collate):
+            batch = {k: v.to(device) for k, v in batch.items()}
+            n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+            out = engine(**batch)
+            loss_sum += float(out.loss) * n
+            tokens += n
+    engine.train()
+    total_loss, total_tokens = reducer.sum([loss_sum, float(tokens)])
+    return total_loss / total_tokens if total_tokens else None
+
+
+# --------------------------------------------------------------------------------------------------- loop
+
+
+def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
+    """Ray Train entry point. ``loop_config``: ``cfg`` (Config), ``plan`` (Plan dict), ``model_path``,
+    ``status_dir`` (optional local folder for worker info)."""
+    import ray.train
+
+    cfg: Config = loop_config["cfg"]
+    t = cfg.train
+    plan = Plan(**loop_config["plan"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if world != plan.world_size:
+        raise RuntimeError(f"planned for {plan.world_size} workers, running on {world}")
+    if not t.use_gpu:
+        os.environ["DS_ACCELERATOR"] = "cpu"  # before deepspeed is imported: no CUDA probing on CPU workers
+
+    import deepspeed
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from meddr_ray.model import apply_lora
+    from meddr_ray.model.collate import InstructionCollator
+
+    device = torch.device("cuda", torch.cuda.current_device()) if t.use_gpu else torch.device("cpu")
+    # Ray Train already set up torch.distributed (gloo/nccl); DeepSpeed's comm layer adopts that process group.
+    # It must be up before the DeepSpeed config is parsed, which reads the world size from it.
+    deepspeed.init_distributed(dist_backend="nccl" if t.use_gpu else "gloo")
+    ds_config = deepspeed_config(t, plan)
+
+    # ---- model: built under zero.Init (ZeRO-3), so each rank only ever holds its partition of the base weights
+    hf_ds_config = None
+    if t.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 - must stay alive while from_pretrained runs
+    dtype = getattr(torch, cfg.student.dtype)
+    torch.manual_seed(t.seed)  # same adapter initialisation on every rank
+    model = AutoModelForImageTextToText.from_pretrained(
+        loop_config["model_path"], dtype=dtype, trust_remote_code=cfg.student.trust_remote_code
+    )
+    model.config.use_cache = False
+    model = apply_lora(model, t.lora)
+    counts = count_parameters(model)
+    if rank == 0:
+        _say(
+            f"[train] trainable parameters: {counts['trainable']:,} of {counts['total']:,} "
+            f"({counts['share_pct']:.3f} %; the paper: about 0.4 %)"
+        )
+    processor = AutoProcessor.from_pretrained(loop_config["model_path"], trust_remote_code=cfg.student.trust_remote_code)
+    collate = _collate_fn(
+        InstructionCollator(
+            processor, t.max_length, max_image_bytes=cfg.data.max_image_bytes, max_image_pixels=cfg.data.max_image_pixels
+        )
+    )
+    schedule = lr_multiplier(t, plan.total_steps)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+    )
+    del hf_ds_config
+
+    # ---- state: fresh, or restored from the latest checkpoint of this run (restart after a failure, or re-run)
+    state: Dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "history": [], "events": []}
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            with open(os.path.join(folder, STATE_FILE)) as f:
+                state = json.load(f)
+            load_path, _ = engine.load_checkpoint(os.path.join(folder, DEEPSPEED_SUBDIR), tag=state["tag"])
+            if load_path is None:
+                raise RuntimeError(f"DeepSpeed found no engine state for rank {rank} in checkpoint {checkpoint.path}")
+        # The restored optimizer carries the learning rate of the plan it was saved under; the next step must use
+        # this plan's (a re-run with more max_steps stretches the schedule), so re-apply it now.
+        sched = engine.lr_scheduler
+        sched.base_lrs = [t.learning_rate] * len(sched.base_lrs)
+        for group in sched.optimizer.param_groups:
+            group["lr"] = t.learning_rate * schedule(sched.last_epoch)
+    event = {"start_step": state["step"], "resumed": checkpoint is not None, "time": time.time()}
+    state["events"].append(event)
+    _write_worker_info(loop_config.get("status_dir"), rank, {"attempt": len(state["events"]), **event})
+    if rank == 0:
+        how = f"resuming at step {state['step']} (epoch {state['epoch']})" if checkpoint else "starting"
+        _say(
+            f"[train] {how}; {plan.total_steps} steps, {plan.steps_per_epoch} per epoch, {world} workers x "
+            f"{plan.micro_batch_size} micro x {plan.accumulation} accumulation = {t.global_batch_size} per step"
+        )
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if loop_config.get("has_val") else None
+    reducer = _Reducer()
+
+    def checkpoint_and_report(metrics: Dict[str, Any], with_checkpoint: bool) -> None:
+        if rank == 0:
+            state["history"].append(metrics)
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        tag = f"step{state['step']:07d}"
+        state["tag"] = tag
+        with tempfile.TemporaryDirectory(prefix=f"meddr-ckpt-r{rank}-") as tmp:
+            os.makedirs(os.path.join(tmp, DEEPSPEED_SUBDIR), exist_ok=True)
+            engine.save_checkpoint(os.path.join(tmp, DEEPSPEED_SUBDIR), tag=tag)
+            save_adapter(engine, rank, os.path.join(tmp, ADAPTER_SUBDIR))
+            if rank == 0:
+                with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                    json.dump(state, f)
+            ray.train.report(
+                metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"checkpoint_{tag}"
+            )
+
+    # ---- the baseline: validation loss before any training (a fresh run only)
+    if checkpoint is None and t.eval_at_start and val_shard is not None:
+        val = evaluate(engine, val_shard, collate, t.micro_batch_size, reducer, device)
+        checkpoint_and_report({"step": 0, "epoch": 0, "val_loss": val}, with_checkpoint=False)
+        if rank == 0:
+            _say(f"[train] step 0: val_loss {val:.4f}")
+
+    engine.train()
+    window = _Window()  # what happened since the last report: averaged into the next one
+    while state["step"] < plan.total_steps:
+        epoch = state["epoch"]
+        skip = state["batch_in_epoch"]
+        batches = train_shard.iter_torch_batches(
+            batch_size=t.micro_batch_size,
+            collate_fn=collate,
+            drop_last=True,
+            local_shuffle_buffer_size=t.shuffle_buffer_size or None,
+            local_shuffle_seed=(t.seed * 1_000_003 + epoch * 7919 + rank) if t.shuffle_buffer_size else None,
+        )
+        consumed = 0
+        micro = 0
+        step_start = time.perf_counter()
+        for batch in batches:
+            if consumed < skip:  # already trained on before the checkpoint this run resumed from
+                consumed += 1
+                continue
+            if consumed >= plan.micro_per_epoch or state["step"] >= plan.total_steps:
+                break
+            batch = {k: v.to(device) for k, v in batch.items()}
+            lr = engine.get_lr()[0]
+            out = engine(**batch)
+            engine.backward(out.loss)
+            engine.step()  # DeepSpeed steps the optimizer (and the schedule) only at accumulation boundaries
+            consumed += 1
+            micro += 1
+            window.add(float(out.loss.detach()), float(batch["attention_mask"].sum()), batch["input_ids"].shape[0])
+            if micro < plan.accumulation:
+                continue
+
+            # ---- one optimizer step done
+            micro = 0
+            state["step"] += 1
+            state["batch_in_epoch"] = consumed
+            step = state["step"]
+            window.steps += 1
+            window.seconds += time.perf_counter() - step_start
+            epoch_done = consumed >= plan.micro_per_epoch
+            last = step >= plan.total_steps
+            save = last or step % t.checkpoint_every == 0
+            if save or epoch_done or step % t.log_every == 0:
+                metrics = {"step": step, "epoch": epoch, "lr": lr, **window.metrics(reducer)}
+                window = _Window()
+                if (epoch_done or last) and val_shard is not None:
+                    metrics["val_loss"] = evaluate(engine, val_shard, collate, t.micro_batch_size, reducer, device)
+                if epoch_done:
+                    state["epoch"], state["batch_in_epoch"] = epoch + 1, 0
+                checkpoint_and_report(metrics, with_checkpoint=save)
+                if rank == 0:
+                    val = f" val_loss {metrics['val_loss']:.4f}" if metrics.get("val_loss") is not None else ""
+                    _say(
+                        f"[train] step {step}/{plan.total_steps} epoch {epoch} loss {metrics['loss']:.4f} "
+                        f"lr {lr:.2e} {metrics['tokens_per_s']:.0f} tok/s {metrics['step_time_s']:.2f} s/step{val}"
+                    )
+            step_start = time.perf_counter()
+            if epoch_done:
+                break
+        else:
+            # the shard ran out before the planned batches: the split gave this worker fewer rows than planned
+            if consumed < plan.micro_per_epoch and state["step"] < plan.total_steps:
+                raise RuntimeError(
+                    f"rank {rank}: epoch {epoch} ended after {consumed} micro-batches, planned {plan.micro_per_epoch}"
+                )
+    return {"step": state["step"], "parameters": counts} if rank == 0 else None
