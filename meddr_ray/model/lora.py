@@ -7,6 +7,11 @@ from typing import Tuple
 from meddr_ray.config import LoraConfig
 
 
+# Module names of the vision tower and the vision-language projector in LLaVA / InternVL / Qwen2-VL-style models.
+_VISION_TOWERS = ("vision_tower", "vision_model", "visual")
+_PROJECTORS = ("multi_modal_projector", "mlp1")
+
+
 def apply_lora(model, cfg: LoraConfig):
     """Wrap ``model`` with peft LoRA on the language model only; returns the peft model."""
     from peft import LoraConfig as PeftLoraConfig
@@ -14,7 +19,15 @@ def apply_lora(model, cfg: LoraConfig):
 
     # Restrict targets to the language model: a bare name like "q_proj" would also hit the vision tower.
     pattern = r".*language_model.*\.(" + "|".join(cfg.target_modules) + r")$"
+    # Unfrozen vision tower / projector go to peft's modules_to_save: trained, and saved with the adapter, so
+    # PeftModel.from_pretrained restores them (a bare requires_grad would train weights the adapter never saves).
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     modules_to_save = []
+    if cfg.train_vision_tower:
+        modules_to_save += [n for n in _VISION_TOWERS if n in names]
+    if cfg.train_projector:
+        modules_to_save += [n for n in _PROJECTORS if n in names]
+    modules_to_save += [n for n in cfg.modules_to_save if n not in modules_to_save]
     peft_cfg = PeftLoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -24,12 +37,6 @@ def apply_lora(model, cfg: LoraConfig):
         modules_to_save=modules_to_save or None,
     )
     peft_model = get_peft_model(model, peft_cfg)
-    base = peft_model.get_base_model()
-    for name, param in base.named_parameters():
-        if cfg.train_vision_tower and ("vision_tower" in name or "vision_model" in name):
-            param.requires_grad = True
-        if cfg.train_projector and "multi_modal_projector" in name:
-            param.requires_grad = True
     return peft_model
 
 
