@@ -49,7 +49,9 @@ from meddr_ray.config import (
 from meddr_ray.faiss_index import (
     VALUE_COLUMNS,
     IndexArtifactError,
+    VALUES_FILE,
     IndexParams,
+    current_version,
     effective_nlist,
     ivf_train_size,
     load_manifest,
@@ -73,7 +75,9 @@ FAILED_DIR = "failed"
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def value_text(task: Optional[str], label: Optional[str], answer: Optional[str], report: Optional[str]) -> Optional[str]:
+def value_text(
+    task: Optional[str], label: Optional[str], answer: Optional[str], report: Optional[str]
+) -> Optional[str]:
     """What a prompt quotes from a case: the label (diagnosis), the answer (VQA) or the report."""
     if task == "vqa":
         return answer
@@ -110,7 +114,9 @@ def _instruct_rows(batch: pa.Table) -> pa.Table:
 
     ids = [s or i for s, i in zip(col("source_id"), d["id"])]
     task, answer = col("task", "diagnosis"), col("answer")
-    label = [lab if lab is not None else (a if t == "diagnosis" else None) for lab, a, t in zip(col("label"), answer, task)]
+    label = [
+        lab if lab is not None else (a if t == "diagnosis" else None) for lab, a, t in zip(col("label"), answer, task)
+    ]
     out = {
         "key": [case_key(i, t) for i, t in zip(ids, task)],
         "id": ids,
@@ -375,30 +381,36 @@ class Plan:
     def failed_count(self) -> int:
         return int(sum(len(f) for f in self.failed))
 
-    def _positions(self) -> List[Tuple[int, int]]:
-        return [(f, int(r)) for f, rows in enumerate(self.keep) for r in rows]
+    def _positions(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(file number, row) of every indexed row, in FAISS order, as two arrays."""
+        files = np.concatenate([np.full(len(k), f, dtype=np.int64) for f, k in enumerate(self.keep)] or [[]])
+        rows = np.concatenate(self.keep or [np.zeros(0, np.int64)])
+        return files.astype(np.int64), rows.astype(np.int64)
 
-    @staticmethod
-    def _group(files: List[str], pairs: Sequence[Tuple[int, int]]) -> List[Tuple[str, np.ndarray]]:
-        groups: Dict[int, List[int]] = {}
-        for f, r in pairs:
-            groups.setdefault(f, []).append(r)
-        return [(files[f], np.asarray(rows, dtype=np.int64)) for f, rows in sorted(groups.items())]
+    def _group(self, files: np.ndarray, rows: np.ndarray) -> List[Tuple[str, np.ndarray]]:
+        """Consecutive positions -> [(file path, rows in that file)], keeping the order."""
+        out: List[Tuple[str, np.ndarray]] = []
+        if not len(files):
+            return out
+        cuts = np.flatnonzero(np.diff(files)) + 1
+        for f, r in zip(np.split(files, cuts), np.split(rows, cuts)):
+            out.append((self.files[int(f[0])], r))
+        return out
 
     def shards(self, n: int) -> List[List[Tuple[str, np.ndarray]]]:
         """``n`` contiguous, near-equal slices of the FAISS order (fewer when there are fewer rows)."""
-        pos = self._positions()
-        n = max(1, min(n, len(pos)))
-        bounds = np.linspace(0, len(pos), n + 1).astype(int)
-        return [self._group(self.files, pos[bounds[i] : bounds[i + 1]]) for i in range(n)]
+        files, rows = self._positions()
+        n = max(1, min(n, len(rows)))
+        bounds = np.linspace(0, len(rows), n + 1).astype(int)
+        return [self._group(files[a:b], rows[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def sample(self, size: int, seed: int) -> List[Tuple[str, np.ndarray]]:
-        pos = self._positions()
-        pick = np.sort(np.random.default_rng(seed).choice(len(pos), size=min(size, len(pos)), replace=False))
-        return self._group(self.files, [pos[i] for i in pick])
+        files, rows = self._positions()
+        pick = np.sort(np.random.default_rng(seed).choice(len(rows), size=min(size, len(rows)), replace=False))
+        return self._group(files[pick], rows[pick])
 
     def everything(self) -> List[Tuple[str, np.ndarray]]:
-        return self._group(self.files, self._positions())
+        return self._group(*self._positions())
 
 
 def make_plan(files: List[str], known_ids: pa.Array) -> Plan:
@@ -590,13 +602,12 @@ def run_index(cfg: Config, add_source: Optional[str] = None) -> str:
         add_sources.append(load_source_yaml(add_source))
     if add_sources:
         parent = load_manifest(index_dir)
-        from meddr_ray.faiss_index import VALUES_FILE
-
         pv = _read_columns(join_path(parent["path"], VALUES_FILE), ["id", "task"]).to_pydict()
         known = pa.array([case_key(i, t) for i, t in zip(pv["id"], pv["task"])], pa.string())
         run = _Run(index_dir, "add", [asdict(s) for s in add_sources], parent, known)
         ds = _read_sources(add_sources, cfg.data)
-        log.info("index: adding %s to version %s (%d cases)", [s.name for s in add_sources], parent["version"], parent["count"])
+        names = [s.name for s in add_sources]
+        log.info("index: adding %s to version %s (%d cases)", names, parent["version"], parent["count"])
     else:
         ds, sources = _input_dataset(cfg)
         run = _Run(index_dir, "build", sources)
@@ -620,9 +631,12 @@ def run_index(cfg: Config, add_source: Optional[str] = None) -> str:
     # ------------------------------------------------------------------ 3: plan, shard, build, merge, publish
     plan = make_plan(_valid_embedding_files(emb_dir), run.known_ids)
     if plan.failed_count:
-        log.warning("index: %d rows could not be embedded; they are listed in %s/", plan.failed_count, join_path(index_dir, FAILED_DIR))
+        log.warning(
+            "index: %d rows could not be embedded; they are listed in %s/",
+            plan.failed_count, join_path(index_dir, FAILED_DIR),
+        )  # fmt: skip
     if plan.duplicates:
-        log.warning("index: %d rows repeat an id already indexed and were not added again", plan.duplicates)
+        log.warning("index: %d rows repeat a case (id, task) already indexed; each is indexed once", plan.duplicates)
     if run.mode == "add" and plan.count == 0:
         print(
             f"index: nothing new to add (every case is already in version {run.parent['version']}"
@@ -632,7 +646,9 @@ def run_index(cfg: Config, add_source: Optional[str] = None) -> str:
         _remove_work(work)
         return run.parent["path"]
     if plan.count == 0:
-        raise ValueError(f"index: no rows to index ({plan.failed_count} failed); see {join_path(index_dir, FAILED_DIR)}")
+        raise ValueError(
+            f"index: no rows to index ({plan.failed_count} failed, listed under {join_path(index_dir, FAILED_DIR)})"
+        )
     if run.parent and plan.fingerprint != run.parent["encoder_fingerprint"]:
         raise IndexArtifactError(
             f"cannot add to version {run.parent['version']}: it was built with encoder "
@@ -641,17 +657,14 @@ def run_index(cfg: Config, add_source: Optional[str] = None) -> str:
         )
 
     total = plan.count + (run.parent["count"] if run.parent else 0)
-    kind = run.parent["index_type"] if run.parent else resolve_kind(cfg.index.type, total, cfg.index.auto_ivf_threshold)
+    if run.parent:
+        kind = run.parent["index_type"]  # an add keeps the parent's structure; a rebuild changes it
+    else:
+        kind = resolve_kind(cfg.index.type, total, cfg.index.auto_ivf_threshold)
     params = IndexParams.from_config(cfg.index, kind)
     if run.parent:
         params = IndexParams(**{**asdict(params), **run.parent.get("params", {})})
-    previous = None
-    try:
-        from meddr_ray.faiss_index import current_version
-
-        previous = current_version(index_dir)
-    except Exception:  # noqa: BLE001 - informational only
-        pass
+    previous = current_version(index_dir)
     manifest = {
         "encoder_fingerprint": plan.fingerprint,
         "model_name": cfg.student.name,
@@ -668,7 +681,12 @@ def run_index(cfg: Config, add_source: Optional[str] = None) -> str:
     gpus = _gpu_for_tasks(cfg)
     shards_used = 1
     t1 = time.time()
-    summary = {"added": plan.count, "failed": plan.failed_count, "duplicates": plan.duplicates, "device": "gpu" if gpus else "cpu"}
+    summary = {
+        "added": plan.count,
+        "failed": plan.failed_count,
+        "duplicates": plan.duplicates,
+        "faiss_device": "gpu" if gpus and kind == "ivf" and not run.parent else "cpu",  # IVF training only
+    }
 
     def finish_manifest(**more):
         m = dict(manifest, params=params.as_dict())
@@ -680,7 +698,9 @@ def run_index(cfg: Config, add_source: Optional[str] = None) -> str:
             index_dir, run.parent["version"], finish_manifest(), extra, plan.everything(), plan.dim, cpus
         )
     elif kind == "hnsw":
-        ref = task(_hnsw_publish_task).remote(index_dir, finish_manifest(), extra, plan.everything(), plan.dim, params, cpus)
+        ref = task(_hnsw_publish_task).remote(
+            index_dir, finish_manifest(), extra, plan.everything(), plan.dim, params, cpus
+        )
     else:
         shards = plan.shards(cfg.index.num_shards)
         shards_used = len(shards)

@@ -18,9 +18,9 @@ from PIL import Image
 
 from meddr_ray import faiss_index as fi
 from meddr_ray import index as index_mod
-from meddr_ray.config import PACKAGE_DIR, ConfigError, load_config
+from meddr_ray.config import PACKAGE_DIR, load_config
 from meddr_ray.data import sample_id
-from meddr_ray.index import load_source_yaml, run_index
+from meddr_ray.index import run_index
 from meddr_ray.model import load_model
 from meddr_ray.rag import Retriever, vote
 
@@ -219,7 +219,8 @@ def test_build_from_the_instruction_parquet(ray_cluster, tmp_path):
         for copy in range(2 if i < 3 else 1):  # weight 2 on three samples: copies share the case
             rows.append(dict(base, id=f"d{i}-{copy}", task="diagnosis", answer=label))
         if i < 4:
-            rows.append(dict(base, id=f"g{i}", task="guided_report", answer=f"Findings: case {i}. Impression: {label}."))
+            report = f"Findings: case {i}. Impression: {label}."
+            rows.append(dict(base, id=f"g{i}", task="guided_report", answer=report))
     folder = tmp_path / "run" / "instruct"
     folder.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows, schema=MIX_SCHEMA), folder / "part-0.parquet")
@@ -233,21 +234,6 @@ def test_build_from_the_instruction_parquet(ray_cluster, tmp_path):
     report = next(v for v in values if v["task"] == "guided_report" and v["id"] == sample_id("breastmnist", "train", 1))
     assert report["label"] == "malignant" and report["text"] == "Findings: case 1. Impression: malignant."
     assert all(v["text"] == v["label"] for v in values if v["task"] == "diagnosis")
-
-
-def test_add_source_yaml_errors_name_the_key(tmp_path):
-    bad = tmp_path / "bad.yaml"
-    bad.write_text(f"name: x\nformat: medmnist\npath: {NPZ}\nsplitz: [test]\n")
-    with pytest.raises(ConfigError, match="splitz"):
-        load_source_yaml(str(bad))
-    bad.write_text("name: x\nformat: tiff\npath: a.npz\n")
-    with pytest.raises(ConfigError, match="'format': 'tiff' is not one of"):
-        load_source_yaml(str(bad))
-    bad.write_text("name: x\nformat: medmnist\n")
-    with pytest.raises(ConfigError, match="required keys have no value: path"):
-        load_source_yaml(str(bad))
-    with pytest.raises(ConfigError, match="source file not found"):
-        load_source_yaml(str(tmp_path / "missing.yaml"))
 
 
 def _run(cmd, tmp_path, timeout=600):

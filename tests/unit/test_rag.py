@@ -71,7 +71,8 @@ def test_vqa_and_report_context_is_the_top1_text():
 
 def test_without_neighbours_the_prompt_has_no_context():
     assert rag_prompt("report", None, RAG, modality="CT") == prompts.report_prompt("CT")
-    assert rag_prompt("diagnosis", [], RAG, modality="CT", options=["a", "b"]) == prompts.diagnosis_prompt("CT", ["a", "b"])
+    plain = prompts.diagnosis_prompt("CT", ["a", "b"])
+    assert rag_prompt("diagnosis", [], RAG, modality="CT", options=["a", "b"]) == plain
     assert rag_context("vqa", [nb(None, 0.9, text="  ")], RAG) is None
     with pytest.raises(ValueError, match="needs the question"):
         rag_prompt("vqa", None, RAG)
