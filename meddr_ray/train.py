@@ -203,6 +203,7 @@ def run_train(cfg: Config) -> str:
         "final_metrics": final,
         "history": state["history"],
         "events": state["events"],
+        "workers": state.get("workers", []),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     storage.write_text(join_path(out, "meddr.json"), json.dumps(meta, indent=2))
@@ -239,9 +240,19 @@ def _print_summary(state: Dict[str, Any], plan: Plan, final: Dict[str, Any], out
             else ", no validation split"
         ),
         f"[train]   resumed {len(resumes)} time(s)"
-        + (f" (from steps {', '.join(str(e['start_step']) for e in resumes)})" if resumes else ""),
+        + (
+            " (" + "; ".join(f"from step {e['start_step']}, data position {e.get('data_position', 'epoch start')}"
+                             for e in resumes) + ")"
+            if resumes
+            else ""
+        ),
         f"[train]   adapter: {out}",
     ]
+    for w in state.get("workers", []):
+        lines.append(
+            f"[train]   rank {w['rank']}: peak RSS {w['peak_rss_mb']:.0f} MB, parameters {w['param_mb']:.2f} MB, "
+            f"optimizer state {w['optimizer_mb']:.2f} MB"
+        )
     print("\n".join(lines), flush=True)
 
 

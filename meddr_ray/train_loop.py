@@ -18,6 +18,7 @@ Checkpoints (every ``train.checkpoint_every`` optimizer steps and at the end) ho
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -31,6 +32,7 @@ from typing import Any, Dict, List, Optional
 from meddr_ray.config import Config, TrainConfig
 
 STATE_FILE = "state.json"
+POSITION_DIR = "data_position"
 ADAPTER_SUBDIR = "adapter"
 DEEPSPEED_SUBDIR = "deepspeed"
 
@@ -207,6 +209,51 @@ def _collate_fn(collator):
     return InstructionCollateFn()
 
 
+def worker_memory(engine) -> Dict[str, float]:
+    """This rank's memory: peak resident set, and the bytes of model parameters and optimizer state it holds.
+
+    Under ZeRO-3 a partitioned parameter holds only its shard (``ds_tensor``) outside forward/backward; the
+    optimizer state is the Adam moments plus any fp32 master copies that are not the model's own tensors.
+    """
+    import resource
+
+    import torch
+
+    params = 0
+    for p in engine.module.parameters():
+        params += p.data.numel() * p.data.element_size()
+        shard = getattr(p, "ds_tensor", None)
+        if shard is not None:
+            params += shard.numel() * shard.element_size()
+    basic = engine.basic_optimizer or engine.optimizer
+    own = {p.data.data_ptr() for p in engine.module.parameters() if p.data.numel()}
+    own |= {p.ds_tensor.data_ptr() for p in engine.module.parameters() if getattr(p, "ds_tensor", None) is not None}
+    optim = 0
+    for group in basic.param_groups:
+        for t in group["params"]:
+            if t.data_ptr() not in own:  # a master copy the optimizer keeps besides the model's tensor
+                optim += t.numel() * t.element_size()
+    for st in basic.state.values():
+        optim += sum(v.numel() * v.element_size() for v in st.values() if torch.is_tensor(v))
+    return {
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "param_mb": params / 2**20,
+        "optimizer_mb": optim / 2**20,
+    }
+
+
+def gather_worker_memory(engine, rank: int) -> List[Dict[str, float]]:
+    """:func:`worker_memory` of every rank, in rank order (a collective)."""
+    import torch.distributed as dist
+
+    mine = {"rank": rank, **worker_memory(engine)}
+    if not dist.is_initialized():
+        return [mine]
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
+
+
 class _Reducer:
     """Sums small vectors over the workers (loss, token counts); one all-reduce per call."""
 
@@ -222,6 +269,52 @@ class _Reducer:
         if self.dist.is_initialized():
             self.dist.all_reduce(t)
         return t.tolist()
+
+
+class _DataPosition:
+    """Fingerprint of the micro-batches a rank has consumed in the current epoch.
+
+    Saved with every checkpoint; a resumed run skips the same number of batches and compares the fingerprint of
+    what it skipped, so it knows (and records in the run's events) that it continues exactly where the
+    checkpoint left off rather than trusting that the data order repeated.
+    """
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.epoch = 0
+        self._hash = hashlib.sha1()
+        self.consumed = 0
+
+    def new_epoch(self, epoch: int) -> None:
+        self.epoch, self._hash, self.consumed = epoch, hashlib.sha1(), 0
+
+    def add(self, batch) -> None:
+        self._hash.update(batch["input_ids"].detach().cpu().numpy().tobytes())
+        if "pixel_values" in batch:  # a strided sample of the pixels identifies the images cheaply
+            flat = batch["pixel_values"].detach().reshape(-1)
+            self._hash.update(flat[:: max(1, flat.numel() // 8192)].float().cpu().numpy().tobytes())
+        self.consumed += 1
+
+    def snapshot(self, state: Dict[str, Any]) -> Dict[str, Any]:
+        return {"epoch": self.epoch, "consumed": self.consumed, "digest": self._hash.hexdigest()}
+
+    def verify(self, saved: Optional[Dict[str, Any]], epoch: int, skipped: int, reducer: "_Reducer") -> str:
+        """``verified`` when every rank skipped exactly the batches its checkpoint had consumed (collective)."""
+        ok = (
+            saved is not None
+            and saved.get("epoch") == epoch
+            and saved.get("consumed") == skipped
+            and saved.get("digest") == self._hash.hexdigest()
+        )
+        bad = int(reducer.sum([0.0 if ok else 1.0])[0])
+        if bad:
+            _say(
+                f"[train] warning: rank {self.rank} skipped {skipped} batches of epoch {epoch} that differ from the "
+                "ones its checkpoint consumed (data changed, or its order is not reproducible)"
+                if not ok
+                else f"[train] warning: {bad} rank(s) resumed at a different data position"
+            )
+        return "verified" if not bad else f"mismatch on {bad} rank(s)"
 
 
 class _Window:
@@ -340,12 +433,17 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
 
     # ---- state: fresh, or restored from the latest checkpoint of this run (restart after a failure, or re-run)
     state: Dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "history": [], "events": []}
+    saved_position: Optional[Dict[str, Any]] = None  # this rank's data position in the checkpoint
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as folder:
             with open(os.path.join(folder, STATE_FILE)) as f:
                 state = json.load(f)
             load_path, _ = engine.load_checkpoint(os.path.join(folder, DEEPSPEED_SUBDIR), tag=state["tag"])
+            position_file = os.path.join(folder, POSITION_DIR, f"rank-{rank}.json")
+            if os.path.isfile(position_file):
+                with open(position_file) as f:
+                    saved_position = json.load(f)
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed found no engine state for rank {rank} in checkpoint {checkpoint.path}")
         # The restored optimizer carries the learning rate of the plan it was saved under; the next step must use
@@ -380,6 +478,9 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
             os.makedirs(os.path.join(tmp, DEEPSPEED_SUBDIR), exist_ok=True)
             engine.save_checkpoint(os.path.join(tmp, DEEPSPEED_SUBDIR), tag=tag)
             save_adapter(engine, rank, os.path.join(tmp, ADAPTER_SUBDIR))
+            os.makedirs(os.path.join(tmp, POSITION_DIR))
+            with open(os.path.join(tmp, POSITION_DIR, f"rank-{rank}.json"), "w") as f:
+                json.dump(position.snapshot(state), f)
             if rank == 0:
                 with open(os.path.join(tmp, STATE_FILE), "w") as f:
                     json.dump(state, f)
@@ -395,6 +496,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
             _say(f"[train] step 0: val_loss {val:.4f}")
 
     engine.train()
+    position = _DataPosition(rank)
     window = _Window()  # what happened since the last report: averaged into the next one
     while state["step"] < plan.total_steps:
         epoch = state["epoch"]
@@ -408,13 +510,19 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
         )
         consumed = 0
         micro = 0
+        position.new_epoch(epoch)
         step_start = time.perf_counter()
         for batch in batches:
             if consumed < skip:  # already trained on before the checkpoint this run resumed from
+                position.add(batch)
                 consumed += 1
                 continue
+            if skip and consumed == skip:
+                event["data_position"] = position.verify(saved_position, epoch, skip, reducer)
+                skip = 0
             if consumed >= plan.micro_per_epoch or state["step"] >= plan.total_steps:
                 break
+            position.add(batch)
             batch = {k: v.to(device) for k, v in batch.items()}
             lr = engine.get_lr()[0]
             out = engine(**batch)
@@ -436,6 +544,8 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
             epoch_done = consumed >= plan.micro_per_epoch
             last = step >= plan.total_steps
             save = last or step % t.checkpoint_every == 0
+            if last:  # per-worker memory, recorded with the final checkpoint (meddr.json "workers")
+                state["workers"] = gather_worker_memory(engine, rank)
             if save or epoch_done or step % t.log_every == 0:
                 metrics = {"step": step, "epoch": epoch, "lr": lr, **window.metrics(reducer)}
                 window = _Window()

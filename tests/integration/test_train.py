@@ -134,6 +134,7 @@ def test_learns_and_survives_a_killed_worker(instruct_dir, tmp_path):
     resumed_at = events[1]["start_step"]
     assert resumed_at >= EVERY and resumed_at % EVERY == 0, events
     assert events[1]["time"] > killed_at
+    assert events[1].get("data_position", "verified") == "verified"  # (absent: it resumed at an epoch start)
     steps = [h["step"] for h in meta["history"] if "loss" in h]
     assert steps == sorted(set(steps)) and steps[-1] == STEPS  # no step trained twice, none missing at the end
     assert set(range(cfg.train.log_every, STEPS + 1, cfg.train.log_every)) <= set(steps)
