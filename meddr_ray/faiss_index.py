@@ -347,14 +347,20 @@ def _next_version(index_dir: str) -> str:
 
 
 def _claim_and_rename(tmp: str, final: str) -> None:
-    """Move the finished temporary folder to its version name; FileExistsError if that name is taken."""
-    if is_uri(final):
-        if storage.exists(final):
-            raise FileExistsError(final)
-        storage.move(tmp, final)  # object stores have no atomic rename; CURRENT is what readers trust
-        return
+    """Move the finished temporary folder (local) to its version name; FileExistsError if that name is taken."""
     os.mkdir(final)  # atomic claim of the name: two publishers never get the same version
     os.rename(tmp, final)  # replaces the empty claimed folder in one step
+
+
+def _claim_uri(index_dir: str) -> str:
+    """Object stores cannot rename a folder: claim the next free version name and write into it directly.
+    Readers still never see it before ``CURRENT`` names it (the manifest is written last)."""
+    for _ in range(1000):
+        final = join_path(index_dir, _next_version(index_dir))
+        if not storage.exists(final):
+            storage.makedirs(final)
+            return final
+    raise IndexArtifactError(f"{index_dir}: could not claim a version name")
 
 
 def _switch_current(index_dir: str, version: str) -> None:
@@ -390,14 +396,15 @@ def publish(
         raise IndexArtifactError(f"refusing to publish: {values.num_rows} value rows for {index.ntotal} vectors")
     storage.makedirs(index_dir)
     _remove_stale_tmp(index_dir)
-    tmp = join_path(index_dir, f".tmp-{uuid.uuid4().hex[:12]}")
-    storage.makedirs(tmp)
-    _write_index(index, join_path(tmp, INDEX_FILE))
-    _write_parquet(values, join_path(tmp, VALUES_FILE))
+    uri = is_uri(index_dir)
+    folder = _claim_uri(index_dir) if uri else join_path(index_dir, f".tmp-{uuid.uuid4().hex[:12]}")
+    storage.makedirs(folder)
+    _write_index(index, join_path(folder, INDEX_FILE))
+    _write_parquet(values, join_path(folder, VALUES_FILE))
     for name, text in (extra_files or {}).items():
-        storage.write_text(join_path(tmp, name), text)
+        storage.write_text(join_path(folder, name), text)
     files = {
-        name: {"bytes": _size(join_path(tmp, name)), "sha256": _sha256_file(join_path(tmp, name))}
+        name: {"bytes": _size(join_path(folder, name)), "sha256": _sha256_file(join_path(folder, name))}
         for name in (INDEX_FILE, VALUES_FILE)
     }
     full = dict(manifest)
@@ -411,18 +418,27 @@ def publish(
         files=files,
     )
     full.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    for _ in range(1000):  # another publisher may take the same number between our scan and our claim
-        version = _next_version(index_dir)
+
+    def write_manifest(version: str, where: str) -> None:
         full["version"] = version
-        storage.write_text(join_path(tmp, MANIFEST_FILE), json.dumps(full, indent=2, sort_keys=True) + "\n")
-        final = join_path(index_dir, version)
-        try:
-            _claim_and_rename(tmp, final)
-            break
-        except FileExistsError:
-            continue
+        storage.write_text(join_path(where, MANIFEST_FILE), json.dumps(full, indent=2, sort_keys=True) + "\n")
+
+    if uri:
+        final = folder
+        version = final.rstrip("/").rsplit("/", 1)[-1]
+        write_manifest(version, final)
     else:
-        raise IndexArtifactError(f"{index_dir}: could not claim a version name")
+        for _ in range(1000):  # another publisher may take the same number between our scan and our claim
+            version = _next_version(index_dir)
+            write_manifest(version, folder)
+            final = join_path(index_dir, version)
+            try:
+                _claim_and_rename(folder, final)
+                break
+            except FileExistsError:
+                continue
+        else:
+            raise IndexArtifactError(f"{index_dir}: could not claim a version name")
     _switch_current(index_dir, version)
     full["path"] = final
     return full

@@ -192,3 +192,15 @@ def test_missing_manifest_is_refused(published):
     (vdir / "manifest.json").unlink()
     with pytest.raises(IndexArtifactError, match="has no manifest.json"):
         load_index(str(root))
+
+
+def test_publish_and_load_through_a_filesystem_uri(tmp_path):
+    """The object-store path (no folder rename: written into the claimed version, manifest last), via file://."""
+    root = f"file://{tmp_path}"
+    assert make(root, n=30)["version"] == "v0001"
+    assert make(root, n=35, seed=1)["version"] == "v0002"
+    assert fi.list_versions(root) == ["v0001", "v0002"] and fi.current_version(root) == "v0002"
+    loaded = load_index(root, expect_dim=16, expect_fingerprint=FP)
+    assert (loaded.version, loaded.count, loaded.values.num_rows) == ("v0002", 35, 35)
+    assert load_index(root, version="v0001").count == 30
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
