@@ -25,7 +25,7 @@ from dataclasses import asdict
 from typing import Any, Dict, List, Optional
 
 from meddr_ray import storage
-from meddr_ray.config import Config, is_uri, join_path, save_config
+from meddr_ray.config import Config, ConfigError, is_uri, join_path, save_config
 from meddr_ray.train_loop import ADAPTER_SUBDIR, STATE_FILE, Plan, make_plan, train_loop_per_worker
 
 log = logging.getLogger("meddr_ray.train")
@@ -98,6 +98,26 @@ def _datasets(files: List[str], counts: Dict[str, int], cache_data: bool):
     return out
 
 
+def _latest_checkpoint_state(experiment: str) -> Optional[dict]:
+    """``state.json`` of the newest checkpoint folder of a previous run, or None (checked before starting)."""
+    import pyarrow.fs as pafs
+
+    fs, path = storage.resolve(experiment)
+    if fs.get_file_info(path).type != pafs.FileType.Directory:
+        return None
+    folders = sorted(
+        info.path
+        for info in fs.get_file_info(pafs.FileSelector(path, recursive=False))
+        if info.type == pafs.FileType.Directory and info.base_name.startswith("checkpoint_step")
+    )
+    for folder in reversed(folders):
+        state_file = f"{folder}/{STATE_FILE}"
+        if fs.get_file_info(state_file).type == pafs.FileType.File:
+            with fs.open_input_stream(state_file) as f:
+                return json.loads(f.read().decode("utf-8"))
+    return None
+
+
 def _copy_tree(src: str, dst: str) -> None:
     """Copy a local folder to a local path or a URI, replacing what is there."""
     if is_uri(dst):
@@ -148,8 +168,15 @@ def run_train(cfg: Config) -> str:
     plan = make_plan(t, counts["train"])
     model_path = str(ensure_model(cfg.student))  # an offline build happens once, here, not in every worker
 
-    init_ray(cfg)
     root = storage_root(cfg)
+    previous = _latest_checkpoint_state(join_path(root, t.name))
+    if previous and previous.get("world_size", t.num_workers) != t.num_workers:
+        raise ConfigError(
+            f"key 'train.num_workers': run {join_path(root, t.name)} was checkpointed by {previous['world_size']} "
+            f"workers and its ZeRO partitions cannot be resumed by {t.num_workers}; use train.num_workers="
+            f"{previous['world_size']}, or a new train.name to start a new run"
+        )
+    init_ray(cfg)
     status_dir = None if is_uri(root) else os.path.join(root, t.name, "workers")
     print(
         f"[train] {counts['train']} train / {counts.get('val', 0)} val rows from {len(files)} file(s); "

@@ -366,6 +366,72 @@ def evaluate(engine, shard, collate, micro_batch_size: int, reducer: _Reducer, d
     return total_loss / total_tokens if total_tokens else None
 
 
+def _build_engine(cfg: Config, plan: Plan, model_path: str, schedule):
+    """The student with LoRA inside a DeepSpeed engine; returns ``(engine, parameter counts)``."""
+    import deepspeed
+    import torch
+
+    from meddr_ray.model import apply_lora
+    from meddr_ray.model.loading import _load_weights
+
+    t = cfg.train
+    ds_config = deepspeed_config(t, plan)
+    # ZeRO-3: while this object lives, from_pretrained builds the model inside deepspeed.zero.Init, so each rank
+    # only ever holds its shard of the base weights (a 40B model never sits whole in every worker's memory).
+    hf_ds_config = None
+    if t.zero_stage == 3:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        hf_ds_config = HfDeepSpeedConfig(ds_config)
+    torch.manual_seed(t.seed)  # same adapter initialisation on every rank
+    # the library's loader: AutoModelForImageTextToText, or AutoModel for remote-code InternVL-Chat checkpoints
+    model = _load_weights(model_path, getattr(torch, cfg.student.dtype), cfg.student.trust_remote_code)
+    model.config.use_cache = False
+    model = apply_lora(model, t.lora)  # LoRA tensors are created whole; deepspeed.initialize partitions them
+    counts = count_parameters(model)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=[p for p in model.parameters() if p.requires_grad],
+        config=ds_config,
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+    )
+    del hf_ds_config  # later from_pretrained calls (the processor, other code) must not see ZeRO-3
+    return engine, counts
+
+
+def _restore(engine, checkpoint, t: TrainConfig, plan: Plan, schedule, rank: int):
+    """Loop state and this rank's saved data position: fresh, or from ``checkpoint`` (engine state loaded)."""
+    state: Dict[str, Any] = {
+        "step": 0, "epoch": 0, "batch_in_epoch": 0, "world_size": plan.world_size, "history": [], "events": []
+    }  # fmt: skip
+    if checkpoint is None:
+        return state, None
+    saved_position = None
+    with checkpoint.as_directory() as folder:
+        with open(os.path.join(folder, STATE_FILE)) as f:
+            state = json.load(f)
+        if state.get("world_size", plan.world_size) != plan.world_size:
+            raise RuntimeError(
+                f"checkpoint {checkpoint.path} was written by {state['world_size']} workers and ZeRO partitions "
+                f"cannot be loaded by {plan.world_size}: use train.num_workers={state['world_size']}, or a new "
+                "train.name to start a new run"
+            )
+        load_path, _ = engine.load_checkpoint(os.path.join(folder, DEEPSPEED_SUBDIR), tag=state["tag"])
+        if load_path is None:
+            raise RuntimeError(f"DeepSpeed found no engine state for rank {rank} in checkpoint {checkpoint.path}")
+        position_file = os.path.join(folder, POSITION_DIR, f"rank-{rank}.json")
+        if os.path.isfile(position_file):
+            with open(position_file) as f:
+                saved_position = json.load(f)
+    # The restored optimizer carries the learning rate of the plan it was saved under; the next step must use
+    # this plan's (a re-run with more max_steps stretches the schedule), so re-apply it now.
+    sched = engine.lr_scheduler
+    sched.base_lrs = [t.learning_rate] * len(sched.base_lrs)
+    for group in sched.optimizer.param_groups:
+        group["lr"] = t.learning_rate * schedule(sched.last_epoch)
+    return state, saved_position
+
+
 # --------------------------------------------------------------------------------------------------- loop
 
 
@@ -386,31 +452,16 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
 
     import deepspeed
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoProcessor
 
-    from meddr_ray.model import apply_lora
     from meddr_ray.model.collate import InstructionCollator
 
     device = torch.device("cuda", torch.cuda.current_device()) if t.use_gpu else torch.device("cpu")
     # Ray Train already set up torch.distributed (gloo/nccl); DeepSpeed's comm layer adopts that process group.
     # It must be up before the DeepSpeed config is parsed, which reads the world size from it.
     deepspeed.init_distributed(dist_backend="nccl" if t.use_gpu else "gloo")
-    ds_config = deepspeed_config(t, plan)
-
-    # ---- model: built under zero.Init (ZeRO-3), so each rank only ever holds its partition of the base weights
-    hf_ds_config = None
-    if t.zero_stage == 3:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        hf_ds_config = HfDeepSpeedConfig(ds_config)  # noqa: F841 - must stay alive while from_pretrained runs
-    dtype = getattr(torch, cfg.student.dtype)
-    torch.manual_seed(t.seed)  # same adapter initialisation on every rank
-    model = AutoModelForImageTextToText.from_pretrained(
-        loop_config["model_path"], dtype=dtype, trust_remote_code=cfg.student.trust_remote_code
-    )
-    model.config.use_cache = False
-    model = apply_lora(model, t.lora)
-    counts = count_parameters(model)
+    schedule = lr_multiplier(t, plan.total_steps)
+    engine, counts = _build_engine(cfg, plan, loop_config["model_path"], schedule)
     if rank == 0:
         _say(
             f"[train] trainable parameters: {counts['trainable']:,} of {counts['total']:,} "
@@ -422,36 +473,8 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
             processor, t.max_length, max_image_bytes=cfg.data.max_image_bytes, max_image_pixels=cfg.data.max_image_pixels
         )
     )
-    schedule = lr_multiplier(t, plan.total_steps)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=ds_config,
-        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
-    )
-    del hf_ds_config
-
-    # ---- state: fresh, or restored from the latest checkpoint of this run (restart after a failure, or re-run)
-    state: Dict[str, Any] = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "history": [], "events": []}
-    saved_position: Optional[Dict[str, Any]] = None  # this rank's data position in the checkpoint
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            with open(os.path.join(folder, STATE_FILE)) as f:
-                state = json.load(f)
-            load_path, _ = engine.load_checkpoint(os.path.join(folder, DEEPSPEED_SUBDIR), tag=state["tag"])
-            position_file = os.path.join(folder, POSITION_DIR, f"rank-{rank}.json")
-            if os.path.isfile(position_file):
-                with open(position_file) as f:
-                    saved_position = json.load(f)
-            if load_path is None:
-                raise RuntimeError(f"DeepSpeed found no engine state for rank {rank} in checkpoint {checkpoint.path}")
-        # The restored optimizer carries the learning rate of the plan it was saved under; the next step must use
-        # this plan's (a re-run with more max_steps stretches the schedule), so re-apply it now.
-        sched = engine.lr_scheduler
-        sched.base_lrs = [t.learning_rate] * len(sched.base_lrs)
-        for group in sched.optimizer.param_groups:
-            group["lr"] = t.learning_rate * schedule(sched.last_epoch)
+    state, saved_position = _restore(engine, checkpoint, t, plan, schedule, rank)
     event = {"start_step": state["step"], "resumed": checkpoint is not None, "time": time.time()}
     state["events"].append(event)
     _write_worker_info(loop_config.get("status_dir"), rank, {"attempt": len(state["events"]), **event})

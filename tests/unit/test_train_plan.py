@@ -121,3 +121,21 @@ def test_instruction_data_without_training_rows_is_refused(tmp_path):
     pq.write_table(table, folder / "part-0.parquet")
     with pytest.raises(TrainDataError, match="no rows with split == 'train'"):
         run_train(load_config("tiny", [f"run_dir={tmp_path}"]))
+
+
+def test_a_run_checkpointed_by_other_worker_count_is_refused_before_starting(tmp_path):
+    from meddr_ray.config import ConfigError
+
+    folder = tmp_path / "instruct"
+    folder.mkdir()
+    n = 40
+    table = pa.table(
+        {"id": [str(i) for i in range(n)], "image": [b"x"] * n, "prompt": ["p"] * n, "answer": ["y"] * n,
+         "split": ["train"] * n}
+    )  # fmt: skip
+    pq.write_table(table, folder / "part-0.parquet")
+    checkpoint = tmp_path / "train" / "finetune" / "checkpoint_step0000005"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "state.json").write_text('{"step": 5, "world_size": 1}')
+    with pytest.raises(ConfigError, match=r"checkpointed by 1 workers.*train.num_workers=1"):
+        run_train(load_config("tiny", [f"run_dir={tmp_path}"]))
