@@ -103,10 +103,18 @@ class VisionLanguageModel:
 
     # ----------------------------------------------------------------------------------------- generation
 
-    def generate(self, images: Sequence, prompts: Sequence[str], gen: GenerationConfig) -> List[dict]:
+    def generate(
+        self,
+        images: Sequence,
+        prompts: Sequence[str],
+        gen: GenerationConfig,
+        prefixes: Optional[Sequence[str]] = None,
+    ) -> List[dict]:
         """Batched generation: one PIL image and one instruction per sample.
 
-        Returns ``[{"text", "tokens"}]`` (``tokens``: generated tokens without padding), in input order.
+        Each answer starts with its prefix (``prefixes[i]``, default ``gen.response_prefix``), which is part of
+        the returned text. Returns ``[{"text", "tokens"}]`` (``tokens``: generated tokens without padding), in
+        input order.
         """
         import torch
 
@@ -114,8 +122,10 @@ class VisionLanguageModel:
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         if not prompts:
             return []
-        prefix = gen.response_prefix
-        texts = [self.chat_prompt(p) + prefix for p in prompts]
+        prefixes = list(prefixes) if prefixes is not None else [gen.response_prefix] * len(prompts)
+        if len(prefixes) != len(prompts):
+            raise ValueError(f"{len(prefixes)} prefixes but {len(prompts)} prompts")
+        texts = [self.chat_prompt(p) + prefix for p, prefix in zip(prompts, prefixes)]
         inputs = self.processor(images=list(images), text=texts, return_tensors="pt", padding=True).to(self.device)
         tok = self.processor.tokenizer
         kwargs = {k: v for k, v in asdict(gen).items() if v is not None and k != "response_prefix"}
@@ -127,7 +137,7 @@ class VisionLanguageModel:
         new = out[:, inputs["input_ids"].shape[1] :]
         results = []
         stop = {tok.pad_token_id, tok.eos_token_id, self.model.generation_config.eos_token_id}
-        for row in new.tolist():
+        for prefix, row in zip(prefixes, new.tolist()):
             n = len(row)
             while n and row[n - 1] in stop:
                 n -= 1
