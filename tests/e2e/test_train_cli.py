@@ -73,7 +73,7 @@ def test_cli_trains_with_zero3_and_the_job_resumes_it(tmp_path):
     assert answer and isinstance(answer[0]["text"], str)
 
     # the Ray job script, same run, more steps: it continues from the checkpoint of step 20
-    out = _run([sys.executable, "jobs/finetune.py", "--config", "tiny", *run, "train.max_steps=26"])
+    out = _run([sys.executable, "jobs/finetune.py", "--config", "tiny", *run, "train.max_steps=26", "train.merge_lora=true"])
     assert "resuming at step 20" in out
     meta = json.loads((adapter / "meddr.json").read_text())
     events = meta["events"]
@@ -83,3 +83,13 @@ def test_cli_trains_with_zero3_and_the_job_resumes_it(tmp_path):
     # one history across both runs: no step twice (a restart from 0 would repeat 5, 10, ...), none missing
     assert steps == sorted(set(steps)) and steps[-1] == 26
     assert {5, 10, 15, 20, 25} <= set(steps)
+
+    # train.merge_lora: the base model with the adapter merged in, a plain checkpoint that loads without peft
+    from meddr_ray.config import ModelConfig
+
+    merged = load_model(ModelConfig(name="merged", path=str(tmp_path / "merged")))
+    again = load_model(cfg.student, adapter_dir=str(adapter))
+    image = Image.new("RGB", (28, 28), color=(90, 90, 90))
+    assert merged.embed([image])[0].tolist() == pytest.approx(again.embed([image])[0].tolist(), abs=1e-5)
+    gen = GenerationConfig(max_new_tokens=4)
+    assert merged.generate([image], ["diagnose"], gen) == again.generate([image], ["diagnose"], gen)
