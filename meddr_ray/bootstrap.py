@@ -193,29 +193,6 @@ def continuation_prefix(text: str, header: str) -> str:
     return f"{kept.rstrip()}\n{header}"
 
 
-def generate_with_prefixes(vlm, images: Sequence, texts: Sequence[str], prefixes: Sequence[str], gen) -> List[dict]:
-    """Like ``VisionLanguageModel.generate`` but each answer starts with its own prefix (part of the text)."""
-    import torch
-
-    batch = [vlm.chat_prompt(t) + p for t, p in zip(texts, prefixes)]
-    inputs = vlm.processor(images=list(images), text=batch, return_tensors="pt", padding=True).to(vlm.device)
-    tok = vlm.processor.tokenizer
-    kwargs = {k: v for k, v in dataclasses.asdict(gen).items() if v is not None and k != "response_prefix"}
-    if not gen.do_sample:
-        kwargs.pop("temperature", None)
-        kwargs.pop("top_p", None)
-    with torch.inference_mode():
-        out = vlm.model.generate(**inputs, **kwargs, pad_token_id=tok.pad_token_id)
-    stop = {tok.pad_token_id, tok.eos_token_id, vlm.model.generation_config.eos_token_id}
-    results = []
-    for prefix, row in zip(prefixes, out[:, inputs["input_ids"].shape[1] :].tolist()):
-        n = len(row)
-        while n and row[n - 1] in stop:
-            n -= 1
-        results.append({"text": (prefix + tok.decode(row[:n], skip_special_tokens=True)).strip(), "tokens": n})
-    return results
-
-
 def teacher_generate(
     vlm,
     images: Sequence,
@@ -245,7 +222,7 @@ def teacher_generate(
         return outs
     prefixes = [continuation_prefix(outs[i]["text"], impression_prefix) for i in need]
     gen2 = dataclasses.replace(gen, max_new_tokens=impression_max_new_tokens, response_prefix="")
-    more = generate_with_prefixes(vlm, [images[i] for i in need], [texts[i] for i in need], prefixes, gen2)
+    more = vlm.generate([images[i] for i in need], [texts[i] for i in need], gen2, prefixes=prefixes)
     for i, prefix, extra in zip(need, prefixes, more):
         text = prefix + trim_continuation(extra["text"][len(prefix) :])
         outs[i] = {"text": text, "tokens": outs[i]["tokens"] + extra["tokens"]}

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from meddr_ray import prompts
-from meddr_ray.bootstrap import continuation_prefix, generate_with_prefixes, teacher_generate, trim_continuation
+from meddr_ray.bootstrap import continuation_prefix, teacher_generate, trim_continuation
 from meddr_ray.config import GenerationConfig, load_config
 from meddr_ray.model import load_model
 
@@ -42,7 +42,7 @@ def test_per_sample_prefixes_match_the_model_generate(teacher):
     images, texts = _batch()
     gen = GenerationConfig(max_new_tokens=6, response_prefix="Findings:")
     same = teacher.generate(images, texts, gen)
-    mine = generate_with_prefixes(teacher, images, texts, ["Findings:"] * 3, dataclasses.replace(gen, response_prefix=""))
+    mine = teacher.generate(images, texts, dataclasses.replace(gen, response_prefix=""), prefixes=["Findings:"] * 3)
     assert mine == same  # one code path per prefix: the same tokens as VisionLanguageModel.generate
 
 
