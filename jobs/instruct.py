@@ -5,31 +5,13 @@
 The same function as ``meddr-ray instruct``: re-submitting rebuilds the mix and swaps it in atomically.
 """
 
-from __future__ import annotations
-
-import argparse
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from meddr_ray.instruct import run_instruct  # noqa: E402
-from meddr_ray.config import load_config  # noqa: E402
-from meddr_ray.runtime import init_ray  # noqa: E402
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="tiny", help="preset name or YAML file")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    cfg = load_config(args.config, args.overrides)
-    init_ray(cfg)
-    print(f"instruct: wrote {run_instruct(cfg)}")
-    return 0
-
+from meddr_ray.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # The same parser, error handling and library function as `meddr-ray instruct`.
+    sys.exit(main(["instruct", *sys.argv[1:]]))
