@@ -3,11 +3,17 @@
 import json
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from meddr_ray.config import load_config
 from meddr_ray.pipeline import run_pipeline
+
+
+def _read(folder: Path, columns):
+    """The stage's Parquet files (its folder also holds config.yaml, summary.json, failed/)."""
+    return pa.concat_tables(pq.read_table(f, columns=columns) for f in sorted(folder.glob("*.parquet")))
 
 
 @pytest.mark.e2e
@@ -27,9 +33,9 @@ def test_pipeline_writes_every_stage_and_resumes(ray_cluster, tmp_path):
     summary = json.loads((run / "pipeline.json").read_text())
     assert set(summary["outputs"]) >= {"bootstrap", "instruct", "train", "index"}
 
-    reports = pq.read_table(run / "bootstrap", columns=["id", "report"])
+    reports = _read(run / "bootstrap", ["id", "report"])
     assert reports.num_rows == 24 and len(set(reports.column("id").to_pylist())) == 24
-    mix = pq.read_table(run / "instruct", columns=["task", "split"]).to_pylist()
+    mix = _read(run / "instruct", ["task", "split"]).to_pylist()
     assert {r["task"] for r in mix} >= {"diagnosis", "guided_report"}
     assert (run / "adapter" / "adapter_config.json").is_file() and (run / "adapter" / "meddr.json").is_file()
     version = (run / "index" / "CURRENT").read_text().strip()
@@ -39,4 +45,4 @@ def test_pipeline_writes_every_stage_and_resumes(ray_cluster, tmp_path):
 
     # A second run redoes nothing that is done: no new reports, training already at its last step.
     run_pipeline(cfg)
-    assert pq.read_table(run / "bootstrap", columns=["id"]).num_rows == 24
+    assert _read(run / "bootstrap", ["id"]).num_rows == 24
