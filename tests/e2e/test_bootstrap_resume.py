@@ -86,7 +86,7 @@ def test_sigkill_midway_then_resume_writes_every_id_exactly_once(tmp_path):
     out = tmp_path / "bootstrap"
     cmd = [
         sys.executable, "-m", "meddr_ray.cli", "bootstrap", "--config", "tiny", f"run_dir={tmp_path}",
-        f"bootstrap.sources.0.limit={LIMIT}", "bootstrap.pool.batch_size=4",
+        f"bootstrap.sources.0.limit={LIMIT}", "bootstrap.pool.batch_size=2",
         "bootstrap.generation.max_new_tokens=48",
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local cluster, not the tests'
@@ -97,7 +97,7 @@ def test_sigkill_midway_then_resume_writes_every_id_exactly_once(tmp_path):
     family: Set[int] = set()
     try:
         deadline = time.monotonic() + 400
-        while len(part_files(str(out))) < 3:
+        while not part_files(str(out)):  # kill at the first finished batch: the rest is still to do
             if first.poll() is not None:
                 pytest.fail(f"the run ended (rc {first.returncode}) before it could be killed:\n"
                             f"{(tmp_path / 'run1.log').read_text()[-3000:]}")  # fmt: skip
