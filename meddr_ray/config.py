@@ -503,10 +503,7 @@ def _absolutize(cfg: Config, base: Path) -> None:
     """Make local relative paths absolute (Ray workers run elsewhere)."""
 
     def fix(path: Optional[str]) -> Optional[str]:
-        if not path or is_uri(path):
-            return path
-        p = Path(path).expanduser()
-        return str(p if p.is_absolute() else (base / p).resolve())
+        return _absolute(path, base)
 
     cfg.run_dir = fix(cfg.run_dir)
     for model in (cfg.teacher, cfg.student):
@@ -514,7 +511,7 @@ def _absolutize(cfg: Config, base: Path) -> None:
     for section in (cfg.bootstrap, cfg.instruct, cfg.index, cfg.evaluate):
         if hasattr(section, "output_dir"):
             section.output_dir = fix(section.output_dir)
-        for src in section.sources:
+        for src in list(section.sources) + list(getattr(section, "add_sources", [])):
             src.path = fix(src.path)
             src.image_root = fix(src.image_root)
     cfg.train.storage_path = fix(cfg.train.storage_path)
@@ -525,35 +522,72 @@ def load_config(preset_or_path: str = "tiny", overrides: Sequence[str] = ()) -> 
     """Resolve a preset name or YAML path plus ``key=value`` overrides into a checked :class:`Config`."""
     _register_resolvers()
     path = _preset_file(preset_or_path)
-    schema = OmegaConf.structured(Config)
+    loaded = _load_yaml_mapping(path, "the top level must be a mapping of keys")
+    loaded.setdefault("preset", path.stem)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+
+    def apply_overrides(merged: DictConfig) -> None:
+        for item in overrides:
+            key, _, raw = item.partition("=")
+            # update() walks list indices too (bootstrap.sources.0.limit=8) and type-checks against the schema
+            OmegaConf.update(merged, key.strip(), yaml.safe_load(raw) if raw.strip() else "", merge=True)
+
+    cfg: Config = _to_checked_object(Config, loaded, str(path), apply_overrides)
+    _validate(cfg)
+    _absolutize(cfg, Path.cwd())
+    return cfg
+
+
+def _load_yaml_mapping(path: Path, what: str) -> DictConfig:
     try:
         loaded = OmegaConf.load(path)
     except Exception as exc:  # yaml syntax errors
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(loaded, DictConfig):
-        raise ConfigError(f"{path}: the top level must be a mapping of keys")
-    loaded.setdefault("preset", path.stem)
-    for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} is not of the form key=value")
+        raise ConfigError(f"{path}: {what}")
+    return loaded
+
+
+def _to_checked_object(schema: type, node: DictConfig, where: str, before_resolve=None):
+    """Merge ``node`` over the dataclass ``schema``, resolve, and build the dataclass; a bad key, a wrong type or
+    a missing required key is a :class:`ConfigError` naming it."""
     try:
-        merged = OmegaConf.merge(schema, loaded)
-        for item in overrides:
-            key, _, raw = item.partition("=")
-            # update() walks list indices too (bootstrap.sources.0.limit=8) and type-checks against the schema
-            OmegaConf.update(merged, key.strip(), yaml.safe_load(raw) if raw.strip() else "", merge=True)
+        merged = OmegaConf.merge(OmegaConf.structured(schema), node)
+        if before_resolve is not None:
+            before_resolve(merged)
         OmegaConf.resolve(merged)
         missing = sorted(OmegaConf.missing_keys(merged))
         if missing:
-            raise ConfigError(f"{path}: required keys have no value: {', '.join(missing)}")
-        cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
+            raise ConfigError(f"{where}: required keys have no value: {', '.join(missing)}")
+        return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
         msg = str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: {'key ' + repr(key) + ': ' if key else ''}{msg}") from exc
-    _validate(cfg)
-    _absolutize(cfg, Path.cwd())
-    return cfg
+        raise ConfigError(f"{where}: {'key ' + repr(key) + ': ' if key else ''}{msg}") from exc
+
+
+def load_source_file(path: str) -> SourceConfig:
+    """One :class:`SourceConfig` mapping from a YAML file (``meddr-ray index --add``); a bad key or type is named.
+    Relative paths in it are relative to the working directory, as in presets."""
+    _register_resolvers()
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"source file not found: {path}")
+    node = _load_yaml_mapping(file, "expected one source as a mapping (name, format, path, splits, ...)")
+    src: SourceConfig = _to_checked_object(SourceConfig, node, str(file))
+    _check_source(src, "", str(file))
+    src.path = _absolute(src.path, Path.cwd())
+    src.image_root = _absolute(src.image_root, Path.cwd())
+    return src
+
+
+def _absolute(path: Optional[str], base: Path) -> Optional[str]:
+    if not path or is_uri(path):
+        return path
+    p = Path(path).expanduser()
+    return str(p if p.is_absolute() else (base / p).resolve())
 
 
 _CHOICES: Dict[str, Sequence[Any]] = {
@@ -573,6 +607,17 @@ SOURCE_FORMATS = ("medmnist", "image_folder", "vqa_json", "reports", "dicom")
 TASKS = ("diagnosis", "vqa", "report")
 
 
+def _check_source(src: SourceConfig, key_prefix: str, where: str = "") -> None:
+    """``key_prefix``: where the source sits in the config (``bootstrap.sources[0].``); ``where``: its file."""
+    head = f"{where}: " if where else ""
+    if src.format not in SOURCE_FORMATS:
+        raise ConfigError(f"{head}key '{key_prefix}format': {src.format!r} is not one of {list(SOURCE_FORMATS)}")
+    if src.task is not None and src.task not in TASKS:
+        raise ConfigError(f"{head}key '{key_prefix}task': {src.task!r} is not one of {list(TASKS)}")
+    if src.weight < 0:
+        raise ConfigError(f"{head}key '{key_prefix}weight': must be >= 0")
+
+
 def _validate(cfg: Config) -> None:
     for key, choices in _CHOICES.items():
         section, name = key.split(".")
@@ -580,14 +625,9 @@ def _validate(cfg: Config) -> None:
         if value not in choices:
             raise ConfigError(f"key {key!r}: {value!r} is not one of {list(choices)}")
     for section in ("bootstrap", "instruct", "index", "evaluate"):
-        for i, src in enumerate(getattr(cfg, section).sources):
-            where = f"{section}.sources[{i}]"
-            if src.format not in SOURCE_FORMATS:
-                raise ConfigError(f"key '{where}.format': {src.format!r} is not one of {list(SOURCE_FORMATS)}")
-            if src.task is not None and src.task not in TASKS:
-                raise ConfigError(f"key '{where}.task': {src.task!r} is not one of {list(TASKS)}")
-            if src.weight < 0:
-                raise ConfigError(f"key '{where}.weight': must be >= 0")
+        for key in ("sources", "add_sources"):
+            for i, src in enumerate(getattr(getattr(cfg, section), key, [])):
+                _check_source(src, f"{section}.{key}[{i}].")
     for mode in cfg.evaluate.modes:
         if mode not in ("no_rag", "rag", "voting"):
             raise ConfigError(f"key 'evaluate.modes': {mode!r} is not one of ['no_rag', 'rag', 'voting']")

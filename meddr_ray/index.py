@@ -36,15 +36,13 @@ import pyarrow as pa
 
 from meddr_ray import storage
 from meddr_ray.config import (
-    SOURCE_FORMATS,
-    TASKS,
     Config,
-    ConfigError,
     DataConfig,
     ModelConfig,
     SourceConfig,
     is_uri,
     join_path,
+    load_source_file,
 )
 from meddr_ray.faiss_index import (
     VALUE_COLUMNS,
@@ -132,48 +130,6 @@ def _instruct_rows(batch: pa.Table) -> pa.Table:
         "image": d["image"],
     }
     return pa.table(out, schema=ROW_SCHEMA)
-
-
-def load_source_yaml(path: str) -> SourceConfig:
-    """One :class:`SourceConfig` mapping from a YAML file (``--add``); a bad key or type is named."""
-    from omegaconf import DictConfig, OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    from meddr_ray.config import _register_resolvers
-
-    _register_resolvers()
-    if not os.path.isfile(path):
-        raise ConfigError(f"source file not found: {path}")
-    try:
-        raw = OmegaConf.load(path)
-    except Exception as exc:  # yaml syntax
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
-    if not isinstance(raw, DictConfig):
-        raise ConfigError(f"{path}: expected one source as a mapping (name, format, path, splits, ...)")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(SourceConfig), raw)
-        OmegaConf.resolve(merged)
-        missing = sorted(OmegaConf.missing_keys(merged))
-        if missing:
-            raise ConfigError(f"{path}: required keys have no value: {', '.join(missing)}")
-        src: SourceConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except OmegaConfBaseException as exc:
-        key = getattr(exc, "full_key", None)
-        raise ConfigError(f"{path}: {'key ' + repr(key) + ': ' if key else ''}{str(exc).splitlines()[0]}") from exc
-    return _checked_source(src, path)
-
-
-def _checked_source(src: SourceConfig, where: str) -> SourceConfig:
-    if src.format not in SOURCE_FORMATS:
-        raise ConfigError(f"{where}: key 'format': {src.format!r} is not one of {list(SOURCE_FORMATS)}")
-    if src.task is not None and src.task not in TASKS:
-        raise ConfigError(f"{where}: key 'task': {src.task!r} is not one of {list(TASKS)}")
-    # relative paths are relative to the working directory, as in presets (Ray workers run elsewhere)
-    for attr in ("path", "image_root"):
-        value = getattr(src, attr)
-        if value and not is_uri(value) and not os.path.isabs(value):
-            setattr(src, attr, os.path.abspath(os.path.expanduser(value)))
-    return src
 
 
 def _read_sources(sources: Sequence[SourceConfig], data_cfg: DataConfig):
@@ -597,9 +553,9 @@ def run_index(cfg: Config, add_source: Optional[str] = None) -> str:
     if cfg.student.build:
         ensure_model(cfg.student)  # build the offline model once here, not in every actor
 
-    add_sources = [_checked_source(s, f"index.add_sources[{i}]") for i, s in enumerate(cfg.index.add_sources)]
+    add_sources = list(cfg.index.add_sources)  # checked and made absolute by load_config
     if add_source:
-        add_sources.append(load_source_yaml(add_source))
+        add_sources.append(load_source_file(add_source))
     if add_sources:
         parent = load_manifest(index_dir)
         pv = _read_columns(join_path(parent["path"], VALUES_FILE), ["id", "task"]).to_pydict()

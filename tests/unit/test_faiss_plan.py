@@ -9,7 +9,8 @@ import pytest
 
 from meddr_ray.config import PACKAGE_DIR, ConfigError
 from meddr_ray.faiss_index import IndexArtifactError
-from meddr_ray.index import Plan, _instruct_rows, case_key, load_source_yaml, make_plan, read_entries, value_text
+from meddr_ray.config import load_source_file as load_source_yaml
+from meddr_ray.index import Plan, _instruct_rows, case_key, make_plan, read_entries, value_text
 
 NPZ = PACKAGE_DIR / "assets" / "breastmnist.npz"
 
