@@ -236,6 +236,47 @@ def test_build_from_the_instruction_parquet(ray_cluster, tmp_path):
     assert all(v["text"] == v["label"] for v in values if v["task"] == "diagnosis")
 
 
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+def test_approximate_indexes_through_the_job_and_incremental_add(ray_cluster, tmp_path, model, kind):
+    """IVF: a template trained in one task, cloned into 3 shards, merged; searched with every cell probed it must
+    find what exact search finds. HNSW: built from the gathered vectors. Both grow by an incremental add, IVF with
+    its trained quantizer untouched."""
+    import faiss
+
+    cfg = tiny(
+        tmp_path, "index.sources.0.limit=200", f"index.type={kind}", "index.num_shards=3", "index.nlist=4",
+        "index.nprobe=4", "index.ef_search=200",
+    )  # fmt: skip
+    first = run_index(cfg)
+    manifest = json.loads((Path(first) / "manifest.json").read_text())
+    assert manifest["index_type"] == kind and manifest["count"] == 200
+    assert manifest["summary"]["shards"] == (3 if kind == "ivf" else 1)
+    if kind == "ivf":
+        assert manifest["params"] == {"kind": "ivf", "nlist": 4, "nprobe": 4}
+    retriever = Retriever.from_config(cfg, model)
+    queries = model.embed(images("train", range(0, 200, 7)))
+    # exact neighbours over the same 200 images, embedded here
+    exact = fi.build_shard(model.embed(images("train", range(200))), fi.IndexParams("flat"))
+    ids = np.array([sample_id("breastmnist", "train", i) for i in range(200)])
+    _, expected = exact.search(queries, 5)
+    for row, want in zip(retriever.search(queries, 5), expected):
+        assert set(n.id for n in row[:1]) == set(ids[want[:1]])  # rank 1 is exact
+        assert len(set(n.id for n in row) & set(ids[want])) >= 4
+
+    source = tmp_path / "more.yaml"
+    source.write_text(f"name: breastmnist\nformat: medmnist\npath: {NPZ}\nsplits: [test]\nlimit: 10\n")
+    second = run_index(cfg, add_source=str(source))
+    grown = fi.load_index(cfg.stage_dir("index"))
+    assert (grown.version, grown.count, grown.manifest["index_type"]) == ("v0002", 210, kind)
+    hits = Retriever(grown).search(model.embed(images("test", range(10))), k=1)
+    assert [h[0].id for h in hits] == [sample_id("breastmnist", "test", i) for i in range(10)]
+    if kind == "ivf":
+        parent = fi.load_index(cfg.stage_dir("index"), version="v0001")  # keep it alive: faiss views borrow it
+        before, after = faiss.extract_index_ivf(parent.index), faiss.extract_index_ivf(grown.index)
+        np.testing.assert_array_equal(before.quantizer.reconstruct_n(0, 4), after.quantizer.reconstruct_n(0, 4))
+    assert Path(second).name == "v0002"
+
+
 def _run(cmd, tmp_path, timeout=600):
     """A CLI / job-script process with its own Ray cluster, killed with its whole process group afterwards."""
     import os
