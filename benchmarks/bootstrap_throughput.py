@@ -6,7 +6,9 @@ size, same decoding (the demo preset's, sampling seeded per batch), and the same
 job's whole ``run_bootstrap`` call, including starting its actors and loading the model in them; the plain
 loop's model load plus its loop), inside the generate calls alone, and per CPU second of all the run's
 processes; and the ratios to the plain loop. The plain loop runs first and again last (the machine's load
-drifts); the faster of the two is the baseline.
+drifts); the faster of the two is the baseline. Each Ray configuration runs in its own process on a fresh
+local cluster (not timed: on a cluster it is already up), so no Ray process runs next to the plain loop; one
+of them without the Ray dashboard, whose processes cost a 2-core machine a measurable share.
 
     .venv/bin/python benchmarks/bootstrap_throughput.py            # 256 images (several minutes on 2 cores)
     .venv/bin/python benchmarks/bootstrap_throughput.py --n 32     # a quick look
@@ -22,6 +24,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -93,14 +96,21 @@ def plain_loop(cfg, n: int, batch_size: int) -> dict:
             "cpu_seconds": time.process_time() - cpu, "load_avg_1m_after": os.getloadavg()[0]}  # fmt: skip
 
 
-def ray_job(cfg_args, run_dir: str, actors: int, cpus_per_actor: int) -> dict:
+def ray_job(cfg_args, run_dir: str, actors: int, cpus_per_actor: int, dashboard: bool) -> dict:
+    """One Ray configuration, run in this (child) process on a fresh local cluster."""
+    import ray
+
     from meddr_ray.bootstrap import load_summary, run_bootstrap
     from meddr_ray.config import load_config
+    from meddr_ray.runtime import worker_env
 
     cfg = load_config("demo", cfg_args + [
         f"run_dir={run_dir}", f"bootstrap.pool.min_actors={actors}", f"bootstrap.pool.max_actors={actors}",
         f"bootstrap.pool.num_cpus={cpus_per_actor}",
     ])  # fmt: skip
+    # as meddr_ray.runtime.init_ray, plus the dashboard switch; starting the cluster is not timed
+    ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=dashboard, runtime_env={"env_vars": worker_env()})
+    time.sleep(5)  # let the cluster's own start-up work settle
     started, cpu = time.perf_counter(), tree_cpu(os.getpid())
     run_bootstrap(cfg)
     seconds = time.perf_counter() - started
@@ -112,17 +122,31 @@ def ray_job(cfg_args, run_dir: str, actors: int, cpus_per_actor: int) -> dict:
             "cpu_seconds": cpu_seconds, "load_avg_1m_after": os.getloadavg()[0]}  # fmt: skip
 
 
+def ray_job_in_child(args, cfg_args, run_dir: str, actors: int, cpus_per_actor: int, dashboard: bool) -> dict:
+    """``ray_job`` in a fresh Python process, so that no Ray cluster runs next to the other measurements."""
+    out = f"{run_dir}.json"
+    spec = json.dumps({"cfg_args": cfg_args, "run_dir": run_dir, "actors": actors, "cpus": cpus_per_actor,
+                       "dashboard": dashboard, "out": out})  # fmt: skip
+    subprocess.run([sys.executable, __file__, "--child", spec], check=True)
+    return json.loads(Path(out).read_text())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=256, help="images (BreastMNIST train has 546)")
     parser.add_argument("--batch-size", type=int, default=None, help="default: the demo preset's pool batch size")
     parser.add_argument("--cores", type=int, default=os.cpu_count(), help="CPUs given to the single actor")
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one Ray configuration (JSON spec)
     args = parser.parse_args()
+    if args.child:
+        spec = json.loads(args.child)
+        result = ray_job(spec["cfg_args"], spec["run_dir"], spec["actors"], spec["cpus"], spec["dashboard"])
+        Path(spec["out"]).write_text(json.dumps(result))
+        return 0
 
     from meddr_ray.config import load_config
     from meddr_ray.model import ensure_model
-    from meddr_ray.runtime import init_ray
 
     base = load_config("demo")
     batch_size = args.batch_size or base.bootstrap.pool.batch_size
@@ -139,14 +163,17 @@ def main() -> int:
     first = plain_loop(cfg, args.n, batch_size)
     print(f"  plain loop done: {first}", flush=True)
 
-    init_ray(cfg)
+    per_actor = max(1, args.cores // 2)
+    runs = [  # name, actors, CPUs (= torch threads) per actor, Ray dashboard
+        ("ray 1 actor", 1, args.cores, True),
+        ("ray 1 actor, no dashboard", 1, args.cores, False),
+        ("ray 2 actors", 2, per_actor, True),
+    ]
     tmp = tempfile.mkdtemp(prefix="bench-bootstrap-")
     try:
-        results["ray 1 actor"] = ray_job(cfg_args, f"{tmp}/one", 1, args.cores)
-        print(f"  ray 1 actor done: {results['ray 1 actor']}", flush=True)
-        per_actor = max(1, args.cores // 2)
-        results["ray 2 actors"] = ray_job(cfg_args, f"{tmp}/two", 2, per_actor)
-        print(f"  ray 2 actors done: {results['ray 2 actors']}", flush=True)
+        for i, (name, actors, cpus, dashboard) in enumerate(runs):
+            results[name] = ray_job_in_child(args, cfg_args, f"{tmp}/run{i}", actors, cpus, dashboard)
+            print(f"  {name} done: {results[name]}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     # The plain loop again after the Ray runs: the load of the machine drifts; the faster of the two plain runs
@@ -161,7 +188,7 @@ def main() -> int:
     print(f"\nthe same tokens generated by every run (same batches, same seeds): {'yes' if same else 'NO'}")
     print("tok/s: end to end (wall); gen tok/s: inside the generate calls, per actor; tok/cpu-s: per CPU")
     print("second of every process of the run (with other work on the machine, the fairest of the three)")
-    print(f"{'run':<14}{'tokens':>7}{'wall s':>8}{'tok/s':>7}{'ratio':>6}{'gen tok/s':>10}{'ratio':>6}"
+    print(f"{'run':<27}{'tokens':>7}{'wall s':>8}{'tok/s':>7}{'ratio':>6}{'gen tok/s':>10}{'ratio':>6}"
           f"{'cpu s':>8}{'tok/cpu-s':>10}{'ratio':>6}{'load':>6}")  # fmt: skip
     for name, r in results.items():
         r["tokens_per_s"] = r["tokens"] / r["seconds"]
@@ -170,7 +197,7 @@ def main() -> int:
         r["ratio"] = r["tokens_per_s"] / (plain["tokens"] / plain["seconds"])
         r["generate_ratio"] = r["generate_tokens_per_s"] / (plain["tokens"] / plain["generate_seconds"])
         r["cpu_ratio"] = r["tokens_per_cpu_s"] / (plain["tokens"] / plain["cpu_seconds"])
-        print(f"{name:<14}{r['tokens']:>7}{r['seconds']:>8.1f}{r['tokens_per_s']:>7.1f}{r['ratio']:>6.2f}"
+        print(f"{name:<27}{r['tokens']:>7}{r['seconds']:>8.1f}{r['tokens_per_s']:>7.1f}{r['ratio']:>6.2f}"
               f"{r['generate_tokens_per_s']:>10.1f}{r['generate_ratio']:>6.2f}{r['cpu_seconds']:>8.1f}"
               f"{r['tokens_per_cpu_s']:>10.2f}{r['cpu_ratio']:>6.2f}{r['load_avg_1m_after']:>6.1f}")  # fmt: skip
     if args.json:
