@@ -2,6 +2,7 @@
 
 from meddr_ray.model.build import build_smol, build_tiny, smol_gguf_path
 from meddr_ray.model.loading import (
+    ImageEncoding,
     ModelNotFoundError,
     VisionLanguageModel,
     default_adapter,
@@ -12,6 +13,7 @@ from meddr_ray.model.loading import (
 from meddr_ray.model.lora import apply_lora, trainable_parameters
 
 __all__ = [
+    "ImageEncoding",
     "ModelNotFoundError",
     "VisionLanguageModel",
     "apply_lora",

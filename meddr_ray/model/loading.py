@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 import numpy as np
 
@@ -66,6 +66,60 @@ def vision_tower(model):
     raise TypeError(f"cannot find the vision tower of {type(base).__name__}")
 
 
+@dataclass(frozen=True)
+class ImageEncoding:
+    """One vision-tower pass over a batch of images, kept for both of its uses (paper section 3.3: retrieval costs
+    no extra encoder pass): ``keys`` is the retrieval key of each image, ``features`` what generation feeds the
+    language model in place of the image tokens.
+
+    ``features`` is the model's own image-encoder output (transformers' ``mm_encoder_outputs["image"]``: projected
+    features per image in ``pooler_output``) or, for checkpoints whose ``generate`` cannot take precomputed
+    features, None with the images kept so generation encodes them again (the keys are still computed once).
+    """
+
+    keys: np.ndarray
+    """float32 ``(n, embed_dim)``, unit rows: equal to :meth:`VisionLanguageModel.embed` of the same images."""
+    features: Any = None
+    """Projected image features per image (a list of tensors), or None (see above)."""
+    images: Any = None
+    """The images themselves; only kept when ``features`` is None."""
+
+    def __len__(self) -> int:
+        return int(self.keys.shape[0])
+
+    def select(self, indices: Sequence[int]) -> "ImageEncoding":
+        """The encodings of ``indices`` (repeats allowed: one image answered with two prompts)."""
+        idx = [int(i) for i in indices]
+        return ImageEncoding(
+            keys=self.keys[idx] if idx else self.keys[:0],
+            features=[self.features[i] for i in idx] if self.features is not None else None,
+            images=[self.images[i] for i in idx] if self.images is not None else None,
+        )
+
+    @staticmethod
+    def concat(parts: Sequence["ImageEncoding"]) -> "ImageEncoding":
+        """One encoding of several batches' images, in order (batches from separate requests, say)."""
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        with_features = {p.features is not None for p in parts}
+        if len(with_features) > 1:
+            raise ValueError("cannot concatenate encodings with and without precomputed features")
+        return ImageEncoding(
+            keys=np.concatenate([p.keys for p in parts], axis=0),
+            features=[f for p in parts for f in p.features] if parts[0].features is not None else None,
+            images=[im for p in parts for im in p.images] if parts[0].features is None else None,
+        )
+
+
+def _pooled_key(last_hidden_state) -> np.ndarray:
+    """The retrieval key: mean over the vision tower's last hidden state (this project's choice: the paper names
+    no layer or pooling), L2-normalised so inner product is cosine similarity."""
+    import torch
+
+    pooled = torch.nn.functional.normalize(last_hidden_state.float().mean(dim=1), dim=-1)
+    return pooled.cpu().numpy().astype(np.float32)
+
+
 class VisionLanguageModel:
     """A loaded checkpoint (optionally with a LoRA adapter) and its processor."""
 
@@ -105,28 +159,41 @@ class VisionLanguageModel:
 
     def generate(
         self,
-        images: Sequence,
+        images: Optional[Sequence],
         prompts: Sequence[str],
         gen: GenerationConfig,
         prefixes: Optional[Sequence[str]] = None,
+        encoding: Optional[ImageEncoding] = None,
     ) -> List[dict]:
-        """Batched generation: one PIL image and one instruction per sample.
+        """Batched generation: one image and one instruction per sample.
 
-        Each answer starts with its prefix (``prefixes[i]``, default ``gen.response_prefix``), which is part of
-        the returned text. Returns ``[{"text", "tokens"}]`` (``tokens``: generated tokens without padding), in
-        input order.
+        The images come either as PIL images or as ``encoding`` (:meth:`encode_images`, row i for prompt i), in
+        which case the vision tower does not run again. Each answer starts with its prefix (``prefixes[i]``,
+        default ``gen.response_prefix``), which is part of the returned text. Returns ``[{"text", "tokens"}]``
+        (``tokens``: generated tokens without padding), in input order.
         """
         import torch
 
-        if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+        if (images is None) == (encoding is None):
+            raise ValueError("pass either images or their encoding")
+        n_images = len(encoding) if encoding is not None else len(images)
+        if n_images != len(prompts):
+            raise ValueError(f"{n_images} images but {len(prompts)} prompts")
         if not prompts:
             return []
         prefixes = list(prefixes) if prefixes is not None else [gen.response_prefix] * len(prompts)
         if len(prefixes) != len(prompts):
             raise ValueError(f"{len(prefixes)} prefixes but {len(prompts)} prompts")
         texts = [self.chat_prompt(p) + prefix for p, prefix in zip(prompts, prefixes)]
-        inputs = self.processor(images=list(images), text=texts, return_tensors="pt", padding=True).to(self.device)
+        if encoding is not None and encoding.features is None:
+            images, encoding = encoding.images, None  # this checkpoint cannot take pre-encoded images
+        if encoding is None:
+            inputs = self.processor(images=list(images), text=texts, return_tensors="pt", padding=True)
+        else:
+            inputs = self._text_inputs(texts, [int(f.shape[0]) for f in encoding.features])
+            # transformers' hook for pre-encoded images: generate() scatters them into the image tokens
+            inputs["mm_encoder_outputs"] = {"image": _encoder_output(encoding.features)}
+        inputs = {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in inputs.items()}
         tok = self.processor.tokenizer
         kwargs = {k: v for k, v in asdict(gen).items() if v is not None and k != "response_prefix"}
         if not gen.do_sample:
@@ -156,13 +223,48 @@ class VisionLanguageModel:
 
         if not len(images):
             return np.zeros((0, self.embed_dim), dtype=np.float32)
-        pixels = self.processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
         tower = vision_tower(self.model)
         with torch.inference_mode():
-            hidden = tower(pixel_values=pixels.to(self.device, dtype=next(tower.parameters()).dtype)).last_hidden_state
-            pooled = hidden.float().mean(dim=1)
-            pooled = torch.nn.functional.normalize(pooled, dim=-1)
-        return pooled.cpu().numpy().astype(np.float32)
+            hidden = tower(pixel_values=self._pixels(images, tower)).last_hidden_state
+        return _pooled_key(hidden)
+
+    def encode_images(self, images: Sequence) -> ImageEncoding:
+        """One vision-tower pass giving both the retrieval keys (equal to :meth:`embed`) and the image features
+        :meth:`generate` takes (``encoding=``): the query image is encoded once for retrieval and answering."""
+        import torch
+
+        if not len(images):
+            raise ValueError("encode_images needs at least one image")
+        tower = vision_tower(self.model)
+        pixels = self._pixels(images, tower)
+        image_features = getattr(self.model, "get_image_features", None)
+        if image_features is None or not self._takes_encoder_outputs():
+            with torch.inference_mode():
+                keys = _pooled_key(tower(pixel_values=pixels).last_hidden_state)
+            return ImageEncoding(keys=keys, images=list(images))
+        with torch.inference_mode():
+            out = image_features(pixel_values=pixels, return_dict=True)
+        # LLaVA-style models return the vision tower's own output with the projected features in pooler_output
+        return ImageEncoding(keys=_pooled_key(out.last_hidden_state), features=list(out.pooler_output))
+
+    def _pixels(self, images: Sequence, tower):
+        pixels = self.processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
+        return pixels.to(self.device, dtype=next(tower.parameters()).dtype)
+
+    def _takes_encoder_outputs(self) -> bool:
+        supports = getattr(self.model, "_supports_mm_encoder_outputs", None)
+        return bool(supports and supports())
+
+    def _text_inputs(self, texts: Sequence[str], image_tokens: Sequence[int]) -> dict:
+        """Token ids of chat texts whose image placeholder is repeated once per image feature, as the processor
+        expands it when it gets the images itself."""
+        token = self.processor.image_token
+        expanded = []
+        for text, n in zip(texts, image_tokens):
+            if text.count(token) != 1:
+                raise ValueError(f"expected one {token!r} placeholder in the chat prompt, found {text.count(token)}")
+            expanded.append(text.replace(token, token * n))
+        return dict(self.processor.tokenizer(expanded, return_tensors="pt", padding=True))
 
     def encoder_fingerprint(self) -> str:
         """Identifies the vision encoder's weights; an index built with another encoder is refused."""
@@ -175,6 +277,12 @@ class VisionLanguageModel:
                 h.update(flat[:: max(1, flat.numel() // 4096)].numpy().tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
+
+
+def _encoder_output(features):
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    return BaseModelOutputWithPooling(pooler_output=list(features))
 
 
 def _load_weights(path: Path, dtype, trust_remote_code: bool):

@@ -90,3 +90,41 @@ def test_smol_builds_from_the_packaged_gguf_and_writes_english(tmp_path):
     )
     assert "paris" in out[0]["text"].lower()
     assert vlm.embed(_images(2)).shape == (2, 64)
+
+
+def test_encode_images_gives_the_embed_keys_from_one_tower_pass(tiny):
+    imgs = _images(4, seed=3)
+    enc = tiny.encode_images(imgs)
+    assert len(enc) == 4 and enc.features is not None  # the tiny LLaVA takes pre-encoded images
+    np.testing.assert_allclose(enc.keys, tiny.embed(imgs), atol=1e-6)
+
+
+def test_generate_from_an_encoding_equals_generate_from_the_images(tiny, monkeypatch):
+    imgs = _images(3, seed=4)
+    prompts = ["describe", "a longer instruction so that the others are padded on the left", "diagnose"]
+    gen = GenerationConfig(max_new_tokens=6)
+    from_images = tiny.generate(imgs, prompts, gen)
+    enc = tiny.encode_images(imgs)
+
+    from meddr_ray.model.loading import vision_tower
+
+    calls = []
+    tower = vision_tower(tiny.model)
+    monkeypatch.setattr(tower, "forward", lambda *a, **k: calls.append(1) or pytest.fail("tower ran again"))
+    from_encoding = tiny.generate(None, prompts, gen, encoding=enc)
+    assert [r["text"] for r in from_encoding] == [r["text"] for r in from_images] and not calls
+    # one image answered with two prompts (retrieval off and on) reuses its row of the encoding
+    twice = tiny.generate(None, [prompts[1], prompts[1]], gen, encoding=enc.select([1, 1]))
+    assert twice[0]["text"] == twice[1]["text"] == from_images[1]["text"]
+
+
+def test_encodings_select_and_concat_in_order(tiny):
+    from meddr_ray.model import ImageEncoding
+
+    a, b = tiny.encode_images(_images(2, seed=5)), tiny.encode_images(_images(1, seed=6))
+    both = ImageEncoding.concat([a, b])
+    assert len(both) == 3
+    np.testing.assert_array_equal(both.select([2]).keys, b.keys)
+    np.testing.assert_array_equal(both.select([1, 0]).keys, a.keys[[1, 0]])
+    with pytest.raises(ValueError, match="either images or their encoding"):
+        tiny.generate(_images(1), ["x"], GenerationConfig(max_new_tokens=2), encoding=b)
