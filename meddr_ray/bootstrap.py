@@ -427,12 +427,15 @@ def run_bootstrap(cfg: Config) -> str:
     from meddr_ray.runtime import init_ray
 
     ray = init_ray(cfg)
+    pool = cfg.bootstrap.pool
     import ray.data
     from meddr_ray.data import read_source
 
-    datasets = [read_source(src, cfg.data) for src in cfg.bootstrap.sources]
+    # One block per teacher batch: the pool hands whole blocks to its actors, so blocks of the readers' default
+    # size (256 rows) would keep a second actor idle and make a retry after a lost actor redo 256 reports.
+    read_cfg = dataclasses.replace(cfg.data, rows_per_block=max(1, min(cfg.data.rows_per_block, pool.batch_size)))
+    datasets = [read_source(src, read_cfg) for src in cfg.bootstrap.sources]
     ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-    pool = cfg.bootstrap.pool
     done_ref = ray.put((done.combine_chunks(), failed_before.combine_chunks()))
     with warnings.catch_warnings():
         # Ray 2.60 marks extra **ray_remote_args deprecated but has no named parameter yet for the actors'
