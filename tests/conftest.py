@@ -39,3 +39,16 @@ def ray_cluster():
     ctx.enable_progress_bars = False
     yield ray
     # left running until the interpreter exits: other session fixtures may still use it
+
+
+@pytest.fixture(scope="session")
+def tiny_index_run(ray_cluster, tmp_path_factory):
+    """A tiny-preset run with a published index (BreastMNIST train + val, base student, no adapter), built once
+    per session for the tests that query a run: evaluation and the Serve application. Tests must not change it;
+    those that add versions or adapters copy the run first (``shutil.copytree(cfg.run_dir, ...)``)."""
+    from meddr_ray.config import load_config
+    from meddr_ray.index import run_index
+
+    cfg = load_config("tiny", [f"run_dir={tmp_path_factory.mktemp('tiny-index-run') / 'run'}"])
+    run_index(cfg)
+    return cfg
