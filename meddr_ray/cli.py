@@ -23,7 +23,7 @@ STAGES: Dict[str, Tuple[str, str, str]] = {
     "evaluate": ("meddr_ray.evaluate", "run_evaluate", "no-RAG / RAG / voting metrics on held-out data"),
     "serve": ("meddr_ray.serving", "run_serve", "start the Ray Serve application (HTTP API)"),
     "pipeline": ("meddr_ray.pipeline", "run_pipeline", "bootstrap -> instruct -> train -> index -> evaluate"),
-    "demo": ("meddr_ray.pipeline", "run_demo", "the README's main job: the pipeline on the demo preset"),
+    "demo": ("meddr_ray.demo", "run_demo", "the README's main job: the whole recipe, then one served request"),
 }
 
 EXIT_NOT_BUILT = 3
@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--add", metavar="SOURCE_YAML", help="append the cases of this source (YAML) as a new index version"
             )
+        if stage in ("pipeline", "demo"):
+            p.add_argument(
+                "--fresh", action="store_true", help="delete the run folder first instead of reusing finished steps"
+            )
     cfg = sub.add_parser("config", help="show the resolved config", description="show the resolved config")
     cfg_sub = cfg.add_subparsers(dest="action", required=True)
     show = cfg_sub.add_parser("show", help="print the resolved config as YAML")
@@ -108,6 +112,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         func = stage_function(args.stage)
         kwargs = {"add_source": args.add} if args.stage == "index" and args.add else {}
+        if getattr(args, "fresh", False):
+            kwargs["fresh"] = True
         result = func(cfg, **kwargs)
         if result:
             print(f"{args.stage}: wrote {result}")

@@ -1,17 +1,23 @@
 """The whole MedDr recipe as one job: bootstrap -> instruct -> train -> index -> evaluate.
 
 Each step is the same library function the per-stage CLI commands call, and each reads only what earlier steps
-wrote, so a failed or interrupted pipeline is resumed by running it again: bootstrap skips the ids it already
-wrote, training resumes from its last checkpoint, and the other steps are cheap to redo.
+wrote. ``<run_dir>/pipeline.json`` records every finished step with a fingerprint of what it was built from (its
+config sections and the fingerprint of the step before it), written after each step. Running the pipeline again
+reuses a finished step whose fingerprint still matches and whose output is still there; a step that runs again
+makes every later step run again too. An interrupted pipeline is resumed by running it again: finished steps are
+reused, and the interrupted step resumes itself (bootstrap skips the ids it wrote, training continues from its
+last checkpoint, evaluation skips the rows it answered). ``fresh=True`` (``--fresh``) deletes the run first.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import importlib
 import json
 import logging
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from meddr_ray import storage
 from meddr_ray.config import Config, join_path, save_config
@@ -19,14 +25,16 @@ from meddr_ray.runtime import init_ray
 
 log = logging.getLogger("meddr_ray.pipeline")
 
-# step -> (module, function). Evaluation is optional until its module exists.
-PIPELINE: List[Tuple[str, str, str]] = [
-    ("bootstrap", "meddr_ray.bootstrap", "run_bootstrap"),
-    ("instruct", "meddr_ray.instruct", "run_instruct"),
-    ("train", "meddr_ray.train", "run_train"),
-    ("index", "meddr_ray.index", "run_index"),
-    ("evaluate", "meddr_ray.evaluate", "run_evaluate"),
+# step -> (module, function, the config sections its output depends on besides the step before it)
+PIPELINE: List[Tuple[str, str, str, Tuple[str, ...]]] = [
+    ("bootstrap", "meddr_ray.bootstrap", "run_bootstrap", ("seed", "data", "teacher", "bootstrap")),
+    ("instruct", "meddr_ray.instruct", "run_instruct", ("instruct",)),
+    ("train", "meddr_ray.train", "run_train", ("student", "train")),
+    ("index", "meddr_ray.index", "run_index", ("index",)),
+    ("evaluate", "meddr_ray.evaluate", "run_evaluate", ("evaluate", "rag")),
 ]
+STEPS = [step for step, *_ in PIPELINE]
+SUMMARY_FILE = "pipeline.json"
 
 
 def _resolve(module_name: str, func_name: str) -> Optional[Callable]:
@@ -39,32 +47,107 @@ def _resolve(module_name: str, func_name: str) -> Optional[Callable]:
     return getattr(module, func_name, None)
 
 
-def run_pipeline(cfg: Config, steps: Optional[List[str]] = None) -> str:
-    """Run every built step in order; returns the run folder. Steps not built yet are reported and skipped."""
+def step_fingerprints(cfg: Config) -> Dict[str, str]:
+    """Each step's fingerprint: its config sections chained to the step before it, so a change to the teacher
+    invalidates everything after bootstrap, and a change to ``evaluate`` only the evaluation."""
+    out: Dict[str, str] = {}
+    previous = ""
+    for step, _, _, sections in PIPELINE:
+        values = {s: getattr(cfg, s) for s in sections}
+        blob = json.dumps(
+            {s: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for s, v in values.items()},
+            sort_keys=True,
+            default=str,
+        )
+        previous = hashlib.sha256(f"{previous}\x1f{blob}".encode()).hexdigest()[:16]
+        out[step] = previous
+    return out
+
+
+def load_summary(run_dir: str) -> Dict[str, Any]:
+    """``pipeline.json`` of a run ({} when there is none or it is unreadable: then nothing is reused)."""
+    path = join_path(run_dir, SUMMARY_FILE)
+    if not storage.exists(path):
+        return {}
+    try:
+        summary = json.loads(storage.read_text(path))
+    except (ValueError, OSError) as exc:
+        log.warning("ignoring unreadable %s (%s): every step runs", path, exc)
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
+def remove_run(run_dir: str) -> None:
+    if storage.exists(run_dir):
+        print(f"[pipeline] --fresh: removing {run_dir}", flush=True)
+        storage.remove(run_dir)
+
+
+def run_pipeline(cfg: Config, steps: Optional[List[str]] = None, fresh: bool = False) -> str:
+    """Run the steps in order (all, or those named in ``steps``), reusing finished ones; returns the run folder."""
+    unknown = sorted(set(steps or []) - set(STEPS))
+    if unknown:
+        raise ValueError(f"unknown pipeline step(s) {unknown}: choose from {STEPS}")
+    if fresh:
+        remove_run(cfg.run_dir)
     init_ray(cfg)
     save_config(cfg, cfg.run_dir)
-    timings: Dict[str, float] = {}
-    outputs: Dict[str, str] = {}
+    previous = load_summary(cfg.run_dir).get("steps", {})
+    fingerprints = step_fingerprints(cfg)
+    records: Dict[str, Dict[str, Any]] = {}
     missing: List[str] = []
-    for step, module_name, func_name in PIPELINE:
+    rerun_downstream = False
+    total = len([s for s in STEPS if not steps or s in steps])
+    position = 0
+    for step, module_name, func_name, _ in PIPELINE:
         if steps and step not in steps:
+            if step in previous and not rerun_downstream:  # a step that ran before it made its output stale
+                records[step] = previous[step]
             continue
+        position += 1
         func = _resolve(module_name, func_name)
         if func is None:
             missing.append(step)
-            print(f"[pipeline] {step}: not built yet, skipped", flush=True)
+            print(f"[pipeline] {position}/{total} {step}: not built yet, skipped", flush=True)
             continue
-        print(f"[pipeline] {step}: starting", flush=True)
+        done = previous.get(step)
+        if (
+            not rerun_downstream
+            and done
+            and done.get("fingerprint") == fingerprints[step]
+            and done.get("output")
+            and storage.exists(done["output"])
+        ):
+            records[step] = {**done, "reused": True}
+            print(f"[pipeline] {position}/{total} {step}: reused (finished {done.get('finished')}) -> "
+                  f"{done['output']}", flush=True)  # fmt: skip
+            continue
+        print(f"[pipeline] {position}/{total} {step}: starting", flush=True)
         start = time.time()
-        outputs[step] = func(cfg)
-        timings[step] = round(time.time() - start, 1)
-        print(f"[pipeline] {step}: done in {timings[step]} s -> {outputs[step]}", flush=True)
-    summary = {"run_dir": cfg.run_dir, "outputs": outputs, "seconds": timings, "not_built": missing}
-    storage.write_text(join_path(cfg.run_dir, "pipeline.json"), json.dumps(summary, indent=2))
-    print(f"[pipeline] finished: {json.dumps(summary)}", flush=True)
+        output = func(cfg)
+        records[step] = {
+            "output": output,
+            "seconds": round(time.time() - start, 1),
+            "fingerprint": fingerprints[step],
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "reused": False,
+        }
+        rerun_downstream = True  # later steps read this output: they must not reuse what they built before
+        _write_summary(cfg, records, missing)
+        print(f"[pipeline] {position}/{total} {step}: done in {records[step]['seconds']} s -> {output}", flush=True)
+    summary = _write_summary(cfg, records, missing)
+    print(f"[pipeline] finished: {json.dumps({k: summary[k] for k in ('run_dir', 'outputs', 'seconds')})}",
+          flush=True)  # fmt: skip
     return cfg.run_dir
 
 
-def run_demo(cfg: Config) -> str:
-    """The README's main job: the pipeline on the demo preset (SmolLM2 teacher, tiny student, BreastMNIST)."""
-    return run_pipeline(cfg)
+def _write_summary(cfg: Config, records: Dict[str, Dict[str, Any]], missing: List[str]) -> Dict[str, Any]:
+    summary = {
+        "run_dir": cfg.run_dir,
+        "steps": records,
+        "outputs": {s: r["output"] for s, r in records.items()},
+        "seconds": {s: r["seconds"] for s, r in records.items() if not r.get("reused")},
+        "not_built": missing,
+    }
+    storage.write_text(join_path(cfg.run_dir, SUMMARY_FILE), json.dumps(summary, indent=2))
+    return summary

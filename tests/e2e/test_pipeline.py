@@ -27,11 +27,13 @@ def test_pipeline_writes_every_stage_and_resumes(ray_cluster, tmp_path):
             "instruct.sources.0.limit=48",
             "train.max_steps=4",
             "train.checkpoint_every=2",
+            "evaluate.sources.0.limit=16",
         ],
     )
     run = Path(run_pipeline(cfg))
     summary = json.loads((run / "pipeline.json").read_text())
-    assert set(summary["outputs"]) >= {"bootstrap", "instruct", "train", "index"}
+    assert set(summary["outputs"]) == {"bootstrap", "instruct", "train", "index", "evaluate"}
+    assert not any(r["reused"] for r in summary["steps"].values())
 
     reports = _read(run / "bootstrap", ["id", "report"])
     assert reports.num_rows == 24 and len(set(reports.column("id").to_pylist())) == 24
@@ -43,6 +45,17 @@ def test_pipeline_writes_every_stage_and_resumes(ray_cluster, tmp_path):
     assert manifest["count"] == 624  # BreastMNIST train + val
     assert (run / "config.yaml").is_file()
 
-    # A second run redoes nothing that is done: no new reports, training already at its last step.
+    assert (run / "eval" / "metrics.json").is_file()
+
+    # A second run reuses every finished step, and writes nothing new.
     run_pipeline(cfg)
+    again = json.loads((run / "pipeline.json").read_text())
+    assert all(r["reused"] for r in again["steps"].values()) and again["outputs"] == summary["outputs"]
     assert _read(run / "bootstrap", ["id"]).num_rows == 24
+    assert (run / "index" / "CURRENT").read_text().strip() == version
+
+    # A changed evaluation setting re-runs the evaluation alone.
+    run_pipeline(load_config("tiny", [f"run_dir={run}", "bootstrap.sources.0.limit=24", "instruct.sources.0.limit=48",
+                                      "train.max_steps=4", "train.checkpoint_every=2", "evaluate.sources.0.limit=8"]))
+    third = json.loads((run / "pipeline.json").read_text())["steps"]
+    assert [s for s, r in third.items() if not r["reused"]] == ["evaluate"]
