@@ -52,9 +52,15 @@ VALUES_SCHEMA = pa.schema(
         pa.field("task", pa.string()),  # diagnosis | vqa | report
         pa.field("label", pa.string()),  # diagnosis label(s), ", "-joined; null for VQA / reports
         pa.field("text", pa.string()),  # what a prompt quotes: the label, the VQA answer or the report
+        # Where the case's image lives, so a report can show a neighbour's image (paper Figure 5) without the index
+        # holding images: the source file (dictionary-encoded: a few distinct paths over millions of rows) and the
+        # row inside it. Nullable: indexes published before these columns load with them null.
+        pa.field("source_file", pa.dictionary(pa.int32(), pa.string())),
+        pa.field("source_index", pa.int64()),
     ]
 )
 VALUE_COLUMNS: List[str] = VALUES_SCHEMA.names
+REQUIRED_VALUE_COLUMNS: List[str] = ["id", "dataset", "modality", "task", "label", "text"]
 
 _VERSION_RE = re.compile(r"^v(\d+)$")
 _STALE_TMP_S = 3600  # temporary folders older than this are from crashed publishers
@@ -271,6 +277,19 @@ def index_from_bytes(buf: np.ndarray):
     return _faiss().deserialize_index(np.asarray(buf, dtype=np.uint8))
 
 
+def conform_values(values: pa.Table) -> pa.Table:
+    """``values`` in :data:`VALUES_SCHEMA`, in its column order; optional columns it lacks (the image location, in
+    indexes and callers older than it) become nulls."""
+    missing = [c for c in REQUIRED_VALUE_COLUMNS if c not in values.column_names]
+    if missing:
+        raise ValueError(f"index values lack the columns {missing}")
+    columns = [
+        values.column(f.name).cast(f.type) if f.name in values.column_names else pa.nulls(values.num_rows, f.type)
+        for f in VALUES_SCHEMA
+    ]
+    return pa.Table.from_arrays(columns, schema=VALUES_SCHEMA)
+
+
 # -------------------------------------------------------------------------------------------- publishing
 
 
@@ -391,7 +410,7 @@ def publish(
     version, dimension, count, FAISS type, file sizes and sha256 checksums. ``extra_files``: name -> text.
     """
     index = to_cpu(index)
-    values = values.select(VALUE_COLUMNS).cast(VALUES_SCHEMA)
+    values = conform_values(values)
     if values.num_rows != index.ntotal:
         raise IndexArtifactError(f"refusing to publish: {values.num_rows} value rows for {index.ntotal} vectors")
     storage.makedirs(index_dir)
@@ -567,9 +586,10 @@ def load_index(
         values = _read_parquet(vpath)
     except Exception as exc:  # pyarrow raises several types for a damaged file
         raise IndexArtifactError(f"{vpath}: not a readable Parquet file ({exc})") from None
-    missing = [c for c in VALUE_COLUMNS if c not in values.column_names]
+    missing = [c for c in REQUIRED_VALUE_COLUMNS if c not in values.column_names]
     if missing:
         raise IndexArtifactError(f"{vpath}: missing columns {missing}")
+    values = conform_values(values)
     if values.num_rows != index.ntotal:
         raise IndexArtifactError(
             f"{vpath}: {values.num_rows} rows but the index holds {index.ntotal} vectors; the values do not line "

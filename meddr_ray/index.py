@@ -411,14 +411,21 @@ def make_plan(files: List[str], known_ids: pa.Array) -> Plan:
 
 def read_entries(entries: Sequence[Tuple[str, np.ndarray]], dim: int, with_values: bool = True):
     """``(vectors (n, dim) float32, values table)`` of the given rows of embedding files, in order."""
+    import pyarrow.parquet as pq
+
+    from meddr_ray.faiss_index import conform_values
+
     vectors, values = [], []
-    columns = ["embedding"] + (VALUE_COLUMNS if with_values else [])
     for path, rows in entries:
+        columns = ["embedding"]
+        if with_values:  # the value columns the file has (embeddings of an older version lack the image location)
+            fs, p = storage.resolve(path)
+            columns += [c for c in VALUE_COLUMNS if c in pq.read_schema(p, filesystem=fs).names]
         t = _read_columns(path, columns).take(pa.array(rows))
         emb = t.column("embedding").combine_chunks()
         vectors.append(emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim))
         if with_values:
-            values.append(t.select(VALUE_COLUMNS))
+            values.append(conform_values(t.drop_columns(["embedding"])))
     x = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
     return x, (pa.concat_tables(values) if with_values and values else None)
 
@@ -471,7 +478,7 @@ def _add_publish_task(index_dir: str, parent: str, manifest: dict, extra: dict, 
     base = fi.load_index(index_dir, expect_dim=dim, expect_fingerprint=manifest["encoder_fingerprint"], version=parent)
     vectors, values = read_entries(entries, dim)
     base.index.add(fi.check_vectors(vectors, dim))
-    merged = pa.concat_tables([base.values.select(VALUE_COLUMNS).cast(fi.VALUES_SCHEMA), values.cast(fi.VALUES_SCHEMA)])
+    merged = pa.concat_tables([fi.conform_values(base.values), fi.conform_values(values)])
     return fi.publish(index_dir, base.index, merged, manifest, extra)
 
 
