@@ -12,8 +12,9 @@ deployment each hold.
 from __future__ import annotations
 
 import logging
+import threading
 from collections import defaultdict
-from typing import Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -52,8 +53,20 @@ class Neighbor(NamedTuple):
         return self._asdict()
 
 
+class _Loaded(NamedTuple):
+    """One index version as searches use it: the loaded artifact, the searchable index (a GPU copy or the
+    loaded one) and its value columns. Never changed after it is made; a reload makes a new one."""
+
+    loaded: LoadedIndex
+    index: object
+    columns: Tuple[list, ...]  # id, label, text, dataset, modality, task: row i = FAISS id i
+
+
 class Retriever:
-    """A published index version in memory, searched by embeddings. Thread-safe for concurrent searches."""
+    """A published index version in memory, searched by embeddings. Thread-safe for concurrent searches, also
+    while another thread switches versions: a version's index and values live in one immutable object that a
+    switch replaces in a single assignment, and a search reads that reference once, so its FAISS ids are always
+    looked up in the values of the same version."""
 
     def __init__(
         self,
@@ -62,21 +75,25 @@ class Retriever:
         ef_search: Optional[int] = None,
         device: str = "cpu",
     ):
-        self.loaded = loaded
         self._expect = {"dim": loaded.dim, "fingerprint": loaded.manifest["encoder_fingerprint"]}
         self._knobs = {"nprobe": nprobe, "ef_search": ef_search, "device": device}
+        self._switching = threading.Lock()  # one version load at a time; searches never take it
+        self._state = self._prepare(loaded, nprobe, ef_search, device)
+
+    @staticmethod
+    def _prepare(loaded: LoadedIndex, nprobe: Optional[int], ef_search: Optional[int], device: str) -> _Loaded:
         index = loaded.index
         apply_search_params(index, nprobe, ef_search)
-        self.index = to_gpu(index) if use_gpu(device) else index
         # Value columns as Python lists, in Neighbor's field order: a list lookup per field per hit is the
         # cheapest way from FAISS ids to Python objects.
-        self._columns = [
+        columns = tuple(
             loaded.values.column(name).to_pylist() for name in ("id", "label", "text", "dataset", "modality", "task")
-        ]
+        )
         log.info(
             "retriever: index %s version %s, %d vectors of dimension %d (%s)",
             loaded.path, loaded.version, loaded.count, loaded.dim, loaded.manifest.get("faiss_type"),
         )  # fmt: skip
+        return _Loaded(loaded, to_gpu(index) if use_gpu(device) else index, columns)
 
     # ------------------------------------------------------------------------------------------ opening
 
@@ -114,21 +131,36 @@ class Retriever:
     def reload_if_changed(self) -> bool:
         """Switch to the version ``CURRENT`` names if it moved (after a rebuild or an incremental add), with the
         same encoder checks. Returns whether it switched. Searches keep using the old one until the swap."""
-        index_dir = self.index_dir
-        latest = current_version(index_dir)
-        if latest is None or latest == self.version:
-            return False
-        fresh = Retriever.open(
-            index_dir,
-            expect_dim=self._expect["dim"],
-            expect_fingerprint=self._expect["fingerprint"],
-            version=latest,
-            **self._knobs,
-        )
-        self.__dict__.update(fresh.__dict__)
-        return True
+        latest = current_version(self.index_dir)
+        return latest is not None and self.switch_to(latest)
+
+    def switch_to(self, version: str) -> bool:
+        """Load ``version`` of the same index folder (refused, with :class:`IndexArtifactError`, when it was built
+        with another encoder) and make it the one searches use; False when it is already loaded."""
+        with self._switching:
+            if version == self.version:
+                return False
+            loaded = load_index(
+                self.index_dir, self._expect["dim"], self._expect["fingerprint"], version=version, verify=True
+            )
+            self._state = self._prepare(loaded, **self._knobs)  # the one assignment a search can observe
+            return True
 
     # ---------------------------------------------------------------------------------------- properties
+
+    @property
+    def loaded(self) -> LoadedIndex:
+        return self._state.loaded
+
+    @property
+    def index(self):
+        """The FAISS index searches run on (of the version loaded now)."""
+        return self._state.index
+
+    @index.setter
+    def index(self, index) -> None:
+        """Search another FAISS index object over the same values (a wrapper that times it, say)."""
+        self._state = self._state._replace(index=index)
 
     @property
     def version(self) -> str:
@@ -154,16 +186,25 @@ class Retriever:
 
     def search_raw(self, embeddings: np.ndarray, k: int):
         """``(scores, ids)``, each ``(n, k)``; id -1 where the index has fewer than k vectors."""
-        x = check_vectors(np.atleast_2d(embeddings), self.dim, where="query embeddings")
-        return self.index.search(x, int(k))
+        return self._search_raw(self._state, embeddings, k)
+
+    @staticmethod
+    def _search_raw(state: _Loaded, embeddings: np.ndarray, k: int):
+        x = check_vectors(np.atleast_2d(embeddings), state.loaded.dim, where="query embeddings")
+        return state.index.search(x, int(k))
 
     def search(self, embeddings: np.ndarray, k: int) -> List[List[Neighbor]]:
         """The top-k neighbours of each query embedding, best first."""
+        return self.search_versioned(embeddings, k)[1]
+
+    def search_versioned(self, embeddings: np.ndarray, k: int) -> Tuple[str, List[List[Neighbor]]]:
+        """The version searched and the top-k neighbours of each query embedding, best first."""
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        scores, ids = self.search_raw(embeddings, k)
-        cid, label, text, dataset, modality, task = self._columns
-        return [
+        state = self._state  # read once: the ids below are looked up in the values of this same version
+        scores, ids = self._search_raw(state, embeddings, k)
+        cid, label, text, dataset, modality, task = state.columns
+        return state.loaded.version, [
             [
                 Neighbor(cid[i], label[i], text[i], s, dataset[i], modality[i], task[i])
                 for s, i in zip(srow, irow)

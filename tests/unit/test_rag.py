@@ -137,3 +137,65 @@ def test_retriever_follows_current_after_an_incremental_add(tmp_path):
     with pytest.raises(IndexArtifactError, match="current encoder is ffffffffffffffff"):
         r.reload_if_changed()
     assert r.version == "v0002"
+
+
+def publish_permuted(root, x, perm, version_tag):
+    """A version holding the same vectors as every other in the order ``perm``: FAISS id r is case ``perm[r]``,
+    and every value of the version carries its tag, so an answer mixing two versions cannot go unnoticed."""
+    n = len(perm)
+    table = pa.table(
+        {
+            "id": [f"c{i}" for i in perm],
+            "dataset": [version_tag] * n,
+            "modality": ["CT"] * n,
+            "task": ["diagnosis"] * n,
+            "label": [version_tag] * n,
+            "text": [version_tag] * n,
+        }
+    )
+    index = fi.build_shard(x[perm], fi.IndexParams("flat"))
+    return fi.publish(str(root), index, table, {"encoder_fingerprint": "f" * 16, "model_name": "toy"})
+
+
+def test_searches_stay_consistent_while_versions_change(tmp_path):
+    """Searches in threads while another thread publishes new versions and reloads: every answer's neighbours
+    are the right cases (the query's own case first) and all come from the one version the answer names."""
+    import threading
+
+    n, versions = 400, 12
+    x = unit(n, dim=16, seed=3)
+    rng = np.random.default_rng(0)
+    tags = [f"t{j}" for j in range(versions)]
+    publish_permuted(tmp_path, x, np.arange(n), tags[0])
+    r = Retriever.open(str(tmp_path))
+    stop = threading.Event()
+    failures, answers = [], [0]
+
+    def search_loop(seed):
+        local = np.random.default_rng(seed)
+        while not stop.is_set():
+            q = local.choice(n, size=32, replace=False)
+            version, rows = r.search_versioned(x[q], k=3)
+            for case, row in zip(q, rows):
+                if row[0].id != f"c{case}" or len({nb.label for nb in row}) != 1:
+                    failures.append((version, case, [(nb.id, nb.label) for nb in row]))
+            answers[0] += 1
+
+    threads = [threading.Thread(target=search_loop, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        seen = {r.version}
+        for tag in tags[1:]:
+            publish_permuted(tmp_path, x, rng.permutation(n), tag)
+            assert r.reload_if_changed() is True
+            seen.add(r.version)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert len(seen) == versions and answers[0] > versions
+    assert not failures, f"{len(failures)} answers mixed versions, e.g. {failures[:3]}"
+    # and an explicit switch back to an older version (a pinned version) answers from it
+    assert r.switch_to("v0001") is True and r.search(x[:1], 1)[0][0].label == tags[0]
+    assert r.switch_to("v0001") is False
