@@ -376,18 +376,34 @@ class RagConfig:
 
 @dataclass
 class EvaluateConfig:
-    """Evaluation on held-out data: no-RAG, RAG and voting."""
+    """Evaluation on held-out data (paper Table 4): the student without retrieval, with retrieval, and voting over
+    the same retrieved cases; metrics as MultiMedEval defines them (``meddr_ray.metrics``)."""
 
     sources: List[SourceConfig] = field(default_factory=list)
-    """Test sources."""
+    """Test sources, any task (diagnosis, vqa, report); each source's ``name`` names its rows in the tables."""
     modes: List[str] = field(default_factory=lambda: ["no_rag", "rag", "voting"])
-    """Which rows of the paper's RAG table to compute."""
+    """Which rows of the paper's RAG table to compute: ``no_rag`` (the student alone), ``rag`` (the student with
+    the retrieved context), ``voting`` (the retrieved cases alone: majority label, or the top-1 report). VQA has
+    no voting row."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """Student decoding."""
+    task_max_new_tokens: Dict[str, int] = field(default_factory=dict)
+    """Per-task override of ``generation.max_new_tokens`` (keys diagnosis | vqa | report): a diagnosis is a
+    label, a report a paragraph."""
     pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
-    """Student actor pool."""
+    """Student actor pool: each actor loads the student (+ adapter) and the index once."""
     output_dir: Optional[str] = None
     """Default ``<run_dir>/eval``."""
+    require_adapter: bool = False
+    """true: a run without a trained adapter (``train.adapter_dir``, default ``<run_dir>/adapter``) is an error.
+    false: the base student is evaluated, and metrics.json and report.md say so."""
+    on_change: str = "restart"
+    """Predictions already in the output folder that were made by another student, adapter, index version or
+    settings: ``restart`` removes them (and says so) and answers every row again; ``error`` stops instead."""
+    figure_examples: int = 4
+    """Query images in the retrieval figure (paper Figure 5), spread over the datasets; 0: no figure."""
+    figure_top_k: int = 3
+    """Retrieved neighbours shown per query in that figure (the paper shows the top 3)."""
 
 
 @dataclass
