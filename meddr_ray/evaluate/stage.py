@@ -1,0 +1,478 @@
+"""The evaluation job (paper Table 4): the student without retrieval, with retrieval, and voting, on test splits.
+
+``run_evaluate(cfg)`` reads every ``evaluate.sources`` entry (any task) into the sample schema, and a pool of
+student actors (``map_batches`` with a callable class, ``ActorPoolStrategy``; each loads the student with the
+run's adapter and the run's index once) answers every row:
+
+1. the query images of a batch go through the vision tower ONCE (``encode_images``): the pooled keys find the
+   neighbours in the index (paper section 3.3), and the same features feed both generations;
+2. ``no_rag``: the task's instruction alone; ``rag``: with the retrieved context (:func:`meddr_ray.rag.rag_prompt`:
+   the top-5 labels for diagnosis, the top-1 text for VQA and reports);
+3. ``voting``: the retrieved cases alone, from the same neighbours (:func:`meddr_ray.rag.vote` for diagnosis; the
+   top-1 retrieved report as the prediction for report generation; VQA has no voting row);
+4. each answer is mapped / scored per row (:mod:`meddr_ray.evaluate.scoring`, MultiMedEval's definitions).
+
+Exactly once, resumable, as bootstrap: each actor call writes its rows (one per sample and mode) to one Parquet
+file, atomically, named by a hash of the batch's ids; a re-run skips the ids already written (before decoding
+their images) and the ids set aside before. Predictions made with another student, adapter, index version or
+settings (``run_key``) are never mixed with new ones (``evaluate.on_change``).
+
+Layout of ``<eval_dir>`` (``evaluate.output_dir``, default ``<run_dir>/eval``):
+- ``predictions/part-<hash>.parquet``: :data:`PREDICTION_SCHEMA`;
+- ``failed/part-<hash>.parquet``: rows that could not be used, with their error;
+- ``metrics.json``, ``report.md``, ``*.png`` (:mod:`meddr_ray.evaluate.report`); ``config.yaml``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import time
+import warnings
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from meddr_ray import storage
+from meddr_ray.bootstrap import FAILED_SCHEMA, batch_seed, failed_row, read_columns, remove_stale_temps, write_table
+from meddr_ray.config import Config, ConfigError, TASKS, join_path, save_config
+from meddr_ray.evaluate import scoring
+
+log = logging.getLogger("meddr_ray.evaluate")
+
+PREDICTIONS_DIR = "predictions"
+FAILED_DIR = "failed"
+DEFAULT_MODALITY = "medical"
+
+PREDICTION_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),  # the sample's stable id (one row per id and mode)
+        pa.field("mode", pa.string()),  # no_rag | rag | voting
+        pa.field("dataset", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("task", pa.string()),  # diagnosis | vqa | report
+        pa.field("source_file", pa.string()),  # where the query image came from
+        pa.field("source_index", pa.int64()),
+        pa.field("modality", pa.string()),
+        pa.field("question", pa.string()),  # VQA
+        pa.field("answer_type", pa.string()),  # VQA: OPEN / CLOSED as the source states it
+        pa.field("reference", pa.string()),  # the label(s), the answer or the reference report
+        pa.field("options", pa.list_(pa.string())),  # diagnosis: the options the prompt offered, in order
+        pa.field("prompt", pa.string()),  # the exact instruction the student saw (null for voting)
+        pa.field("output", pa.string()),  # the student's text; voting: the voted label or the top-1 report
+        pa.field("true_index", pa.int64()),  # diagnosis: the reference's option (null: not exactly one option)
+        pa.field("pred_index", pa.int64()),  # diagnosis: the option the output maps to (MultiMedEval BLEU-1)
+        pa.field("true_vector", pa.list_(pa.int8())),  # multi-label diagnosis: 0/1 per label (options but "no finding")
+        pa.field("pred_vector", pa.list_(pa.int8())),  # multi-label diagnosis: the labels the output names
+        pa.field("pred_label", pa.string()),  # diagnosis: the predicted option(s)' name
+        pa.field("correct", pa.bool_()),  # diagnosis: prediction == reference (multi-label: every label)
+        pa.field("scores", pa.string()),  # VQA / report: the per-row figures, JSON
+        pa.field("neighbour_ids", pa.list_(pa.string())),  # retrieved cases, nearest first (null without an index)
+        pa.field("neighbour_scores", pa.list_(pa.float32())),  # their cosine similarities
+        pa.field("neighbour_labels", pa.list_(pa.string())),  # their labels (null entries: cases without one)
+        pa.field("top_k", pa.int64()),  # how many of the neighbours the prompt and the vote used (rag.top_k_*)
+        pa.field("tokens", pa.int64()),  # generated tokens (0 for voting)
+        pa.field("run_key", pa.string()),  # what the answers depend on (student, adapter, index, settings)
+    ]
+)
+
+_STAT_KEYS = ("rows_in", "written", "skipped", "skipped_failed", "failed", "tokens")
+
+
+def eval_dir(cfg: Config) -> str:
+    """``evaluate.output_dir``, default ``<run_dir>/eval``."""
+    return cfg.evaluate.output_dir or join_path(cfg.run_dir, "eval")
+
+
+def needs_index(modes: Sequence[str]) -> bool:
+    return "rag" in modes or "voting" in modes
+
+
+def generation_for(cfg: Config, task: str):
+    gen = cfg.evaluate.generation
+    return dataclasses.replace(gen, max_new_tokens=cfg.evaluate.task_max_new_tokens.get(task, gen.max_new_tokens))
+
+
+# ------------------------------------------------------------------------------------------- the actor
+
+
+class StudentEvaluator:
+    """Ray Data callable class: the student (+ adapter) and the index, loaded once per actor.
+
+    Each call takes a batch of samples, skips ids already written or set aside before (before decoding any
+    image), sets aside bad rows, answers the rest in every mode, writes the prediction rows to one file and
+    returns one row of counts.
+    """
+
+    def __init__(self, *, cfg: Config, adapter: Optional[str], index_version: Optional[str], out_dir: str,
+                 skip_ref: List[Any], run_key: str):  # fmt: skip
+        import ray
+
+        from meddr_ray.model import load_model
+        from meddr_ray.rag import Retriever
+
+        done, failed = ray.get(skip_ref[0])  # wrapped in a list so Ray hands the ref over unresolved
+        self.done, self.failed_before = done, failed
+        self.cfg = cfg
+        self.modes = list(cfg.evaluate.modes)
+        self.model = load_model(cfg.student, adapter)
+        self.retriever = Retriever.from_config(cfg, self.model, version=index_version) if index_version else None
+        self.out_dir = out_dir
+        self.failed_dir = join_path(out_dir, FAILED_DIR)
+        self.pred_dir = join_path(out_dir, PREDICTIONS_DIR)
+        self.run_key = run_key
+        self.limits = dict(max_bytes=cfg.data.max_image_bytes, max_pixels=cfg.data.max_image_pixels)
+
+    # ---------------------------------------------------------------------------------------- inputs
+
+    def _todo(self, batch: pa.Table) -> Tuple[pa.Table, int, int]:
+        """The rows not written and not set aside before; and how many of each were skipped."""
+        ids = batch.column("id").combine_chunks()
+        nothing = pa.array([False] * len(ids))
+        done = pc.is_in(ids, value_set=self.done) if len(self.done) else nothing
+        failed = pc.is_in(ids, value_set=self.failed_before) if len(self.failed_before) else nothing
+        failed = pc.and_(failed, pc.invert(done))
+        keep = pc.invert(pc.or_(done, failed))
+        return batch.filter(keep), int(pc.sum(done).as_py() or 0), int(pc.sum(failed).as_py() or 0)
+
+    def _decode(self, row: Dict[str, Any]):
+        """The sample's image as RGB, or the error that sets the row aside (raised with ``on_error=raise``)."""
+        from meddr_ray.data import DataError, decode_image
+
+        where = f"{os.path.basename(str(row.get('source_file') or row.get('dataset')))} row {row.get('source_index')}"
+        if row.get("error"):
+            return None, row["error"]  # the reader set it aside (on_error=skip)
+        try:
+            if not row.get("image"):
+                raise DataError(f"{where}: no image (id {row['id']})")
+            return decode_image(row["image"], where=where, **self.limits), None
+        except DataError as exc:
+            if self.cfg.data.on_error == "raise":
+                raise
+            return None, str(exc)
+
+    # ---------------------------------------------------------------------------------------- answers
+
+    def _neighbours(self, keys: np.ndarray, tasks: Sequence[str]):
+        """Each query's retrieved cases: enough for its prompt and vote (``rag.top_k_*``) and for the figure."""
+        from meddr_ray.rag import top_k_for
+
+        top_k = [top_k_for(t, self.cfg.rag) for t in tasks]
+        if self.retriever is None:
+            return [[] for _ in tasks], top_k
+        k = max(top_k + [self.cfg.evaluate.figure_top_k])
+        return self.retriever.search(keys, k), top_k
+
+    def _prompt(self, row: Dict[str, Any], options: List[str], neighbours) -> str:
+        from meddr_ray.rag import rag_prompt
+
+        return rag_prompt(
+            row["task"], neighbours, self.cfg.rag, modality=row.get("modality"), options=options,
+            question=row.get("question"),
+        )  # fmt: skip
+
+    def _generate(self, encoding, jobs: List[Tuple[int, str, str]], seed: Optional[int]) -> Dict[Tuple[int, str], dict]:
+        """Answers of ``jobs`` ``(row position, mode, prompt)``: one batched ``generate`` per task (each task has
+        its own token budget), the images given as their encoding, so the vision tower does not run again."""
+        out: Dict[Tuple[int, str], dict] = {}
+        by_task: Dict[str, List[Tuple[int, str, str, str]]] = {}
+        for pos, mode, prompt, task in jobs:
+            by_task.setdefault(task, []).append((pos, mode, prompt, task))
+        for task, items in by_task.items():
+            gen = generation_for(self.cfg, task)
+            if gen.do_sample and seed is not None:
+                import torch
+
+                torch.manual_seed(seed)
+            answers = self.model.generate(
+                None, [p for _, _, p, _ in items], gen, encoding=encoding.select([pos for pos, *_ in items])
+            )
+            for (pos, mode, _, _), answer in zip(items, answers):
+                out[(pos, mode)] = answer
+        return out
+
+    def __call__(self, batch: pa.Table) -> Dict[str, List[Any]]:
+        from meddr_ray.rag import rag_context, vote
+
+        stats = dict.fromkeys(_STAT_KEYS, 0)
+        stats["rows_in"] = batch.num_rows
+        todo, stats["skipped"], stats["skipped_failed"] = self._todo(batch)
+        rows, images, bad = [], [], []
+        for row in todo.to_pylist():
+            image, error = self._decode(row)
+            if error is not None:
+                bad.append(failed_row(row, error))
+            else:
+                rows.append(row)
+                images.append(image)
+
+        out_rows: List[Dict[str, Any]] = []
+        seconds = 0.0
+        if rows:
+            started = time.perf_counter()
+            tasks = [r.get("task") or "diagnosis" for r in rows]
+            encoding = self.model.encode_images(images)
+            neighbours, top_k = self._neighbours(encoding.keys, tasks)
+            options = [scoring.diagnosis_options(r.get("dataset"), r.get("label_set")) if t == "diagnosis" else []
+                       for r, t in zip(rows, tasks)]  # fmt: skip
+            jobs, prompts = [], {}
+            for i, (row, task) in enumerate(zip(rows, tasks)):
+                for mode in scoring.modes_for(task, self.modes):
+                    if mode in scoring.GENERATED_MODES:
+                        used = neighbours[i][: top_k[i]] if mode == "rag" else None
+                        prompts[(i, mode)] = self._prompt(row, options[i], used)
+                        jobs.append((i, mode, prompts[(i, mode)], task))
+            seed = batch_seed(self.cfg.seed, [r["id"] for r in rows])
+            answers = self._generate(encoding, jobs, seed) if jobs else {}
+            for i, (row, task) in enumerate(zip(rows, tasks)):
+                for mode in scoring.modes_for(task, self.modes):
+                    if mode == "voting":
+                        used = neighbours[i][: top_k[i]]
+                        output = vote(used) if task == "diagnosis" else rag_context(task, used, self.cfg.rag)
+                        answer = {"text": output, "tokens": 0}
+                    else:
+                        answer = answers[(i, mode)]
+                    out_rows.append(self._row(row, task, mode, options[i], prompts.get((i, mode)), answer,
+                                              neighbours[i], top_k[i]))  # fmt: skip
+            seconds = time.perf_counter() - started
+            write_table(self.pred_dir, pa.Table.from_pylist(out_rows, schema=PREDICTION_SCHEMA))
+        if bad:
+            write_table(self.failed_dir, pa.Table.from_pylist(bad, schema=FAILED_SCHEMA))
+
+        stats["written"] = len(rows)
+        stats["failed"] = len(bad)
+        stats["tokens"] = sum(int(r["tokens"]) for r in out_rows)
+        out = {k: [v] for k, v in stats.items()}
+        out["seconds"] = [seconds]
+        out["datasets"] = [",".join(sorted({str(r.get("dataset")) for r in rows + bad}))]
+        return out
+
+    def _row(self, row, task, mode, options, prompt, answer, neighbours, top_k) -> Dict[str, Any]:
+        labels = [x for x in (row.get("labels") or []) if x] or ([row["label"]] if row.get("label") else [])
+        reference = {"diagnosis": ", ".join(labels), "vqa": row.get("answer"), "report": row.get("report")}[task]
+        result = scoring.scored(task, answer["text"], reference, labels=labels, options=options,
+                                multi_label=scoring.is_multi_label(row.get("dataset")), voted=mode == "voting")
+        has_index = self.retriever is not None
+        return {
+            "id": row["id"],
+            "mode": mode,
+            "dataset": row.get("dataset"),
+            "split": row.get("split"),
+            "task": task,
+            "source_file": row.get("source_file"),
+            "source_index": row.get("source_index"),
+            "modality": row.get("modality"),
+            "question": row.get("question"),
+            "answer_type": row.get("answer_type"),
+            "reference": reference,
+            "options": options if task == "diagnosis" else None,
+            "prompt": prompt,
+            "output": answer["text"],
+            **result,
+            "neighbour_ids": [n.id for n in neighbours] if has_index else None,
+            "neighbour_scores": [float(n.score) for n in neighbours] if has_index else None,
+            "neighbour_labels": [n.label for n in neighbours] if has_index else None,
+            "top_k": top_k if has_index else None,
+            "tokens": int(answer.get("tokens") or 0),
+            "run_key": self.run_key,
+        }
+
+
+# ------------------------------------------------------------------------------------------ the driver
+
+
+def _check(cfg: Config) -> None:
+    ev = cfg.evaluate
+    if not ev.sources:
+        raise ConfigError("key 'evaluate.sources': no test sources to evaluate (list at least one)")
+    seen: Dict[Tuple[str, str], int] = {}
+    for i, src in enumerate(ev.sources):
+        for split in src.splits:
+            if (src.name, split) in seen:  # ids hash (name, split, index): two such sources would share ids
+                raise ConfigError(
+                    f"key 'evaluate.sources[{i}]': source {src.name!r} split {split!r} is already "
+                    f"evaluate.sources[{seen[(src.name, split)]}]; give each source its own name"
+                )
+            seen[(src.name, split)] = i
+    if not ev.modes:
+        raise ConfigError("key 'evaluate.modes': empty; choose from ['no_rag', 'rag', 'voting']")
+    for task in ev.task_max_new_tokens:
+        if task not in TASKS:
+            raise ConfigError(f"key 'evaluate.task_max_new_tokens.{task}': not a task; one of {list(TASKS)}")
+    if ev.on_change not in ("restart", "error"):
+        raise ConfigError(f"key 'evaluate.on_change': {ev.on_change!r} is not one of ['restart', 'error']")
+    if ev.figure_examples < 0 or ev.figure_top_k < 1:
+        raise ConfigError("keys 'evaluate.figure_examples' (>= 0) and 'evaluate.figure_top_k' (>= 1)")
+
+
+def _adapter(cfg: Config) -> Tuple[Optional[str], str, Optional[dict]]:
+    """``(adapter or None, the folder looked in, its meddr.json)``; an error if one is required and absent."""
+    from meddr_ray.model import default_adapter
+
+    folder = cfg.train.adapter_dir or join_path(cfg.run_dir, "adapter")
+    adapter = default_adapter(folder)
+    if adapter is None and cfg.evaluate.require_adapter:
+        raise FileNotFoundError(
+            f"evaluate: no trained adapter at {folder} (no adapter_config.json); run `meddr-ray train` first, or "
+            f"set evaluate.require_adapter=false to evaluate the base student"
+        )
+    meta_path = join_path(folder, "meddr.json")
+    meta = json.loads(storage.read_text(meta_path)) if adapter and storage.exists(meta_path) else None
+    return adapter, folder, meta
+
+
+def _index_manifest(cfg: Config) -> Optional[dict]:
+    """The manifest of the index version this evaluation uses (``CURRENT`` now, pinned for every actor)."""
+    from meddr_ray.faiss_index import current_version, load_manifest
+
+    if not needs_index(cfg.evaluate.modes):
+        return None
+    index_dir = cfg.stage_dir("index")
+    if current_version(index_dir) is None:
+        raise FileNotFoundError(
+            f"evaluate: no retrieval index at {index_dir} (no published version: {join_path(index_dir, 'CURRENT')} "
+            f"is missing); run `meddr-ray index` first, or set evaluate.modes=[no_rag]"
+        )
+    return load_manifest(index_dir)
+
+
+def _file_signature(folder: Optional[str]) -> List[Any]:
+    """Names and sizes of a folder's files: changes when an adapter is retrained."""
+    if not folder or not os.path.isdir(folder):
+        return []
+    return [[n, os.path.getsize(os.path.join(folder, n))] for n in sorted(os.listdir(folder))
+            if os.path.isfile(os.path.join(folder, n))]  # fmt: skip
+
+
+def run_key(cfg: Config, adapter: Optional[str], adapter_meta: Optional[dict], manifest: Optional[dict]) -> str:
+    """What the answers depend on: the student, its adapter, the index version and the settings; sources are
+    not in it, so adding a source or raising a limit only answers the new rows."""
+    blob = json.dumps(
+        {
+            "student": [cfg.student.name, cfg.student.path, cfg.student.dtype],
+            "adapter": [adapter, adapter_meta, _file_signature(adapter)],
+            "index": [manifest["version"], manifest["encoder_fingerprint"], manifest["path"]] if manifest else None,
+            "modes": sorted(cfg.evaluate.modes),
+            "generation": dataclasses.asdict(cfg.evaluate.generation),
+            "task_max_new_tokens": dict(sorted(cfg.evaluate.task_max_new_tokens.items())),
+            "rag": dataclasses.asdict(cfg.rag),
+            "figure_top_k": cfg.evaluate.figure_top_k,
+            "seed": cfg.seed,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _prepare_output(cfg: Config, out_dir: str, key: str) -> Tuple[pa.Array, pa.Array]:
+    """Make the folders, drop stale temporary files and predictions of another run key; the ids to skip."""
+    pred_dir, failed_dir = join_path(out_dir, PREDICTIONS_DIR), join_path(out_dir, FAILED_DIR)
+    for folder in (pred_dir, failed_dir):
+        storage.makedirs(folder)
+        remove_stale_temps(folder)
+    existing = read_columns(pred_dir, ["id", "run_key"])
+    keys = set(existing.column("run_key").unique().to_pylist()) if existing.num_rows else set()
+    if keys and keys != {key}:
+        what = (f"{pred_dir} holds predictions made with another student, adapter, index version or settings "
+                f"(run key {sorted(map(str, keys))}, now {key})")  # fmt: skip
+        if cfg.evaluate.on_change == "error":
+            raise ConfigError(f"{what}: use another evaluate.output_dir, delete the folder, or set "
+                              f"evaluate.on_change=restart")  # fmt: skip
+        print(f"evaluate: {what}; removing them and answering every row again", flush=True)
+        for folder in (pred_dir, failed_dir):
+            storage.remove(folder)
+            storage.makedirs(folder)
+        existing = existing.slice(0, 0)
+    done = pc.unique(existing.column("id").combine_chunks()) if existing.num_rows else pa.array([], pa.string())
+    failed = read_columns(failed_dir, ["id"]).column("id").combine_chunks()
+    return done.cast(pa.string()), failed.cast(pa.string())
+
+
+def _source_dataset(cfg: Config):
+    from meddr_ray.data import read_source
+
+    # One block per student batch, so a second actor gets work and a retried batch redoes one batch.
+    batch = cfg.evaluate.pool.batch_size
+    read_cfg = dataclasses.replace(cfg.data, rows_per_block=max(1, min(cfg.data.rows_per_block, batch)))
+    datasets = [read_source(src, read_cfg) for src in cfg.evaluate.sources]
+    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+
+
+def run_evaluate(cfg: Config) -> str:
+    """Answer every row of ``evaluate.sources`` in every mode, then write metrics.json, report.md and the plots;
+    returns the evaluation folder."""
+    from meddr_ray.evaluate import report
+    from meddr_ray.model import ensure_model
+    from meddr_ray.runtime import init_ray
+
+    _check(cfg)
+    student_path = ensure_model(cfg.student)  # fail fast on a missing checkpoint; build tiny/smol once, here
+    adapter, adapter_folder, adapter_meta = _adapter(cfg)
+    if adapter is None:
+        print(f"evaluate: no trained adapter at {adapter_folder}: evaluating the base student {cfg.student.name}",
+              flush=True)  # fmt: skip
+    manifest = _index_manifest(cfg)
+    key = run_key(cfg, adapter, adapter_meta, manifest)
+    out_dir = eval_dir(cfg)
+    done, failed_before = _prepare_output(cfg, out_dir, key)
+    save_config(cfg, out_dir)
+    if len(done):
+        print(f"evaluate: resuming, {len(done)} ids already answered in {join_path(out_dir, PREDICTIONS_DIR)}",
+              flush=True)  # fmt: skip
+
+    ray = init_ray(cfg)
+    import ray.data
+
+    pool = cfg.evaluate.pool
+    skip_ref = ray.put((done, failed_before))
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter yet for the actors' max_restarts / max_task_retries
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        stats_ds = _source_dataset(cfg).map_batches(
+            StudentEvaluator,
+            fn_constructor_kwargs=dict(
+                cfg=cfg, adapter=adapter, index_version=manifest["version"] if manifest else None, out_dir=out_dir,
+                skip_ref=[skip_ref], run_key=key,
+            ),  # fmt: skip
+            compute=ray.data.ActorPoolStrategy(
+                min_size=pool.min_actors, max_size=max(pool.min_actors, pool.max_actors)
+            ),
+            batch_size=pool.batch_size,
+            batch_format="pyarrow",
+            num_cpus=pool.num_cpus,
+            num_gpus=pool.num_gpus,
+            max_restarts=pool.max_restarts,
+            max_task_retries=pool.max_task_retries,
+        )
+
+    started = time.perf_counter()
+    totals: Dict[str, float] = dict.fromkeys(_STAT_KEYS + ("seconds",), 0)
+    for batch in stats_ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for i in range(batch.num_rows):
+            for k in totals:
+                totals[k] += batch.column(k)[i].as_py()
+            elapsed = time.perf_counter() - started
+            if batch.column("written")[i].as_py() or batch.column("failed")[i].as_py():
+                print(f"evaluate: batch done ({batch.column('datasets')[i].as_py()}): {int(totals['written'])} rows "
+                      f"answered, {int(totals['failed'])} failed, {int(totals['skipped'])} skipped so far; "
+                      f"{totals['written'] / max(elapsed, 1e-9):.2f} rows/s", flush=True)  # fmt: skip
+    seconds = time.perf_counter() - started
+
+    run = {k: int(v) for k, v in totals.items() if k != "seconds"}
+    run.update(seconds=round(seconds, 3), answer_seconds=round(float(totals["seconds"]), 3),
+               rows_per_s=round(run["written"] / seconds, 3) if seconds > 0 else 0.0)  # fmt: skip
+    context = report.RunContext(
+        cfg=cfg, out_dir=out_dir, run_key=key, student_path=str(student_path), adapter=adapter,
+        adapter_folder=adapter_folder, adapter_meta=adapter_meta, manifest=manifest, run=run,
+    )  # fmt: skip
+    metrics = report.write_all(context)
+    line = report.summary_line(metrics)
+    log.info(line)
+    print(line, flush=True)
+    return out_dir
