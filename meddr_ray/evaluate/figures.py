@@ -127,7 +127,7 @@ def retrieval_plot(cases: List[Dict[str, Any]], images: "CaseImages", manifest: 
             where = located.get(ids[c]) or {}
             image, why = (None, f"case {ids[c]} is not in the index values") if not where else images.load(
                 where.get("dataset"), ids[c], where.get("source_file"), where.get("source_index"))  # fmt: skip
-            title = f"top-{c + 1}: {_short(where.get('label') or where.get('task'), 22, 1)}\n" \
+            title = f"top-{c + 1}: {_short(where.get('label') or where.get('text'), 22, 1)}\n" \
                     f"{where.get('dataset', '?')}, sim {scores[c]:.3f}"  # fmt: skip
             _panel(ax, image, title, why, notes)
     fig.suptitle(f"Top-{top_k} retrieved cases (index version {manifest['version']})", fontsize=10)
@@ -149,7 +149,7 @@ def _panel(ax, image, title: str, why: Optional[str], notes: List[str]) -> None:
 
 
 def neighbour_locations(manifest: dict, ids: Sequence[str]) -> Dict[str, Dict[str, Any]]:
-    """``id -> {dataset, label, task, source_file, source_index}`` for a few cases of the index version, read
+    """``id -> {dataset, label, text, task, source_file, source_index}`` for a few cases of the index version, read
     with a filter from its values file (only those columns; never the whole index into memory)."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
@@ -160,7 +160,8 @@ def neighbour_locations(manifest: dict, ids: Sequence[str]) -> Dict[str, Dict[st
         return {}
     fs, path = storage.resolve(join_path(manifest["path"], VALUES_FILE))
     ds = pads.dataset(path, format="parquet", filesystem=fs)
-    columns = [c for c in ("id", "dataset", "label", "task", "source_file", "source_index") if c in ds.schema.names]
+    wanted = ("id", "dataset", "label", "text", "task", "source_file", "source_index")
+    columns = [c for c in wanted if c in ds.schema.names]
     out: Dict[str, Dict[str, Any]] = {}
     for row in ds.to_table(columns=columns, filter=pc.field("id").isin(list(ids))).to_pylist():
         out.setdefault(row["id"], row)  # one image may be several cases (a diagnosis and a report of it)

@@ -268,23 +268,41 @@ def render_markdown(metrics: Dict[str, Any], plots: Dict[str, Any]) -> str:
     for name in plots.get("files", []):
         out.append(f"![{name}]({name})")
     out += [f"- {note}" for note in plots.get("notes", [])]
-    out += ["", "## Tracing a number to its rows", "",
-            "Every figure above is computed from `predictions/*.parquet` (one row per test sample and mode: the "
-            "prompt, the output, the mapped option, the reference, the per-row scores and the retrieved neighbours' "
-            "ids, labels and similarities). For example, in Python:", "", "```python",
-            "import pyarrow.dataset as ds, pyarrow.compute as pc",
-            "from meddr_ray.metrics import classification_summary",
-            f"t = ds.dataset('{metrics['eval_dir']}/predictions').to_table(",
-            "    filter=(pc.field('dataset') == 'breastmnist') & (pc.field('mode') == 'rag'))",
-            "s = classification_summary(t['true_index'].to_pylist(), t['pred_index'].to_pylist(), 2)",
-            "# s['accuracy'], s['macro_f1'] = metrics.json datasets.breastmnist.modes.rag; the rows behind a cell of",
-            "# s['confusion'] are t.filter((pc.field('true_index') == i) & (pc.field('pred_index') == j))",
-            "```", "",
-            "Accuracy is MultiMedEval's (torchmetrics' macro accuracy: the mean of the per-class recalls); the share "
-            "of correct answers is `accuracy_micro` in metrics.json. VQA and report figures are means of the "
-            "per-row `scores` (JSON) of the same rows; the voting rows' `output` is `rag.vote` over the first "
-            "`top_k` of `neighbour_ids` (diagnosis) or the top-1 retrieved report.", ""]  # fmt: skip
+    out += ["", "## Tracing a number to its rows", ""] + _tracing(metrics)
     return "\n".join(out) + "\n"
+
+
+def _tracing(metrics: Dict[str, Any]) -> List[str]:
+    """How to recompute a figure of this report from its prediction rows (with the run's own first dataset)."""
+    name, d = next(iter(metrics["datasets"].items()))
+    mode = "rag" if "rag" in d["modes"] else next(iter(d["modes"]), "no_rag")
+    head = [
+        "Every figure above is computed from `predictions/*.parquet`: one row per test sample and mode with the "
+        "prompt, the output, the mapped option, the reference, the per-row scores and the retrieved neighbours' "
+        "ids, labels and similarities. For example:", "", "```python",
+        "import json, pyarrow.dataset as ds, pyarrow.compute as pc", "from meddr_ray import metrics",
+        f"t = ds.dataset('{metrics['eval_dir']}/predictions').to_table(",
+        f"    filter=(pc.field('dataset') == '{name}') & (pc.field('mode') == '{mode}'))",
+    ]  # fmt: skip
+    if d.get("task") == "diagnosis":
+        body = [
+            f"s = metrics.classification_summary(t['true_index'].to_pylist(), t['pred_index'].to_pylist(), "
+            f"{len(d.get('labels') or [])})",
+            f"# s['accuracy'], s['macro_f1'] = metrics.json datasets.{name}.modes.{mode}; the rows of a confusion",
+            "# cell: t.filter((pc.field('true_index') == i) & (pc.field('pred_index') == j))",
+        ]  # fmt: skip
+    else:
+        summary = "vqa_summary" if d.get("task") == "vqa" else "report_summary"
+        body = [f"s = metrics.{summary}(json.loads(x) for x in t['scores'].to_pylist())",
+                f"# = metrics.json datasets.{name}.modes.{mode}"]  # fmt: skip
+    tail = [
+        "```", "",
+        "Diagnosis accuracy is MultiMedEval's (torchmetrics' macro accuracy: the mean of the per-class recalls); "
+        "the share of correct answers is `accuracy_micro` in metrics.json. VQA and report figures are means of the "
+        "per-row `scores`. A voting row's `output` is `rag.vote` over the first `top_k` of its `neighbour_ids` "
+        "(diagnosis) or the top-1 retrieved report (report generation).", "",
+    ]  # fmt: skip
+    return head + body + tail
 
 
 def _wordnet_text(status: Dict[str, Any]) -> str:
