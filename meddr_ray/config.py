@@ -407,31 +407,92 @@ class EvaluateConfig:
 
 
 @dataclass
-class ServeConfig:
-    """The Ray Serve application."""
+class ServeDeploymentConfig:
+    """Resources, replica counts and health checks of one Ray Serve deployment (``serve.ingress``,
+    ``serve.generator``, ``serve.retriever``); each value goes to ``@serve.deployment`` options as it is."""
 
-    host: str = "127.0.0.1"
-    """HTTP bind address."""
-    port: int = 8000
-    """HTTP port."""
-    route_prefix: str = "/"
-    """Route of the ingress."""
-    num_cpus: float = 0.5
-    """CPUs per replica (fractional on small machines, or replicas never start)."""
+    num_cpus: float = 0.25
+    """CPUs reserved per replica (``ray_actor_options.num_cpus``); fractional on small machines, where whole CPUs
+    leave no room for the next replica and ``serve.run`` waits forever."""
     num_gpus: float = 0.0
-    """GPUs per generator replica."""
+    """GPUs per replica (``ray_actor_options.num_gpus``); fractional shares one GPU between replicas."""
     min_replicas: int = 1
-    """Autoscaling floor of the generator."""
-    max_replicas: int = 2
-    """Autoscaling ceiling of the generator."""
-    target_ongoing_requests: float = 4.0
-    """Autoscaling target per replica."""
+    """Autoscaling floor (``autoscaling_config.min_replicas``)."""
+    max_replicas: int = 1
+    """Autoscaling ceiling (``autoscaling_config.max_replicas``)."""
+    target_ongoing_requests: float = 2.0
+    """Requests in flight per replica that autoscaling aims for (``autoscaling_config.target_ongoing_requests``)."""
+    max_ongoing_requests: int = 8
+    """Requests one replica takes at once; more wait in the caller's queue (``max_ongoing_requests``). For the
+    generator at least ``serve.max_batch_size``, or batches never fill."""
+    upscale_delay_s: float = 3.0
+    """Seconds the load must stay above target before a replica is added (``autoscaling_config.upscale_delay_s``)."""
+    downscale_delay_s: float = 60.0
+    """Seconds the load must stay below target before a replica is removed
+    (``autoscaling_config.downscale_delay_s``)."""
+    health_check_period_s: float = 10.0
+    """Seconds between calls of the replica's ``check_health`` (``health_check_period_s``)."""
+    health_check_timeout_s: float = 30.0
+    """A ``check_health`` slower than this counts as failed and the replica is replaced (``health_check_timeout_s``)."""
+    max_surge_percent: int = 100
+    """Extra replicas (percent of the target, rounded up) a redeploy starts before it stops old ones, which serve
+    until their replacements are ready (``max_surge_percent``); 0 stops old replicas first: a gap in service."""
+
+
+@dataclass
+class ServeConfig:
+    """The Ray Serve application (``serve_apps``): HTTP front, limits on requests, batching, the three deployments."""
+
+    app_name: str = "meddr"
+    """Name of the Serve application (``serve status``, ``serve.get_app_handle``)."""
+    host: str = "127.0.0.1"
+    """HTTP bind address of Serve's proxy (``meddr-ray serve``; the Serve config file has its own http_options)."""
+    port: int = 8000
+    """HTTP port of Serve's proxy."""
+    route_prefix: str = "/"
+    """Route the application answers under."""
+    model_name: str = "meddr"
+    """The served model's id: ``GET /v1/models`` lists it and ``/v1/chat/completions`` requests must name it."""
+    auth_token_env: str = "MEDDR_SERVE_TOKEN"
+    """Name of the environment variable holding the bearer token every endpoint but ``/healthz`` requires. Read
+    where the application is built (only a SHA-256 of it travels to the replicas) or else on the ingress replica's
+    node; unset in both: the ingress refuses to start."""
+    max_body_bytes: int = 24 * 1024 * 1024
+    """Larger request bodies are answered 413 before they are parsed (base64 adds a third to an image's size)."""
+    max_image_bytes: int = 16 * 1024 * 1024
+    """Larger images (decoded from base64) are answered 413."""
+    max_image_pixels: int = 25_000_000
+    """Images with more pixels (width x height, read from the header before decoding) are answered 413: the
+    decompression-bomb guard."""
+    rag: bool = True
+    """Retrieval on for requests that do not say (``"rag": false`` turns it off per request)."""
+    index_version: Optional[str] = None
+    """Index version the retriever serves (``v0003``); null: the one ``<index dir>/CURRENT`` names, followed as it
+    moves. A ``user_config`` ``{"index_version": ...}`` changes it on a running application."""
+    index_poll_s: float = 10.0
+    """Seconds between the retriever's checks of ``CURRENT`` for a new version (``meddr-ray index --add``)."""
     max_batch_size: int = 8
-    """``@serve.batch`` size."""
+    """Requests the generator answers in one ``@serve.batch`` call (one vision pass, one ``generate``)."""
     batch_wait_timeout_s: float = 0.05
-    """``@serve.batch`` wait."""
+    """Seconds a ``@serve.batch`` call waits for more requests before it runs with what it has."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
-    """Student decoding in the service."""
+    """Student decoding in the service; ``/v1/chat/completions`` may lower ``max_new_tokens`` per request."""
+    ingress: ServeDeploymentConfig = field(
+        default_factory=lambda: ServeDeploymentConfig(
+            max_replicas=2, max_ongoing_requests=64, target_ongoing_requests=16
+        )
+    )
+    """The FastAPI ingress: auth, limits, image decoding; waits on the generator, so it takes many requests."""
+    generator: ServeDeploymentConfig = field(
+        default_factory=lambda: ServeDeploymentConfig(
+            max_replicas=2, max_ongoing_requests=16, target_ongoing_requests=8
+        )
+    )
+    """The student: vision pass, retrieval call, batched generation."""
+    retriever: ServeDeploymentConfig = field(
+        default_factory=lambda: ServeDeploymentConfig(max_ongoing_requests=32, target_ongoing_requests=16)
+    )
+    """The FAISS index (CPU); one search per generator batch."""
 
 
 @dataclass
