@@ -156,6 +156,26 @@ class StudentEvaluator:
                 raise
             return None, str(exc)
 
+    def _unscorable(self, row: Dict[str, Any]) -> Optional[str]:
+        """Why a row cannot be asked or scored (no options or no reference), or None; raised with on_error=raise."""
+        from meddr_ray.data import DataError
+
+        task = row.get("task") or "diagnosis"
+        labelled = bool(row.get("label_set") and (row.get("label") or row.get("labels")))
+        has = {
+            "diagnosis": ("label and label set", labelled),
+            "vqa": ("question and answer", bool(row.get("question") and row.get("answer") is not None)),
+            "report": ("reference report", bool(row.get("report"))),
+        }
+        what, ok = has.get(task, (f"known task (not {task!r})", False))
+        if ok:
+            return None
+        where = f"{os.path.basename(str(row.get('source_file') or row.get('dataset')))} row {row.get('source_index')}"
+        message = f"{where}: no {what} to evaluate (id {row['id']})"
+        if self.cfg.data.on_error == "raise":
+            raise DataError(message)
+        return message
+
     # ---------------------------------------------------------------------------------------- answers
 
     def _neighbours(self, keys: np.ndarray, tasks: Sequence[str]):
@@ -205,6 +225,8 @@ class StudentEvaluator:
         rows, images, bad = [], [], []
         for row in todo.to_pylist():
             image, error = self._decode(row)
+            if error is None:
+                error = self._unscorable(row)
             if error is not None:
                 bad.append(failed_row(row, error))
             else:
@@ -240,6 +262,7 @@ class StudentEvaluator:
                     out_rows.append(self._row(row, task, mode, options[i], prompts.get((i, mode)), answer,
                                               neighbours[i], top_k[i]))  # fmt: skip
             seconds = time.perf_counter() - started
+        if out_rows:
             write_table(self.pred_dir, pa.Table.from_pylist(out_rows, schema=PREDICTION_SCHEMA))
         if bad:
             write_table(self.failed_dir, pa.Table.from_pylist(bad, schema=FAILED_SCHEMA))
@@ -304,6 +327,12 @@ def _check(cfg: Config) -> None:
     for task in ev.task_max_new_tokens:
         if task not in TASKS:
             raise ConfigError(f"key 'evaluate.task_max_new_tokens.{task}': not a task; one of {list(TASKS)}")
+    from meddr_ray.data.common import default_task
+
+    for i, src in enumerate(ev.sources):
+        if not scoring.modes_for(default_task(src), ev.modes):  # e.g. VQA with modes [voting]: nothing to answer
+            raise ConfigError(f"key 'evaluate.modes': {list(ev.modes)} has no row for evaluate.sources[{i}] "
+                              f"({src.name}, task {default_task(src)}); VQA has no voting row")  # fmt: skip
     if ev.on_change not in ("restart", "error"):
         raise ConfigError(f"key 'evaluate.on_change': {ev.on_change!r} is not one of ['restart', 'error']")
     if ev.figure_examples < 0 or ev.figure_top_k < 1:
