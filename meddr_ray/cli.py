@@ -21,7 +21,7 @@ STAGES: Dict[str, Tuple[str, str, str]] = {
     "train": ("meddr_ray.train", "run_train", "LoRA instruction tuning on Ray Train + DeepSpeed ZeRO-3"),
     "index": ("meddr_ray.index", "run_index", "embed training images into a versioned FAISS index"),
     "evaluate": ("meddr_ray.evaluate", "run_evaluate", "no-RAG / RAG / voting metrics on held-out data"),
-    "serve": ("meddr_ray.serving", "run_serve", "start the Ray Serve application (HTTP API)"),
+    "serve": ("serve_apps.launch", "run_serve", "start the Ray Serve application (HTTP API) and serve until Ctrl-C"),
     "pipeline": ("meddr_ray.pipeline", "run_pipeline", "bootstrap -> instruct -> train -> index -> evaluate"),
     "demo": ("meddr_ray.demo", "run_demo", "the README's main job: the whole recipe, then one served request"),
 }
@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument(
                 "--add", metavar="SOURCE_YAML", help="append the cases of this source (YAML) as a new index version"
             )
+        if stage == "serve":
+            p.add_argument(
+                "--detach", action="store_true", help="deploy and return; the application keeps running (Ray jobs)"
+            )
         if stage in ("pipeline", "demo"):
             p.add_argument(
                 "--fresh", action="store_true", help="delete the run folder first instead of reusing finished steps"
@@ -112,6 +116,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         func = stage_function(args.stage)
         kwargs = {"add_source": args.add} if args.stage == "index" and args.add else {}
+        if args.stage == "serve" and args.detach:
+            kwargs = {"detach": True}
         if getattr(args, "fresh", False):
             kwargs["fresh"] = True
         result = func(cfg, **kwargs)

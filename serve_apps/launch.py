@@ -1,0 +1,98 @@
+"""Start and stop the application from Python: ``meddr-ray serve`` (:func:`run_serve`), the demo and the tests
+(:func:`start` / :func:`stop`).
+
+The application is the same one ``serve run serve_apps/meddr.yaml`` starts; here it runs on the cluster
+:func:`meddr_ray.runtime.init_ray` joins or starts, with Serve's HTTP proxy on ``serve.host:serve.port``.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+from meddr_ray.config import Config, ConfigError
+from meddr_ray.runtime import init_ray
+
+
+@dataclass(frozen=True)
+class RunningApp:
+    """A started application: where to send requests and which variable holds the token."""
+
+    name: str
+    url: str
+    token_env: str
+
+
+def start(cfg: Config, *, token: Optional[str] = None) -> RunningApp:
+    """Deploy the application and return once every deployment is up (non-blocking: it keeps running).
+
+    ``token``: the API token to accept (the demo and the tests make one); default: the variable
+    ``serve.auth_token_env``, which must then be set (a service open to anyone is never the default)."""
+    from ray import serve
+
+    from serve_apps.ingress import token_sha256
+    from serve_apps.meddr import build
+
+    s = cfg.serve
+    if token is None and not os.environ.get(s.auth_token_env, "").strip():
+        raise ConfigError(
+            f"no API token: export {s.auth_token_env}=<token> first (serve.auth_token_env names the variable), "
+            f"e.g. export {s.auth_token_env}=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    init_ray(cfg)
+    # Serve's HTTP options are fixed when Serve first starts on a cluster; later calls keep the running ones.
+    serve.start(http_options={"host": s.host, "port": s.port})
+    app = build(cfg, auth_sha256=token_sha256(token) if token else None)
+    serve.run(app, name=s.app_name, route_prefix=s.route_prefix)
+    return RunningApp(s.app_name, app_url(cfg), s.auth_token_env)
+
+
+def stop(app_or_name) -> None:
+    """Delete the application (Serve and the cluster keep running)."""
+    from ray import serve
+
+    serve.delete(app_or_name.name if isinstance(app_or_name, RunningApp) else app_or_name)
+
+
+def app_url(cfg: Config) -> str:
+    """``http://host:port/prefix`` of the running Serve proxy (its port may differ from ``serve.port`` when Serve
+    was already running on the cluster)."""
+    host, port = cfg.serve.host, cfg.serve.port
+    try:
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        if client is not None:
+            host, port = client.http_config.host or host, client.http_config.port
+    except Exception:  # a private API; the configured values are the fallback
+        pass
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    return f"http://{host}:{port}{cfg.serve.route_prefix.rstrip('/')}"
+
+
+def run_serve(cfg: Config, detach: bool = False) -> None:
+    """``meddr-ray serve``: start the application, print where it answers, serve until Ctrl-C (``detach``: return
+    at once and leave it running, as a Ray job that deploys it does)."""
+    from ray import serve
+
+    joined = bool(cfg.ray.address or os.environ.get("RAY_ADDRESS"))  # a cluster others may serve on too
+    app = start(cfg)
+    print(
+        f"MedDr is serving at {app.url} (application {app.name!r}); send the token in ${app.token_env}:\n"
+        f"  curl -H \"Authorization: Bearer ${app.token_env}\" {app.url}/v1/models",
+        flush=True,
+    )
+    if detach:
+        return
+    print("Ctrl-C stops it.", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        stop(app)
+        if not joined:
+            serve.shutdown()  # our own local cluster: take Serve's controller and proxies down with it
+        print("stopped", flush=True)
