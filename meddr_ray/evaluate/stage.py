@@ -127,6 +127,13 @@ class StudentEvaluator:
         self.pred_dir = join_path(out_dir, PREDICTIONS_DIR)
         self.run_key = run_key
         self.limits = dict(max_bytes=cfg.data.max_image_bytes, max_pixels=cfg.data.max_image_pixels)
+        from ray.util.metrics import Counter
+
+        self.tags = {"student": cfg.student.name}
+        keys = tuple(self.tags)
+        self.m_answered = Counter("meddr_evaluate_rows_answered", "Test rows answered in every mode", tag_keys=keys)
+        self.m_failed = Counter("meddr_evaluate_rows_failed", "Test rows set aside as bad input", tag_keys=keys)
+        self.m_tokens = Counter("meddr_evaluate_tokens_generated", "Tokens the student generated", tag_keys=keys)
 
     # ---------------------------------------------------------------------------------------- inputs
 
@@ -270,6 +277,10 @@ class StudentEvaluator:
         stats["written"] = len(rows)
         stats["failed"] = len(bad)
         stats["tokens"] = sum(int(r["tokens"]) for r in out_rows)
+        counts = ((self.m_answered, len(rows)), (self.m_failed, len(bad)), (self.m_tokens, stats["tokens"]))
+        for counter, value in counts:
+            if value:
+                counter.inc(value, tags=self.tags)
         out = {k: [v] for k, v in stats.items()}
         out["seconds"] = [seconds]
         out["datasets"] = [",".join(sorted({str(r.get("dataset")) for r in rows + bad}))]
