@@ -89,7 +89,9 @@ def _error_message(exc: BaseException) -> Optional[str]:
     """A clean one-line message for errors users cause (bad config, bad data, missing model), else None."""
     from meddr_ray.model.loading import ModelNotFoundError
 
-    known: List[type] = [ConfigError, ModelNotFoundError, FileNotFoundError]
+    from meddr_ray.faiss_index import IndexArtifactError
+
+    known: List[type] = [ConfigError, ModelNotFoundError, FileNotFoundError, IndexArtifactError]
     try:
         from meddr_ray.data import errors
 
