@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 from meddr_ray.config import Config, ConfigError
 from meddr_ray.runtime import init_ray
@@ -54,6 +54,21 @@ def stop(app_or_name) -> None:
     from ray import serve
 
     serve.delete(app_or_name.name if isinstance(app_or_name, RunningApp) else app_or_name)
+
+
+_started: List[str] = []  # names of the applications start_app started in this process, for stop_app
+
+
+def start_app(cfg: Config, token: Optional[str] = None) -> str:
+    """:func:`start` for scripts and the demo: deploy the application, return its URL (it keeps running)."""
+    app = start(cfg, token=token)
+    _started.append(app.name)
+    return app.url
+
+
+def stop_app(name: Optional[str] = None) -> None:
+    """Delete the application ``name`` (default: the last one :func:`start_app` started here, else ``meddr``)."""
+    stop(name or (_started.pop() if _started else "meddr"))
 
 
 def app_url(cfg: Config) -> str:

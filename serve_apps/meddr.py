@@ -16,6 +16,7 @@ from ray.serve import Application
 from meddr_ray.config import Config, ConfigError, ServeDeploymentConfig, load_config
 from serve_apps.generator import Generator
 from serve_apps.ingress import Ingress, token_sha256
+from serve_apps.launch import start_app, stop_app  # from Python (the demo, scripts): start_app(cfg) -> URL
 from serve_apps.retriever import Retriever
 
 
@@ -30,23 +31,40 @@ class AppArgs(BaseModel):
     """``key=value`` overrides, as on the command line (``run_dir=/shared/runs/demo``)."""
 
 
+__all__ = ["AppArgs", "build", "build_app", "check", "deployment_options", "start_app", "stop_app"]
+
+
 def build_app(args: Union[AppArgs, Dict[str, Any], None] = None) -> Application:
     """``serve run serve_apps.meddr:build_app config=demo`` / the ``import_path`` of ``serve_apps/meddr.yaml``."""
     parsed = args if isinstance(args, AppArgs) else AppArgs.model_validate(args or {})
     return build(load_config(parsed.config, parsed.overrides))
 
 
-def build(cfg: Config, *, auth_sha256: Optional[str] = None) -> Application:
-    """Ingress -> Generator -> Retriever with the options of ``cfg.serve``. ``auth_sha256``: the SHA-256 of the
-    API token; default: of the variable ``serve.auth_token_env`` here, if set (else the ingress reads it on its
-    own node and refuses to start without it)."""
+def build(
+    cfg: Config, *, auth_sha256: Optional[str] = None, user_configs: Optional[Dict[str, Dict[str, Any]]] = None
+) -> Application:
+    """Ingress -> Generator -> Retriever with the options of ``cfg.serve``.
+
+    ``auth_sha256``: the SHA-256 of the API token; default: of the variable ``serve.auth_token_env`` here, if set
+    (else the ingress reads it on its own node and refuses to start without it). ``user_configs``: deployment name
+    -> ``user_config`` (``{"Generator": {"adapter_dir": ...}, "Retriever": {"index_version": ...}}``), what a Serve
+    config file's ``deployments:`` entries would set; each replica applies it in ``reconfigure``."""
     check(cfg)
     s = cfg.serve
     if auth_sha256 is None and os.environ.get(s.auth_token_env, "").strip():
         auth_sha256 = token_sha256(os.environ[s.auth_token_env].strip())
-    retriever = Retriever.options(**deployment_options(s.retriever)).bind(cfg)
-    generator = Generator.options(**deployment_options(s.generator)).bind(retriever, cfg)
-    return Ingress.options(**deployment_options(s.ingress)).bind(generator, cfg, auth_sha256)
+    user_configs = dict(user_configs or {})
+    unknown = sorted(set(user_configs) - {"Generator", "Retriever"})
+    if unknown:
+        raise ValueError(f"user_configs: {unknown} take none; Generator and Retriever do (their reconfigure)")
+
+    def options(name: str, section: ServeDeploymentConfig) -> Dict[str, Any]:
+        extra = {"user_config": user_configs[name]} if name in user_configs else {}
+        return {**deployment_options(section), **extra}
+
+    retriever = Retriever.options(**options("Retriever", s.retriever)).bind(cfg)
+    generator = Generator.options(**options("Generator", s.generator)).bind(retriever, cfg)
+    return Ingress.options(**options("Ingress", s.ingress)).bind(generator, cfg, auth_sha256)
 
 
 def deployment_options(d: ServeDeploymentConfig) -> Dict[str, Any]:

@@ -428,12 +428,13 @@ def test_metrics_reach_the_node_exporter(served):
     from serve_apps.metrics import NAMES
 
     port = ray._private.worker.global_worker.node.metrics_export_port
-    deadline, text = time.time() + 60, ""
-    while time.time() < deadline:  # Ray exports every few seconds
+    rejected = re.compile(r'ray_meddr_serve_requests_total\{[^}]*endpoint="/v1/diagnose"[^}]*status="413"')
+    deadline, text = time.time() + 90, ""
+    while time.time() < deadline:  # Ray exports every few seconds, each series when its replica reports
         text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
-        if all(f"ray_{name}" in text for name in NAMES):
+        if all(f"ray_{name}" in text for name in NAMES) and rejected.search(text):
             break
         time.sleep(2)
     missing = [name for name in NAMES if f"ray_{name}" not in text]
     assert not missing, missing
-    assert re.search(r'ray_meddr_serve_requests_total\{[^}]*endpoint="/v1/diagnose"[^}]*status="413"', text)
+    assert rejected.search(text), "no count of the 413 answers on /v1/diagnose"
