@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from meddr_ray.config import Config, ConfigError
+from meddr_ray.faiss_index import current_version
 from meddr_ray.runtime import init_ray
 
 
@@ -40,6 +41,12 @@ def start(cfg: Config, *, token: Optional[str] = None) -> RunningApp:
         raise ConfigError(
             f"no API token: export {s.auth_token_env}=<token> first (serve.auth_token_env names the variable), "
             f"e.g. export {s.auth_token_env}=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
+        )
+    index_dir = cfg.stage_dir("index")
+    if cfg.serve.index_version is None and current_version(index_dir) is None:
+        raise FileNotFoundError(
+            f"no published index in {index_dir} (its CURRENT file is missing): build it first with "
+            f"`meddr-ray index --config {cfg.preset}` or the whole `meddr-ray pipeline --config {cfg.preset}`"
         )
     init_ray(cfg)
     # Serve's HTTP options are fixed when Serve first starts on a cluster; later calls keep the running ones.
