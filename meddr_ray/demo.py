@@ -132,6 +132,13 @@ def _sample_report(cfg: Config) -> Optional[Dict[str, Any]]:
     return None
 
 
+def _show(path: str) -> str:
+    """A path as the person who ran the demo would type it: relative to the working directory when inside it."""
+    if "://" in path or not path.startswith(os.getcwd() + os.sep):
+        return path
+    return os.path.relpath(path)
+
+
 def summary_text(cfg: Config, served: Dict[str, Any], seconds: float) -> str:
     run = load_summary(cfg.run_dir)
     outputs = run.get("outputs", {})
@@ -162,10 +169,11 @@ def summary_text(cfg: Config, served: Dict[str, Any], seconds: float) -> str:
     for step, path in outputs.items():
         record = run.get("steps", {}).get(step, {})
         how = "reused" if record.get("reused") else f"{record.get('seconds', '?')} s"
-        out.append(f"  {step:10} {path}  ({how})")
-    for name in ("report.md", "metrics.json"):
-        if "evaluate" in outputs:
-            out.append(f"  {'':10} {join_path(outputs['evaluate'], name)}")
-    out += [f"  {'':10} {join_path(cfg.run_dir, 'pipeline.json')}", "", f"Demo finished in {seconds / 60:.1f} min.",
-            RULE]  # fmt: skip
+        out.append(f"  {step:10} {_show(path)}  ({how})")
+    if "evaluate" in outputs:
+        for name in ("report.md", "metrics.json", "predictions/"):
+            out.append(f"  {'':10} {_show(join_path(outputs['evaluate'], name))}")
+    out += [f"  {'':10} {_show(join_path(cfg.run_dir, 'pipeline.json'))}", "",
+            f"Demo finished in {seconds / 60:.1f} min. Serve it again: export {cfg.serve.auth_token_env}=<token>; "
+            f"meddr-ray serve --config {cfg.preset}", RULE]  # fmt: skip
     return "\n".join(out)
