@@ -90,8 +90,9 @@ def _error_message(exc: BaseException) -> Optional[str]:
     from meddr_ray.model.loading import ModelNotFoundError
 
     from meddr_ray.faiss_index import IndexArtifactError
+    from meddr_ray.pipeline import RunBusyError
 
-    known: List[type] = [ConfigError, ModelNotFoundError, FileNotFoundError, IndexArtifactError]
+    known: List[type] = [ConfigError, ModelNotFoundError, FileNotFoundError, IndexArtifactError, RunBusyError]
     try:
         from meddr_ray.data import errors
 

@@ -2,22 +2,30 @@
 
 Each step is the same library function the per-stage CLI commands call, and each reads only what earlier steps
 wrote. ``<run_dir>/pipeline.json`` records every finished step with a fingerprint of what it was built from (its
-config sections and the fingerprint of the step before it), written after each step. Running the pipeline again
+config sections and the fingerprint of the step before it), written after each step; a step's record (and every
+later one's) is dropped from it before the step starts, so a run killed during a step never leaves a record
+claiming that step, or one built on its old output, finished. Running the pipeline again
 reuses a finished step whose fingerprint still matches and whose output is still there; a step that runs again
 makes every later step run again too. An interrupted pipeline is resumed by running it again: finished steps are
 reused, and the interrupted step resumes itself (bootstrap skips the ids it wrote, training continues from its
 last checkpoint, evaluation skips the rows it answered). ``fresh=True`` (``--fresh``) deletes the run first.
+
+One pipeline (or demo) at a time per local run folder: :func:`run_lock` holds an exclusive ``flock`` on
+``<run_dir>/.lock`` for the whole run (the kernel releases it when the process dies, even by SIGKILL, so it is
+never stale); a second one stops with :class:`RunBusyError`. Runs on ``s3://`` / ``gs://`` are not locked.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
 import json
 import logging
+import os
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 from meddr_ray import storage
 from meddr_ray.config import Config, join_path, save_config
@@ -35,6 +43,61 @@ PIPELINE: List[Tuple[str, str, str, Tuple[str, ...]]] = [
 ]
 STEPS = [step for step, *_ in PIPELINE]
 SUMMARY_FILE = "pipeline.json"
+LOCK_FILE = ".lock"
+
+
+class RunBusyError(RuntimeError):
+    """Another pipeline or demo is running in the same run folder."""
+
+
+_HELD: Dict[str, Tuple[Any, int]] = {}  # run folder -> (open lock file, depth): the demo holds it around the pipeline
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str) -> Iterator[None]:
+    """Hold ``<run_dir>/.lock`` exclusively (re-entrant in one process). Two runs in one folder would write the
+    same checkpoints, index versions and prediction files at once, so the second one stops at once instead."""
+    if "://" in run_dir:  # object stores have no locks: one run per folder is up to the user there
+        yield
+        return
+    import fcntl
+
+    key = os.path.abspath(run_dir)
+    if key in _HELD:
+        handle, depth = _HELD[key]
+        _HELD[key] = (handle, depth + 1)
+        try:
+            yield
+        finally:
+            handle, depth = _HELD[key]
+            _HELD[key] = (handle, depth - 1)
+        return
+    os.makedirs(key, exist_ok=True)
+    handle = open(os.path.join(key, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunBusyError(
+            f"{run_dir} is in use by another meddr-ray pipeline or demo ({holder}); wait for it to finish, stop it, "
+            f"or use another run_dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
+    handle.flush()
+    _HELD[key] = (handle, 1)
+    try:
+        yield
+    finally:
+        depth = _HELD[key][1] - 1
+        if depth:
+            _HELD[key] = (handle, depth)
+        else:
+            del _HELD[key]
+            handle.close()  # releases the lock
 
 
 def _resolve(module_name: str, func_name: str) -> Optional[Callable]:
@@ -65,22 +128,35 @@ def step_fingerprints(cfg: Config) -> Dict[str, str]:
 
 
 def load_summary(run_dir: str) -> Dict[str, Any]:
-    """``pipeline.json`` of a run ({} when there is none or it is unreadable: then nothing is reused)."""
+    """``pipeline.json`` of a run ({} when there is none or it is unreadable or not of this shape: then nothing is
+    reused, and every step resumes from what it finds on disk)."""
     path = join_path(run_dir, SUMMARY_FILE)
     if not storage.exists(path):
         return {}
     try:
         summary = json.loads(storage.read_text(path))
     except (ValueError, OSError) as exc:
-        log.warning("ignoring unreadable %s (%s): every step runs", path, exc)
+        summary, why = None, str(exc)
+    else:
+        why = "not a pipeline summary"
+    steps = summary.get("steps") if isinstance(summary, dict) else None
+    if not isinstance(steps, dict) or not all(isinstance(r, dict) for r in steps.values()):
+        print(f"[pipeline] ignoring unreadable {path} ({why}): no step is reused", flush=True)
         return {}
-    return summary if isinstance(summary, dict) else {}
+    return summary
 
 
 def remove_run(run_dir: str) -> None:
-    if storage.exists(run_dir):
-        print(f"[pipeline] --fresh: removing {run_dir}", flush=True)
+    """Delete the run folder's contents (not the lock this process holds on it)."""
+    if not storage.exists(run_dir):
+        return
+    print(f"[pipeline] --fresh: removing {run_dir}", flush=True)
+    if "://" in run_dir:
         storage.remove(run_dir)
+        return
+    for name in os.listdir(run_dir):
+        if name != LOCK_FILE:
+            storage.remove(os.path.join(run_dir, name))
 
 
 def run_pipeline(cfg: Config, steps: Optional[List[str]] = None, fresh: bool = False) -> str:
@@ -88,6 +164,11 @@ def run_pipeline(cfg: Config, steps: Optional[List[str]] = None, fresh: bool = F
     unknown = sorted(set(steps or []) - set(STEPS))
     if unknown:
         raise ValueError(f"unknown pipeline step(s) {unknown}: choose from {STEPS}")
+    with run_lock(cfg.run_dir):
+        return _run_steps(cfg, steps, fresh)
+
+
+def _run_steps(cfg: Config, steps: Optional[List[str]], fresh: bool) -> str:
     if fresh:
         remove_run(cfg.run_dir)
     init_ray(cfg)
@@ -122,6 +203,9 @@ def run_pipeline(cfg: Config, steps: Optional[List[str]] = None, fresh: bool = F
             print(f"[pipeline] {position}/{total} {step}: reused (finished {done.get('finished')}) -> "
                   f"{done['output']}", flush=True)  # fmt: skip
             continue
+        # From here until it returns, this step (and every later one) is not finished: a kill now must not leave
+        # the old record behind, or a later run with that old config would reuse a half-rewritten output.
+        _write_summary(cfg, records, missing)
         print(f"[pipeline] {position}/{total} {step}: starting", flush=True)
         start = time.time()
         output = func(cfg)
