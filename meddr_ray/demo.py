@@ -4,7 +4,9 @@ cluster, then one real request to the served model, then a summary a person can 
 bootstrap (SmolLM2 teacher) -> instruct -> train (ZeRO-3 + LoRA, 2 workers) -> index -> evaluate (Table 4 on the
 BreastMNIST test split) -> Serve: one ``POST /v1/diagnose`` over HTTP -> the table, a bootstrapped report, the
 served answer with its evidence and where every artifact is. Finished steps are reused on a re-run
-(``--fresh`` starts over). This module is an entry point: it sits beside ``cli.py`` and may use ``serve_apps``.
+(``--fresh`` starts over). One demo or pipeline at a time per run folder (:func:`meddr_ray.pipeline.run_lock`,
+held from the first step to the served request); a taken ``serve.port`` stops it before any step runs. This module
+is an entry point: it sits beside ``cli.py`` and may use ``serve_apps``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import base64
 import json
 import os
 import secrets
+import socket
 import textwrap
 import time
 import urllib.error
@@ -22,8 +25,8 @@ from typing import Any, Dict, List, Optional
 import pyarrow.parquet as pq
 
 from meddr_ray import storage
-from meddr_ray.config import Config, join_path
-from meddr_ray.pipeline import load_summary, run_pipeline
+from meddr_ray.config import Config, ConfigError, join_path
+from meddr_ray.pipeline import load_summary, run_lock, run_pipeline
 
 RULE = "=" * 100
 
@@ -35,17 +38,48 @@ def run_demo(cfg: Config, fresh: bool = False) -> str:
 
     started = time.time()
     owns_ray = not ray.is_initialized()
-    try:
-        run_pipeline(cfg, fresh=fresh)
-        served = serve_one_request(cfg)
-        print(summary_text(cfg, served, time.time() - started), flush=True)
-    finally:
-        if owns_ray and ray.is_initialized():
-            ray.shutdown()
+    _check_request_source(cfg)  # a missing evaluate source stops the demo now, not after minutes of training
+    with run_lock(cfg.run_dir):
+        try:
+            check_port_free(cfg)  # before the pipeline's minutes, not after them
+            run_pipeline(cfg, fresh=fresh)
+            served = serve_one_request(cfg)
+            print(summary_text(cfg, served, time.time() - started), flush=True)
+        finally:
+            if owns_ray and ray.is_initialized():
+                ray.shutdown()
     return cfg.run_dir
 
 
+def check_port_free(cfg: Config) -> None:
+    """A clear error when ``serve.port`` is taken. The demo starts its own cluster, and Serve's proxy could not
+    listen there: the request would go to whatever holds the port (another ``meddr-ray serve``) or nowhere.
+    Joining a cluster (``ray.address`` / ``RAY_ADDRESS``) may find Serve itself on the port: not checked then."""
+    if cfg.ray.address or os.environ.get("RAY_ADDRESS"):
+        return
+    host = cfg.serve.host if cfg.serve.host not in ("", "0.0.0.0", "::") else "0.0.0.0"
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a socket in TIME_WAIT is no obstacle
+        try:
+            sock.bind((host, cfg.serve.port))
+        except OSError as exc:
+            raise ConfigError(
+                f"key 'serve.port': {host}:{cfg.serve.port} is taken ({exc.strerror}; another `meddr-ray serve`?): "
+                f"stop what listens there or pass serve.port=<free port>"
+            ) from None
+
+
 # ------------------------------------------------------------------------------------------------ serving
+
+
+def _check_request_source(cfg: Config) -> None:
+    """The first evaluation source is where the request's image comes from: it must be named and (when local)
+    exist. Checked without reading it (reading would start Ray before the pipeline sets it up)."""
+    if not cfg.evaluate.sources:
+        raise ConfigError("key 'evaluate.sources': the demo evaluates and serves a test image from it; list one")
+    src = cfg.evaluate.sources[0]
+    if src.path and not storage.exists(src.path):
+        raise FileNotFoundError(f"evaluate.sources[0] ({src.name}): no file or folder at {src.path}")
 
 
 def _first_test_sample(cfg: Config) -> Dict[str, Any]:
@@ -53,11 +87,11 @@ def _first_test_sample(cfg: Config) -> Dict[str, Any]:
     would send it; read through the same reader as every stage."""
     from meddr_ray.data import read_source
 
-    if not cfg.evaluate.sources:
-        raise ValueError("the demo needs an evaluate source to pick its request image from (key 'evaluate.sources')")
+    _check_request_source(cfg)
     rows = read_source(cfg.evaluate.sources[0], cfg.data).take(1)
     if not rows:
-        raise ValueError(f"evaluate source {cfg.evaluate.sources[0].name!r} has no rows")
+        raise ConfigError(f"key 'evaluate.sources[0]': source {cfg.evaluate.sources[0].name!r} has no rows to "
+                          f"send to the served model (limit 0, or an empty split?)")  # fmt: skip
     return rows[0]
 
 
@@ -81,6 +115,7 @@ def serve_one_request(cfg: Config) -> Dict[str, Any]:
     from serve_apps.launch import start_app, stop_app
 
     sample = _first_test_sample(cfg)
+    check_port_free(cfg)  # taken while the pipeline ran?
     # the token of $serve.auth_token_env if set, else one made for this demo (the app never runs without one)
     token = os.environ.get(cfg.serve.auth_token_env, "").strip() or secrets.token_urlsafe(24)
     print("[demo] serve: starting the application (retriever, generator, ingress)", flush=True)
