@@ -90,9 +90,11 @@ def _error_message(exc: BaseException) -> Optional[str]:
     from meddr_ray.model.loading import ModelNotFoundError
 
     from meddr_ray.faiss_index import IndexArtifactError
+    from meddr_ray.evaluate.stage import EvalArtifactError
     from meddr_ray.pipeline import RunBusyError
 
-    known: List[type] = [ConfigError, ModelNotFoundError, FileNotFoundError, IndexArtifactError, RunBusyError]
+    known: List[type] = [ConfigError, ModelNotFoundError, FileNotFoundError, IndexArtifactError, RunBusyError,
+                         EvalArtifactError]  # fmt: skip
     try:
         from meddr_ray.data import errors
 

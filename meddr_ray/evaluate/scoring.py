@@ -84,7 +84,7 @@ def scored(task: str, output: Optional[str], reference: Optional[str], *, labels
     diagnosis: ``true_index`` / ``pred_index`` (single-label: option numbers, the answer mapped by BLEU-1, a
     voted label taken as it is) or ``true_vector`` / ``pred_vector`` (multi-label: 0/1 per label, the answer
     mapped by :func:`metrics.map_to_labels`, a voted ``", "``-joined label set split), ``pred_label`` and
-    ``correct``; VQA and report: ``scores``, the per-row figures as JSON.
+    ``correct``; a reference outside the options leaves ``true_index`` / ``true_vector`` and ``correct`` null; VQA and report: ``scores``, the per-row figures as JSON.
     """
     out: Dict[str, Any] = dict.fromkeys(
         ("true_index", "pred_index", "true_vector", "pred_vector", "pred_label", "correct", "scores")
@@ -97,8 +97,12 @@ def scored(task: str, output: Optional[str], reference: Optional[str], *, labels
                 pred = [int(name in picked) for name in names]
             else:
                 pred = metrics.map_to_labels(output or "", names) if names else []
-            true = [int(name in labels) for name in names]
-            out.update(true_vector=true, pred_vector=pred, correct=true == pred)
+            # a label outside the set cannot be a 0/1 vector entry: not scored (counted in ``not_scored``), never
+            # read as the all-zero "no finding" vector
+            known = set(names) | {NO_FINDING}
+            scorable = all(x in known or x.lower() == NO_FINDING for x in labels if x)
+            true = [int(name in labels) for name in names] if scorable else None
+            out.update(true_vector=true, pred_vector=pred, correct=None if true is None else true == pred)
             out["pred_label"] = ", ".join(n for n, p in zip(names, pred) if p) or NO_FINDING
         else:
             true = true_index(labels, options)

@@ -37,9 +37,10 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from meddr_ray import storage
-from meddr_ray.bootstrap import FAILED_SCHEMA, batch_seed, failed_row, read_columns, remove_stale_temps, write_table
+from meddr_ray.bootstrap import FAILED_SCHEMA, batch_seed, failed_row, part_files, remove_stale_temps, write_table
 from meddr_ray.config import Config, ConfigError, TASKS, join_path, save_config
 from meddr_ray.evaluate import scoring
 
@@ -84,6 +85,10 @@ PREDICTION_SCHEMA = pa.schema(
 _STAT_KEYS = ("rows_in", "written", "skipped", "skipped_failed", "failed", "tokens")
 
 
+class EvalArtifactError(ValueError):
+    """A file in the evaluation folder that this stage cannot have written (unreadable, or another schema)."""
+
+
 def eval_dir(cfg: Config) -> str:
     """``evaluate.output_dir``, default ``<run_dir>/eval``."""
     return cfg.evaluate.output_dir or join_path(cfg.run_dir, "eval")
@@ -117,7 +122,9 @@ class StudentEvaluator:
         from meddr_ray.rag import Retriever
 
         done, failed = ray.get(skip_ref[0])  # wrapped in a list so Ray hands the ref over unresolved
-        self.done, self.failed_before = done, failed
+        # Sets built once per actor: a batch's skip check then costs its own size, not that of every id written
+        # before (pc.is_in rebuilds its hash table from the whole value set on every call).
+        self.done, self.failed_before = frozenset(done.to_pylist()), frozenset(failed.to_pylist())
         self.cfg = cfg
         self.modes = list(cfg.evaluate.modes)
         self.model = load_model(cfg.student, adapter)
@@ -139,13 +146,11 @@ class StudentEvaluator:
 
     def _todo(self, batch: pa.Table) -> Tuple[pa.Table, int, int]:
         """The rows not written and not set aside before; and how many of each were skipped."""
-        ids = batch.column("id").combine_chunks()
-        nothing = pa.array([False] * len(ids))
-        done = pc.is_in(ids, value_set=self.done) if len(self.done) else nothing
-        failed = pc.is_in(ids, value_set=self.failed_before) if len(self.failed_before) else nothing
-        failed = pc.and_(failed, pc.invert(done))
-        keep = pc.invert(pc.or_(done, failed))
-        return batch.filter(keep), int(pc.sum(done).as_py() or 0), int(pc.sum(failed).as_py() or 0)
+        ids = batch.column("id").to_pylist()
+        done = [i in self.done for i in ids]
+        failed = [not d and i in self.failed_before for i, d in zip(ids, done)]
+        keep = pa.array([not (d or f) for d, f in zip(done, failed)], pa.bool_())
+        return batch.filter(keep), sum(done), sum(failed)
 
     def _decode(self, row: Dict[str, Any]):
         """The sample's image as RGB, or the error that sets the row aside (raised with ``on_error=raise``)."""
@@ -340,7 +345,13 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"key 'evaluate.task_max_new_tokens.{task}': not a task; one of {list(TASKS)}")
     from meddr_ray.data.common import default_task
 
+    named: Dict[str, int] = {}
     for i, src in enumerate(ev.sources):
+        first = ev.sources[named.setdefault(src.name, i)]
+        if default_task(first) != default_task(src):  # a dataset's figures are one task's
+            raise ConfigError(f"key 'evaluate.sources[{i}]': source {src.name!r} is a {default_task(src)} source, but "
+                              f"evaluate.sources[{named[src.name]}] of the same name is {default_task(first)}; give "
+                              f"each its own name")  # fmt: skip
         if not scoring.modes_for(default_task(src), ev.modes):  # e.g. VQA with modes [voting]: nothing to answer
             raise ConfigError(f"key 'evaluate.modes': {list(ev.modes)} has no row for evaluate.sources[{i}] "
                               f"({src.name}, task {default_task(src)}); VQA has no voting row")  # fmt: skip
@@ -410,13 +421,42 @@ def run_key(cfg: Config, adapter: Optional[str], adapter_meta: Optional[dict], m
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+def read_parts(folder: str, schema: pa.Schema, columns: Sequence[str]) -> pa.Table:
+    """``columns`` of every part file of ``folder``, each file checked to be one this stage wrote (readable, with
+    every column of ``schema`` at its type). A file that is not (truncated by a crash of the disk, copied in from
+    elsewhere) would otherwise be read with nulls for what it lacks, and its rows would count as another run's:
+    an error naming it instead, before anything is answered or removed."""
+    import pyarrow.dataset as pads
+
+    files = part_files(folder)
+    if not files:
+        return schema.empty_table().select(list(columns))
+    fs, _ = storage.resolve(files[0])
+    paths = [storage.resolve(f)[1] for f in files]
+    for shown, path in zip(files, paths):
+        fix = f"delete it (its rows are answered again) or move it out of {folder}"
+        try:
+            with fs.open_input_file(path) as f:
+                found = pq.read_schema(f)
+        except (pa.ArrowException, OSError) as exc:
+            raise EvalArtifactError(f"{shown}: not a readable Parquet file ({exc}); {fix}") from None
+        wrong = [c.name for c in schema if found.get_field_index(c.name) < 0 or found.field(c.name).type != c.type]
+        if wrong:
+            raise EvalArtifactError(f"{shown}: not a file of this stage (columns {wrong} missing or of another "
+                                    f"type); {fix}")  # fmt: skip
+    return pads.dataset(paths, format="parquet", filesystem=fs, schema=schema).to_table(columns=list(columns))
+
+
 def _prepare_output(cfg: Config, out_dir: str, key: str) -> Tuple[pa.Array, pa.Array]:
     """Make the folders, drop stale temporary files and predictions of another run key; the ids to skip."""
+    from meddr_ray.data.common import default_task
+
     pred_dir, failed_dir = join_path(out_dir, PREDICTIONS_DIR), join_path(out_dir, FAILED_DIR)
     for folder in (pred_dir, failed_dir):
         storage.makedirs(folder)
         remove_stale_temps(folder)
-    existing = read_columns(pred_dir, ["id", "run_key"])
+    existing = read_parts(pred_dir, PREDICTION_SCHEMA, ["id", "run_key", "dataset", "task"])
+    failed_before = read_parts(failed_dir, FAILED_SCHEMA, ["id"])
     keys = set(existing.column("run_key").unique().to_pylist()) if existing.num_rows else set()
     if keys and keys != {key}:
         what = (f"{pred_dir} holds predictions made with another student, adapter, index version or settings "
@@ -428,9 +468,21 @@ def _prepare_output(cfg: Config, out_dir: str, key: str) -> Tuple[pa.Array, pa.A
         for folder in (pred_dir, failed_dir):
             storage.remove(folder)
             storage.makedirs(folder)
-        existing = existing.slice(0, 0)
+        existing, failed_before = existing.slice(0, 0), failed_before.slice(0, 0)
+    # A source renamed onto another task (a diagnosis set's name now on a VQA file) keeps the same run key: its old
+    # rows would be summarised with the new ones. Found here, not after every row is answered.
+    tasks = {src.name: default_task(src) for src in cfg.evaluate.sources}
+    if existing.num_rows:
+        pairs = existing.select(["dataset", "task"]).group_by(["dataset", "task"]).aggregate([]).to_pylist()
+        for pair in pairs:
+            if pair["dataset"] in tasks and pair["task"] != tasks[pair["dataset"]]:
+                raise ConfigError(
+                    f"{pred_dir} holds {pair['task']} predictions of dataset {pair['dataset']!r}, which "
+                    f"evaluate.sources now names a {tasks[pair['dataset']]} source: give the source another name, "
+                    f"or use another evaluate.output_dir"
+                )
     done = pc.unique(existing.column("id").combine_chunks()) if existing.num_rows else pa.array([], pa.string())
-    failed = read_columns(failed_dir, ["id"]).column("id").combine_chunks()
+    failed = failed_before.column("id").combine_chunks()
     return done.cast(pa.string()), failed.cast(pa.string())
 
 

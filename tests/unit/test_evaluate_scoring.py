@@ -92,3 +92,18 @@ def test_summaries_count_what_they_score():
 
     report = scored("report", None, "Lungs are clear.")  # no retrieved report to vote with: an empty prediction
     assert json.loads(report["scores"])["bleu1"] == 0.0 and json.loads(report["scores"])["bleu_ref_len"] == 3
+
+
+def test_a_multi_label_reference_outside_the_label_set_is_not_scored():
+    options = diagnosis_options("chestmnist", CHEST)
+    out = scored("diagnosis", "effusion", None, labels=["effusion", "tumour"], options=options, multi_label=True)
+    assert (out["true_vector"], out["correct"]) == (None, None)  # not the all-zero "no finding" vector
+    assert out["pred_vector"] == metrics.map_to_labels("effusion", CHEST)
+    rows = [dict(id="a", dataset="c", task="diagnosis", mode="rag", true_vector=out["true_vector"],
+                 pred_vector=out["pred_vector"]),
+            dict(id="b", dataset="c", task="diagnosis", mode="rag", true_vector=[0] * 14, pred_vector=[0] * 14)]
+    s = summarize("diagnosis", _table(rows))
+    assert (s["n"], s["not_scored"], s["rows"]) == (1, 1, 2)
+    # "no finding" as a reference is the all-zero vector, in any case
+    healthy = scored("diagnosis", "no finding", None, labels=["No finding"], options=options, multi_label=True)
+    assert healthy["true_vector"] == [0] * 14 and healthy["correct"] is True
