@@ -8,9 +8,10 @@ The application is the same one ``serve run serve_apps/meddr.yaml`` starts; here
 from __future__ import annotations
 
 import os
+import signal
 import time
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from meddr_ray.config import Config, ConfigError
 from meddr_ray.faiss_index import current_version
@@ -26,11 +27,17 @@ class RunningApp:
     token_env: str
 
 
-def start(cfg: Config, *, token: Optional[str] = None) -> RunningApp:
+def start(
+    cfg: Config, *, token: Optional[str] = None, user_configs: Optional[Dict[str, Dict[str, Any]]] = None
+) -> RunningApp:
     """Deploy the application and return once every deployment is up (non-blocking: it keeps running).
 
     ``token``: the API token to accept (the demo and the tests make one); default: the variable
-    ``serve.auth_token_env``, which must then be set (a service open to anyone is never the default)."""
+    ``serve.auth_token_env``, which must then be set (a service open to anyone is never the default).
+    ``user_configs``: the ``Generator`` / ``Retriever`` ``user_config`` (:func:`serve_apps.meddr.build`).
+
+    Called again with the same ``serve.app_name`` it redeploys the running application: Serve starts the new
+    replicas (``max_surge_percent``) and stops the old ones once those serve; requests keep being answered."""
     from ray import serve
 
     from serve_apps.ingress import token_sha256
@@ -51,7 +58,7 @@ def start(cfg: Config, *, token: Optional[str] = None) -> RunningApp:
     init_ray(cfg)
     # Serve's HTTP options are fixed when Serve first starts on a cluster; later calls keep the running ones.
     serve.start(http_options={"host": s.host, "port": s.port})
-    app = build(cfg, auth_sha256=token_sha256(token) if token else None)
+    app = build(cfg, auth_sha256=token_sha256(token) if token else None, user_configs=user_configs)
     serve.run(app, name=s.app_name, route_prefix=s.route_prefix)
     return RunningApp(s.app_name, app_url(cfg), s.auth_token_env)
 
@@ -109,7 +116,9 @@ def run_serve(cfg: Config, detach: bool = False) -> None:
     )
     if detach:
         return
-    print("Ctrl-C stops it.", flush=True)
+    print("Ctrl-C (or SIGTERM) stops it.", flush=True)
+    # SIGTERM (kill, systemd, a Kubernetes pod's stop) takes the same orderly way out as Ctrl-C
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         while True:
             time.sleep(3600)
