@@ -28,7 +28,8 @@ REPORT_FILE = "report.md"
 MODE_TITLES = {"voting": "voting", "no_rag": "w/o RAG", "rag": "w/ RAG"}
 
 METRIC_NAMES = {
-    "accuracy": "Accuracy↑", "macro_f1": "Macro-F1↑", "bleu1": "BLEU-1↑", "closed_acc": "Closed Q Acc↑",
+    "accuracy": "Accuracy (macro)↑", "accuracy_micro": "Accuracy (micro)↑", "macro_f1": "Macro-F1↑",
+    "bleu1": "BLEU-1↑", "closed_acc": "Closed Q Acc↑",
     "open_recall": "Open Q Recall↑", "recall": "Recall↑", "open_acc": "Open Q Acc↑", "f1": "F1↑",
     "f1_radgraph": "F1-RadGraph↑", "bleu4": "BLEU-4↑", "rouge1": "ROUGE-1↑", "rougeL": "ROUGE-L↑",
     "radcliq": "RadCliQ↓", "chexbert_similarity": "CheXbert vector↑", "meteor": "METEOR↑",
@@ -108,12 +109,12 @@ def dataset_metrics(cfg: Config, out_dir: str) -> Dict[str, Dict[str, Any]]:
     for src in cfg.evaluate.sources:
         entry = out.setdefault(src.name, {"splits": [], "failed": 0, "modes": {}})
         entry["splits"] = sorted(set(entry["splits"]) | set(src.splits))
+    from meddr_ray.data.common import default_task
+
+    configured = {src.name: default_task(src) for src in cfg.evaluate.sources}  # one task per name (stage._check)
     for name, entry in out.items():
         rows = table.filter(pc.equal(table.column("dataset"), name))
-        tasks = sorted(set(rows.column("task").to_pylist()))
-        if len(tasks) > 1:
-            raise ValueError(f"dataset {name!r} has rows of several tasks {tasks}; give each source its own name")
-        entry["task"] = tasks[0] if tasks else None
+        entry["task"] = configured[name]  # also when no row was answered (limit 0, a split the file lacks)
         entry["failed"] = int(pc.sum(pc.equal(failed.column("dataset"), name)).as_py() or 0) if failed.num_rows else 0
         entry["n"] = len(pc.unique(rows.column("id")))
         if entry["task"] == "diagnosis":
@@ -131,6 +132,8 @@ def _options(out_dir: str, dataset: str) -> List[str]:
     from meddr_ray.evaluate.stage import PREDICTION_SCHEMA, PREDICTIONS_DIR
 
     files = part_files(join_path(out_dir, PREDICTIONS_DIR))
+    if not files:  # nothing answered yet (an empty source)
+        return []
     fs, _ = storage.resolve(files[0])
     ds = pads.dataset([storage.resolve(f)[1] for f in files], format="parquet", filesystem=fs, schema=PREDICTION_SCHEMA)
     first = ds.head(1, columns=["options"], filter=(pc.field("dataset") == dataset) & pc.field("options").is_valid())
@@ -190,7 +193,8 @@ def summary_line(metrics: Dict[str, Any]) -> str:
     for name, d in metrics["datasets"].items():
         key = {"diagnosis": "accuracy", "vqa": "recall", "report": "bleu1"}.get(d.get("task"))
         figures = ", ".join(f"{MODE_TITLES[m]} {_fmt(s.get(key))}" for m, s in d["modes"].items())
-        parts.append(f"{name} ({d.get('task')}, n={d.get('n', 0)}) {key}: {figures}")
+        parts.append(f"{name} ({d.get('task')}, n={d.get('n', 0)}) {key}: {figures}" if figures else
+                     f"{name} ({d.get('task')}): {_no_rows(d)}")  # fmt: skip
     return (
         f"evaluate: {run['written']} rows answered, {run['skipped']} skipped (already done), {run['failed']} failed "
         f"in {run['seconds']:.1f} s ({run['rows_per_s']:.2f} rows/s); " + "; ".join(parts)
@@ -198,6 +202,12 @@ def summary_line(metrics: Dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ report.md
+
+
+def _no_rows(d: Dict[str, Any]) -> str:
+    """Why a configured dataset has no figures: said wherever its figures would be, never left blank."""
+    failed = f"all {d['failed']} set aside as bad rows (failed/)" if d.get("failed") else "none read"
+    return f"NO ROWS ANSWERED ({failed}: limit 0, or no row in splits {d.get('splits')}?)"
 
 
 def _fmt(value: Any) -> str:
@@ -260,6 +270,13 @@ def render_markdown(metrics: Dict[str, Any], plots: Dict[str, Any]) -> str:
             "dataset; they come from a 40B model trained on the full data, not from this run.", ""]  # fmt: skip
     header = ["dataset", "metric", "voting", "w/o RAG", "w/ RAG", "paper: voting", "paper: w/o RAG", "paper: w/ RAG"]
     out += [_md_table(header, table4_rows(metrics)), ""]
+    if any(d.get("task") == "diagnosis" for d in metrics["datasets"].values()):
+        out += ["Accuracy (macro) is MultiMedEval's and the paper's: torchmetrics' macro accuracy, the mean of the "
+                "per-class recalls (balanced accuracy). Accuracy (micro), the share of correct answers, is in the "
+                "diagnosis table below and `accuracy_micro` in metrics.json; the two differ when classes are "
+                "unbalanced.", ""]  # fmt: skip
+    out += [f"- **{name}**: {_no_rows(d)}" for name, d in metrics["datasets"].items() if not d["modes"]]
+    out += [""] if any(not d["modes"] for d in metrics["datasets"].values()) else []
     out += _task_sections(metrics)
     if metrics["unavailable"]:
         out += ["## Unavailable metrics", ""]
@@ -317,15 +334,15 @@ def _task_sections(metrics: Dict[str, Any]) -> List[str]:
         if not names:
             continue
         keys = [k for k in TABLE4_ROWS[task] if k not in metrics["unavailable"] or k == "meteor"]
-        extra = ["not_scored"] if task == "diagnosis" else []
+        extra = ["accuracy_micro", "not_scored"] if task == "diagnosis" else []
         rows = []
         for name in names:
             d = metrics["datasets"][name]
             for mode, s in d["modes"].items():
                 rows.append([name, MODE_TITLES[mode], _fmt(s.get("n", s.get("rows"))), str(d.get("failed", 0)),
                              *[_fmt(s.get(k)) for k in keys + extra]])  # fmt: skip
-        out += [f"## {title}", "", _md_table(["dataset", "mode", "n", "failed", *[METRIC_NAMES.get(k, k) for k in keys],
-                                              *extra], rows), ""]  # fmt: skip
+        out += [f"## {title}", "", _md_table(["dataset", "mode", "n", "failed",
+                                              *[METRIC_NAMES.get(k, k) for k in keys + extra]], rows), ""]  # fmt: skip
     return out
 
 

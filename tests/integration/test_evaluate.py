@@ -98,7 +98,7 @@ def test_writes_predictions_metrics_report_and_plots(diagnosis, capsys):
     assert (m["run"]["written"], m["run"]["failed"], m["run"]["skipped"]) == (N, 0, 0)
 
     report = Path(out, "report.md").read_text()
-    assert "| breastmnist (n=24) | Accuracy↑ |" in report
+    assert "| breastmnist (n=24) | Accuracy (macro)↑ |" in report and "Accuracy (micro)↑" in report
     assert "| 0.820 | 0.718 | 0.878 |" in report  # the paper's Breast-MNIST figures, labelled as the paper's
     assert "**base model**" in report
     for name in ("confusion_breastmnist.png", "modes.png", "retrieval_examples.png"):
