@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import re
 import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -104,8 +105,33 @@ def _error_message(exc: BaseException) -> Optional[str]:
             return f"data error: {data_error}"
     except ImportError:
         pass
-    if isinstance(exc, tuple(known)):
-        return str(exc)
+    return _known_error(exc, tuple(known))
+
+
+def _known_error(exc: BaseException, known: Tuple[type, ...]) -> Optional[str]:
+    """The message of a ``known`` error behind ``exc``: itself, or one raised inside a Ray task or actor (a bad
+    index found by an actor's constructor reaches the driver as ``ActorDiedError`` with the original only in its
+    text, a task's as ``RayTaskError`` with it as ``cause``)."""
+    try:
+        from ray.exceptions import RayError
+    except ImportError:  # pragma: no cover - Ray is a dependency
+        RayError = ()  # noqa: N806
+    wrapped, seen, stack = [], set(), [exc]
+    while stack:
+        err = stack.pop()
+        if err is None or id(err) in seen:
+            continue
+        seen.add(id(err))
+        if isinstance(err, RayError) or type(err).__module__.startswith("ray."):
+            wrapped.append(err)  # its text is the remote traceback; the original may be its cause
+        elif isinstance(err, known):
+            return str(err)
+        stack.extend([getattr(err, "cause", None), err.__cause__, err.__context__])
+    names = "|".join(sorted({t.__name__ for t in known}))
+    for err in wrapped:
+        found = re.findall(rf"^(?:[\w.]+\.)?(?:{names}): (.+)$", str(err), flags=re.MULTILINE)
+        if found:
+            return re.sub(r"\x1b\[[0-9;]*m", "", found[-1]).strip()
     return None
 
 
