@@ -12,7 +12,8 @@ last checkpoint, evaluation skips the rows it answered). ``fresh=True`` (``--fre
 
 One pipeline (or demo) at a time per local run folder: :func:`run_lock` holds an exclusive ``flock`` on
 ``<run_dir>/.lock`` for the whole run (the kernel releases it when the process dies, even by SIGKILL, so it is
-never stale); a second one stops with :class:`RunBusyError`. Runs on ``s3://`` / ``gs://`` are not locked.
+never stale); a second one stops with :class:`RunBusyError`. The evaluate stage holds the same lock on its output
+folder. Runs on ``s3://`` / ``gs://`` are not locked.
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ LOCK_FILE = ".lock"
 
 
 class RunBusyError(RuntimeError):
-    """Another pipeline or demo is running in the same run folder."""
+    """Another pipeline, demo or evaluation is running in the same folder."""
 
 
 _HELD: Dict[str, Tuple[Any, int]] = {}  # run folder -> (open lock file, depth): the demo holds it around the pipeline
@@ -81,8 +82,8 @@ def run_lock(run_dir: str) -> Iterator[None]:
         holder = handle.read().strip() or "another process"
         handle.close()
         raise RunBusyError(
-            f"{run_dir} is in use by another meddr-ray pipeline or demo ({holder}); wait for it to finish, stop it, "
-            f"or use another run_dir"
+            f"{run_dir} is in use by another meddr-ray pipeline, demo or evaluation ({holder}); wait for it to "
+            f"finish, stop it, or use another folder"
         ) from None
     handle.seek(0)
     handle.truncate()

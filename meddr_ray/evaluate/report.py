@@ -195,9 +195,11 @@ def summary_line(metrics: Dict[str, Any]) -> str:
         figures = ", ".join(f"{MODE_TITLES[m]} {_fmt(s.get(key))}" for m, s in d["modes"].items())
         parts.append(f"{name} ({d.get('task')}, n={d.get('n', 0)}) {key}: {figures}" if figures else
                      f"{name} ({d.get('task')}): {_no_rows(d)}")  # fmt: skip
+    before = run.get("skipped_failed") or 0  # not answered again until failed/ is deleted: say so on every run
     return (
         f"evaluate: {run['written']} rows answered, {run['skipped']} skipped (already done), {run['failed']} failed "
-        f"in {run['seconds']:.1f} s ({run['rows_per_s']:.2f} rows/s); " + "; ".join(parts)
+        + (f"(+{before} set aside by an earlier run: delete failed/ to retry them) " if before else "")
+        + f"in {run['seconds']:.1f} s ({run['rows_per_s']:.2f} rows/s); " + "; ".join(parts)
     )
 
 

@@ -499,9 +499,8 @@ def _source_dataset(cfg: Config):
 def run_evaluate(cfg: Config) -> str:
     """Answer every row of ``evaluate.sources`` in every mode, then write metrics.json, report.md and the plots;
     returns the evaluation folder."""
-    from meddr_ray.evaluate import report
     from meddr_ray.model import ensure_model
-    from meddr_ray.runtime import init_ray
+    from meddr_ray.pipeline import run_lock  # the one run-folder lock (the pipeline's and the demo's too)
 
     _check(cfg)
     student_path = ensure_model(cfg.student)  # fail fast on a missing checkpoint; build tiny/smol once, here
@@ -512,6 +511,17 @@ def run_evaluate(cfg: Config) -> str:
     manifest = _index_manifest(cfg)
     key = run_key(cfg, adapter, adapter_meta, manifest)
     out_dir = eval_dir(cfg)
+    # Two evaluations writing one folder at once would answer the same rows in differently cut batches: the
+    # same (id, mode) in two files. The second stops instead (not locked on object stores).
+    with run_lock(out_dir):
+        return _answer_and_report(cfg, str(student_path), adapter, adapter_folder, adapter_meta, manifest, key, out_dir)
+
+
+def _answer_and_report(cfg: Config, student_path: str, adapter: Optional[str], adapter_folder: str,
+                       adapter_meta: Optional[dict], manifest: Optional[dict], key: str, out_dir: str) -> str:  # fmt: skip
+    from meddr_ray.evaluate import report
+    from meddr_ray.runtime import init_ray
+
     done, failed_before = _prepare_output(cfg, out_dir, key)
     save_config(cfg, out_dir)
     if len(done):
@@ -560,7 +570,7 @@ def run_evaluate(cfg: Config) -> str:
     run.update(seconds=round(seconds, 3), answer_seconds=round(float(totals["seconds"]), 3),
                rows_per_s=round(run["written"] / seconds, 3) if seconds > 0 else 0.0)  # fmt: skip
     context = report.RunContext(
-        cfg=cfg, out_dir=out_dir, run_key=key, student_path=str(student_path), adapter=adapter,
+        cfg=cfg, out_dir=out_dir, run_key=key, student_path=student_path, adapter=adapter,
         adapter_folder=adapter_folder, adapter_meta=adapter_meta, manifest=manifest, run=run,
     )  # fmt: skip
     metrics = report.write_all(context)

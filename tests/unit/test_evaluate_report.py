@@ -44,3 +44,9 @@ def test_an_empty_evaluation_folder_gives_each_configured_dataset_its_task(tmp_p
     cfg = load_config("tiny", [f"run_dir={tmp_path}"])
     d = dataset_metrics(cfg, str(tmp_path / "eval"))["breastmnist"]
     assert (d["task"], d["n"], d["failed"], d["modes"], d["labels"]) == ("diagnosis", 0, 0, {}, [])
+
+
+def test_rows_set_aside_by_an_earlier_run_are_said_on_every_run():
+    m = _metrics({})
+    m["run"]["skipped_failed"] = 2
+    assert "0 failed (+2 set aside by an earlier run: delete failed/ to retry them) in 1.0 s" in summary_line(m)

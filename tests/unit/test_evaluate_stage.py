@@ -90,3 +90,18 @@ def test_a_batch_skips_what_was_written_or_set_aside_before():
     batch = pa.table({"id": ["a", "b", "c", "d", "e"], "x": [1, 2, 3, 4, 5]})
     todo, skipped, skipped_failed = actor._todo(batch)
     assert todo.column("id").to_pylist() == ["b", "e"] and (skipped, skipped_failed) == (2, 1)
+
+
+def test_one_evaluation_at_a_time_per_output_folder(tmp_path, capsys):
+    import fcntl
+
+    from meddr_ray.pipeline import LOCK_FILE
+
+    out = tmp_path / "eval"
+    out.mkdir()
+    with open(out / LOCK_FILE, "a") as other:  # another `meddr-ray evaluate` writing the same folder
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code = cli.main(["evaluate", "--config", "tiny", f"run_dir={tmp_path / 'run'}", "evaluate.modes=[no_rag]",
+                         f"evaluate.output_dir={out}"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and f"{out} is in use by another meddr-ray" in err and not (out / "predictions").exists()
