@@ -2,9 +2,11 @@
 
 Each step is the same library function the per-stage CLI commands call, and each reads only what earlier steps
 wrote. ``<run_dir>/pipeline.json`` records every finished step with a fingerprint of what it was built from (its
-config sections and the fingerprint of the step before it), written after each step; a step's record (and every
-later one's) is dropped from it before the step starts, so a run killed during a step never leaves a record
-claiming that step, or one built on its old output, finished. Running the pipeline again
+config sections and the fingerprint of the step before it) and a signature of its output (every file's relative
+path and size), written after each step; a step's record (and every later one's) is dropped from it before the
+step starts, so a run killed during a step never leaves a record claiming that step, or one built on its old
+output, finished. A finished step is reused only while its output is as it left it: a stage command run on its
+own in the same folder since (``meddr-ray evaluate`` with other settings, killed or not) makes it run again. Running the pipeline again
 reuses a finished step whose fingerprint still matches and whose output is still there; a step that runs again
 makes every later step run again too. An interrupted pipeline is resumed by running it again: finished steps are
 reused, and the interrupted step resumes itself (bootstrap skips the ids it wrote, training continues from its
@@ -128,6 +130,24 @@ def step_fingerprints(cfg: Config) -> Dict[str, str]:
     return out
 
 
+def output_signature(path: str) -> Optional[str]:
+    """What a step's output holds: a hash of every file's path (relative to it) and size; None when it is gone.
+    Sizes, not times: a copied run folder is still the same run."""
+    import pyarrow.fs as pafs
+
+    fs, root = storage.resolve(path)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.NotFound:
+        return None
+    infos = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    entries = sorted(
+        (os.path.relpath(i.path, root), i.size)
+        for i in infos
+        if i.type == pafs.FileType.File and i.base_name != LOCK_FILE and ".tmp-" not in i.base_name
+    )
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
 def load_summary(run_dir: str) -> Dict[str, Any]:
     """``pipeline.json`` of a run ({} when there is none or it is unreadable or not of this shape: then nothing is
     reused, and every step resumes from what it finds on disk)."""
@@ -198,7 +218,8 @@ def _run_steps(cfg: Config, steps: Optional[List[str]], fresh: bool) -> str:
             and done
             and done.get("fingerprint") == fingerprints[step]
             and done.get("output")
-            and storage.exists(done["output"])
+            and done.get("signature") == output_signature(done["output"])  # None == None: no output, no record
+            and done.get("signature") is not None
         ):
             records[step] = {**done, "reused": True}
             print(f"[pipeline] {position}/{total} {step}: reused (finished {done.get('finished')}) -> "
@@ -214,6 +235,7 @@ def _run_steps(cfg: Config, steps: Optional[List[str]], fresh: bool) -> str:
             "output": output,
             "seconds": round(time.time() - start, 1),
             "fingerprint": fingerprints[step],
+            "signature": output_signature(output) if output else None,
             "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "reused": False,
         }

@@ -149,3 +149,26 @@ def test_a_busy_run_folder_is_a_one_line_cli_error(tmp_path, fake_steps, capsys)
         assert cli.main(["pipeline", "--config", "tiny", f"run_dir={run}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("meddr-ray: error: ") and "in use by another" in err and len(err.splitlines()) == 1
+
+
+def test_a_step_whose_output_changed_since_is_run_again(tmp_path, fake_steps):
+    run = tmp_path / "run"
+    cfg = load_config("tiny", [f"run_dir={run}"])
+    pipeline.run_pipeline(cfg)
+    # e.g. `meddr-ray evaluate` with other settings in the same folder, killed after replacing some predictions
+    (run / "evaluate" / "part-1.parquet").write_bytes(b"x")
+    fake_steps.ran.clear()
+    pipeline.run_pipeline(cfg)
+    assert fake_steps.ran == ["evaluate"]
+    # as it left it (a lock or a killed writer's temporary file aside): reused
+    (run / "evaluate" / ".lock").write_text("pid 1")
+    (run / "evaluate" / "x.parquet.tmp-1234").write_text("half")
+    fake_steps.ran.clear()
+    pipeline.run_pipeline(cfg)
+    assert fake_steps.ran == []
+    # a removed output is no finished step either
+    import shutil
+
+    shutil.rmtree(run / "index")
+    pipeline.run_pipeline(cfg)
+    assert fake_steps.ran == ["index", "evaluate"]
