@@ -100,20 +100,19 @@ def _predictions(out_dir: str, columns: Sequence[str], filter=None) -> pa.Table:
 
 
 def dataset_metrics(cfg: Config, out_dir: str) -> Dict[str, Dict[str, Any]]:
-    """Every figure of every configured dataset in every mode, from the prediction files' small columns."""
+    """Every figure of every configured dataset in every mode, from the prediction files' small columns, read one
+    dataset at a time (the driver holds one dataset's ids and per-row scores, not every dataset's)."""
+    from meddr_ray.data.common import default_task
     from meddr_ray.evaluate.stage import FAILED_DIR
 
-    table = _predictions(out_dir, scoring.SUMMARY_COLUMNS)
     failed = read_columns(join_path(out_dir, FAILED_DIR), ["id", "dataset"])
     out: Dict[str, Dict[str, Any]] = {}
     for src in cfg.evaluate.sources:
         entry = out.setdefault(src.name, {"splits": [], "failed": 0, "modes": {}})
         entry["splits"] = sorted(set(entry["splits"]) | set(src.splits))
-    from meddr_ray.data.common import default_task
-
     configured = {src.name: default_task(src) for src in cfg.evaluate.sources}  # one task per name (stage._check)
     for name, entry in out.items():
-        rows = table.filter(pc.equal(table.column("dataset"), name))
+        rows = _predictions(out_dir, scoring.SUMMARY_COLUMNS, pc.field("dataset") == name)
         entry["task"] = configured[name]  # also when no row was answered (limit 0, a split the file lacks)
         entry["failed"] = int(pc.sum(pc.equal(failed.column("dataset"), name)).as_py() or 0) if failed.num_rows else 0
         entry["n"] = len(pc.unique(rows.column("id")))
