@@ -373,7 +373,13 @@ def _adapter(cfg: Config) -> Tuple[Optional[str], str, Optional[dict]]:
             f"set evaluate.require_adapter=false to evaluate the base student"
         )
     meta_path = join_path(folder, "meddr.json")
-    meta = json.loads(storage.read_text(meta_path)) if adapter and storage.exists(meta_path) else None
+    meta = None
+    if adapter and storage.exists(meta_path):
+        try:
+            meta = json.loads(storage.read_text(meta_path))
+        except (ValueError, UnicodeDecodeError) as exc:  # a truncated copy of the adapter folder
+            raise EvalArtifactError(f"{meta_path}: not valid JSON ({exc}); copy the adapter again or re-run "
+                                    f"`meddr-ray train`") from None  # fmt: skip
     return adapter, folder, meta
 
 

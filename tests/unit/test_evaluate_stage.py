@@ -105,3 +105,14 @@ def test_one_evaluation_at_a_time_per_output_folder(tmp_path, capsys):
                          f"evaluate.output_dir={out}"])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and f"{out} is in use by another meddr-ray" in err and not (out / "predictions").exists()
+
+
+def test_a_damaged_adapter_meta_file_is_an_error_naming_it(tmp_path):
+    from meddr_ray.evaluate.stage import _adapter
+
+    adapter = tmp_path / "run" / "adapter"
+    adapter.mkdir(parents=True)
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "meddr.json").write_text('{"base_model": ')
+    with pytest.raises(EvalArtifactError, match=f"{adapter / 'meddr.json'}: not valid JSON"):
+        _adapter(_cfg(tmp_path))
