@@ -129,3 +129,14 @@ def request_id() -> Optional[str]:
         return _get_serve_request_context().request_id or None
     except Exception:  # outside a replica, or the private context moved
         return None
+
+
+def replica_id() -> Optional[str]:
+    """Serve's id of this replica (the last part of its actor's name ``SERVE_REPLICA::<app>#<deployment>#<id>``,
+    what ``serve status`` and the replica's log file name show); None outside a replica."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # not in a replica (a test calling the class directly), or the context moved
+        return None

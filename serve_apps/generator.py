@@ -32,6 +32,7 @@ from meddr_ray.config import Config, GenerationConfig, join_path
 from meddr_ray.faiss_index import IndexArtifactError
 from meddr_ray.model import VisionLanguageModel, default_adapter, load_model
 from serve_apps import metrics
+from serve_apps.errors import replica_id
 from serve_apps.images import model_image
 
 log = logging.getLogger("ray.serve.meddr")  # under "ray.serve": Serve writes it to the replica logs
@@ -238,8 +239,9 @@ class Generator:
             )
 
     def describe(self) -> Dict[str, Any]:
-        """This replica: its actor and the model it answers with (operators and rollout checks ask)."""
+        """This replica: its Serve id and actor, and the model it answers with (operators and rollout checks ask)."""
         return {
+            "replica": replica_id(),
             "actor_id": ray.get_runtime_context().get_actor_id(),
             "model": self._cfg.student.name,
             "revision": self._student.revision,

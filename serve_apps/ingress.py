@@ -30,7 +30,7 @@ from meddr_ray import rag
 from meddr_ray.config import Config
 from meddr_ray.metrics import map_to_label
 from serve_apps import api, openai_api, schemas
-from serve_apps.errors import ApiError, request_id
+from serve_apps.errors import ApiError, replica_id, request_id
 from serve_apps.generator import Answer, Query
 from serve_apps.images import IntakeImage, read_image
 
@@ -80,8 +80,8 @@ class Ingress:
         return api.build_api(self)
 
     def describe(self) -> dict:
-        """This replica's actor and the model id it serves (through ``serve.get_app_handle``)."""
-        return {"actor_id": ray.get_runtime_context().get_actor_id(), "model": self.model_id}
+        """This replica's Serve id and actor, and the model id it serves (through ``serve.get_app_handle``)."""
+        return {"replica": replica_id(), "actor_id": ray.get_runtime_context().get_actor_id(), "model": self.model_id}
 
     # ------------------------------------------------------------------------------------------ steps
 

@@ -21,6 +21,7 @@ from meddr_ray import rag
 from meddr_ray.config import Config
 from meddr_ray.faiss_index import IndexArtifactError, current_version
 from serve_apps import metrics
+from serve_apps.errors import replica_id
 
 log = logging.getLogger("ray.serve.meddr")  # under "ray.serve": Serve writes it to the replica logs
 
@@ -34,6 +35,9 @@ class Retriever:
         self._index = rag.Retriever.from_config(cfg, version=self._pinned)
         self._poll_s = cfg.serve.index_poll_s
         self._refused: Optional[str] = None  # the last CURRENT we could not load, so it is logged once
+        # A pin (reconfigure) and the follower's look at CURRENT are each one step under this lock: otherwise the
+        # follower, waking while a pinned version loads, could switch back to CURRENT after the pin took effect.
+        self._versions_lock = threading.Lock()
         self._stop = threading.Event()
         self._follower = threading.Thread(target=self._follow_current, name="index-follower", daemon=True)
         self._follower.start()
@@ -54,7 +58,7 @@ class Retriever:
 
     def describe(self) -> Dict[str, Any]:
         """What this replica has loaded: version, vector count and dimension, the encoder fingerprint it was built
-        with, the pinned version (None: following CURRENT), and its actor."""
+        with, the pinned version (None: following CURRENT), and its Serve replica id and actor."""
         manifest = self._index.manifest
         return {
             "version": manifest["version"],
@@ -62,6 +66,7 @@ class Retriever:
             "dim": int(manifest["dim"]),
             "encoder_fingerprint": manifest["encoder_fingerprint"],
             "pinned": self._pinned,
+            "replica": replica_id(),
             "actor_id": ray.get_runtime_context().get_actor_id(),
         }
 
@@ -72,27 +77,31 @@ class Retriever:
         unknown = sorted(set(user_config) - set(USER_CONFIG_KEYS))
         if unknown:
             raise ValueError(f"Retriever user_config: unknown keys {unknown}; known: {list(USER_CONFIG_KEYS)}")
-        version = user_config.get("index_version")
-        if version:
-            self._index.switch_to(version)
-        else:
-            self._index.reload_if_changed()
-        self._pinned = version or None
+        version = user_config.get("index_version") or None
+        with self._versions_lock:
+            if version:
+                self._index.switch_to(version)  # raises (the old version and pin stay) if it cannot be loaded
+            else:
+                self._index.reload_if_changed()
+            self._pinned = version
         self._report()
 
     def _follow_current(self) -> None:
         while not self._stop.wait(self._poll_s):
-            if self._pinned:
-                continue
-            try:
-                if self._index.reload_if_changed():
-                    self._report()
-            except (IndexArtifactError, OSError, ValueError) as exc:
-                # keep answering from the loaded version; say once why the new one is not taken
-                latest = current_version(self._index.index_dir)
-                if latest != self._refused:
-                    log.error("retriever: not switching to index version %s: %s", latest, exc)
-                    self._refused = latest
+            with self._versions_lock:
+                if not self._pinned:
+                    self._follow_once()
+
+    def _follow_once(self) -> None:
+        try:
+            if self._index.reload_if_changed():
+                self._report()
+        except (IndexArtifactError, OSError, ValueError) as exc:
+            # keep answering from the loaded version; say once why the new one is not taken
+            latest = current_version(self._index.index_dir)
+            if latest != self._refused:
+                log.error("retriever: not switching to index version %s: %s", latest, exc)
+                self._refused = latest
 
     def _report(self) -> None:
         log.info("retriever: serving index version %s (%d vectors)", self._index.version, self._index.count)
