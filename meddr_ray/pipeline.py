@@ -6,10 +6,10 @@ config sections and the fingerprint of the step before it) and a signature of it
 path and size), written after each step; a step's record (and every later one's) is dropped from it before the
 step starts, so a run killed during a step never leaves a record claiming that step, or one built on its old
 output, finished. A finished step is reused only while its output is as it left it: a stage command run on its
-own in the same folder since (``meddr-ray evaluate`` with other settings, killed or not) makes it run again. Running the pipeline again
-reuses a finished step whose fingerprint still matches and whose output is still there; a step that runs again
-makes every later step run again too. An interrupted pipeline is resumed by running it again: finished steps are
-reused, and the interrupted step resumes itself (bootstrap skips the ids it wrote, training continues from its
+own in the same folder since (``meddr-ray evaluate`` with other settings, killed or not) makes it run again.
+Running the pipeline again reuses a finished step whose fingerprint still matches and whose output is unchanged; a
+step that runs again makes every later step run again too. An interrupted pipeline is resumed by running it
+again: finished steps are reused, and the interrupted step resumes itself (bootstrap skips the ids it wrote, training continues from its
 last checkpoint, evaluation skips the rows it answered). ``fresh=True`` (``--fresh``) deletes the run first.
 
 One pipeline (or demo) at a time per local run folder: :func:`run_lock` holds an exclusive ``flock`` on

@@ -84,7 +84,8 @@ def scored(task: str, output: Optional[str], reference: Optional[str], *, labels
     diagnosis: ``true_index`` / ``pred_index`` (single-label: option numbers, the answer mapped by BLEU-1, a
     voted label taken as it is) or ``true_vector`` / ``pred_vector`` (multi-label: 0/1 per label, the answer
     mapped by :func:`metrics.map_to_labels`, a voted ``", "``-joined label set split), ``pred_label`` and
-    ``correct``; a reference outside the options leaves ``true_index`` / ``true_vector`` and ``correct`` null; VQA and report: ``scores``, the per-row figures as JSON.
+    ``correct``; a reference outside the options leaves ``true_index`` / ``true_vector`` and ``correct`` null;
+    VQA and report: ``scores``, the per-row figures as JSON.
     """
     out: Dict[str, Any] = dict.fromkeys(
         ("true_index", "pred_index", "true_vector", "pred_vector", "pred_label", "correct", "scores")

@@ -524,7 +524,8 @@ def run_evaluate(cfg: Config) -> str:
 
 
 def _answer_and_report(cfg: Config, student_path: str, adapter: Optional[str], adapter_folder: str,
-                       adapter_meta: Optional[dict], manifest: Optional[dict], key: str, out_dir: str) -> str:  # fmt: skip
+                       adapter_meta: Optional[dict], manifest: Optional[dict], key: str,
+                       out_dir: str) -> str:  # fmt: skip
     from meddr_ray.evaluate import report
     from meddr_ray.runtime import init_ray
 

@@ -13,7 +13,8 @@ class _ActorDied(RayError):
 
     def __str__(self):
         return ("The actor died because of an error raised in its creation task, \x1b[36mray::MapWorker.__init__()"
-                "\x1b[39m\n  File \"meddr_ray/faiss_index.py\", line 548, in _check_file\n    raise IndexArtifactError(\n"
+                "\x1b[39m\n  File \"meddr_ray/faiss_index.py\", line 548, in _check_file\n"
+                "    raise IndexArtifactError(\n"
                 "meddr_ray.faiss_index.IndexArtifactError: /r/index/v1/index.faiss is truncated or corrupt: 100 bytes")
 
 

@@ -116,7 +116,8 @@ def test_one_run_at_a_time_per_run_folder(tmp_path, fake_steps):
     run.mkdir()
     with open(run / pipeline.LOCK_FILE, "a") as other:  # another process's pipeline or demo
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        with pytest.raises(pipeline.RunBusyError, match=f"{run} is in use by another meddr-ray pipeline, demo or evaluation"):
+        busy = f"{run} is in use by another meddr-ray pipeline, demo or evaluation"
+        with pytest.raises(pipeline.RunBusyError, match=busy):
             pipeline.run_pipeline(load_config("tiny", [f"run_dir={run}"]))
     assert fake_steps.ran == []
     # released: a run goes ahead, and the demo's own hold around the pipeline does not block it (re-entrant)
