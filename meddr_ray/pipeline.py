@@ -9,8 +9,8 @@ output, finished. A finished step is reused only while its output is as it left 
 own in the same folder since (``meddr-ray evaluate`` with other settings, killed or not) makes it run again.
 Running the pipeline again reuses a finished step whose fingerprint still matches and whose output is unchanged; a
 step that runs again makes every later step run again too. An interrupted pipeline is resumed by running it
-again: finished steps are reused, and the interrupted step resumes itself (bootstrap skips the ids it wrote, training continues from its
-last checkpoint, evaluation skips the rows it answered). ``fresh=True`` (``--fresh``) deletes the run first.
+again: finished steps are reused, and the interrupted step resumes itself (bootstrap skips the ids it wrote,
+training continues from its last checkpoint, evaluation skips the rows it answered). ``fresh=True`` (``--fresh``) deletes the run first.
 
 One pipeline (or demo) at a time per local run folder: :func:`run_lock` holds an exclusive ``flock`` on
 ``<run_dir>/.lock`` for the whole run (the kernel releases it when the process dies, even by SIGKILL, so it is
