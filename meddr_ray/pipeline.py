@@ -10,7 +10,8 @@ own in the same folder since (``meddr-ray evaluate`` with other settings, killed
 Running the pipeline again reuses a finished step whose fingerprint still matches and whose output is unchanged; a
 step that runs again makes every later step run again too. An interrupted pipeline is resumed by running it
 again: finished steps are reused, and the interrupted step resumes itself (bootstrap skips the ids it wrote,
-training continues from its last checkpoint, evaluation skips the rows it answered). ``fresh=True`` (``--fresh``) deletes the run first.
+training continues from its last checkpoint, evaluation skips the rows it answered). ``fresh=True``
+(``--fresh``) deletes the run first.
 
 One pipeline (or demo) at a time per local run folder: :func:`run_lock` holds an exclusive ``flock`` on
 ``<run_dir>/.lock`` for the whole run (the kernel releases it when the process dies, even by SIGKILL, so it is
