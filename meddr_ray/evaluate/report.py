@@ -192,6 +192,9 @@ def summary_line(metrics: Dict[str, Any]) -> str:
     for name, d in metrics["datasets"].items():
         key = {"diagnosis": "accuracy", "vqa": "recall", "report": "bleu1"}.get(d.get("task"))
         figures = ", ".join(f"{MODE_TITLES[m]} {_fmt(s.get(key))}" for m, s in d["modes"].items())
+        unscored = max([s.get("not_scored") or 0 for s in d["modes"].values()] or [0])
+        if unscored:  # references outside the label set: in no figure, so said here and not only in report.md
+            figures += f" ({unscored} rows not scored: their reference is not one of the options)"
         parts.append(f"{name} ({d.get('task')}, n={d.get('n', 0)}) {key}: {figures}" if figures else
                      f"{name} ({d.get('task')}): {_no_rows(d)}")  # fmt: skip
     before = run.get("skipped_failed") or 0  # not answered again until failed/ is deleted: say so on every run

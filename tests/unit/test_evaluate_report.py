@@ -50,3 +50,11 @@ def test_rows_set_aside_by_an_earlier_run_are_said_on_every_run():
     m = _metrics({})
     m["run"]["skipped_failed"] = 2
     assert "0 failed (+2 set aside by an earlier run: delete failed/ to retry them) in 1.0 s" in summary_line(m)
+
+
+def test_rows_whose_reference_is_not_an_option_are_said_in_the_summary_line():
+    s = mm.classification_summary([0, 1], [0, 0], 2)
+    d = {"task": "diagnosis", "n": 3, "failed": 0, "splits": ["test"], "labels": ["a", "b"],
+         "modes": {"no_rag": {**s, "not_scored": 1, "rows": 3}}}  # fmt: skip
+    line = summary_line(_metrics({"breast": d}))
+    assert "breast (diagnosis, n=3) accuracy: w/o RAG 0.500 (1 rows not scored: their reference is not one" in line
