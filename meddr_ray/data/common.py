@@ -89,9 +89,13 @@ def read_records(path: str) -> List[Dict[str, Any]]:
             raise DataError(f"{path}: not a readable CSV ({exc})") from None
         frame.columns = [str(c).strip() for c in frame.columns]
         return [{k: (v if v != "" else None) for k, v in rec.items()} for rec in frame.to_dict("records")]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:  # a binary file (an .npz, an image) given as JSON
+        raise DataError(f"{path}: not a UTF-8 text file, so not JSON or JSONL ({exc.reason} at byte {exc.start})") from None
     if lower.endswith(".jsonl"):
         records = []
-        for i, line in enumerate(data.decode("utf-8").splitlines()):
+        for i, line in enumerate(text.splitlines()):
             if line.strip():
                 try:
                     records.append(json.loads(line))
@@ -99,7 +103,7 @@ def read_records(path: str) -> List[Dict[str, Any]]:
                     raise DataError(f"{name} line {i + 1}: not valid JSON ({exc})") from None
     else:
         try:
-            records = json.loads(data)
+            records = json.loads(text)
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):

@@ -118,6 +118,11 @@ def test_read_records_errors(tmp_path):
         read_records(str(tmp_path / "b.jsonl"))
     with pytest.raises(DataError, match="cannot read"):
         read_records(str(tmp_path / "missing.csv"))
+    # a binary file given as JSON / JSONL (a MedMNIST .npz under format: vqa_json) names the file
+    for name in ("c.json", "d.jsonl"):
+        (tmp_path / name).write_bytes(b"PK\x03\x04\x14\x00\x00\x00\x08\x00\xff\xfe")
+        with pytest.raises(DataError, match=rf"{name}: not a UTF-8 text file"):
+            read_records(str(tmp_path / name))
 
 
 def test_report_text_fallbacks():
