@@ -92,7 +92,7 @@ def _error_message(exc: BaseException) -> Optional[str]:
 
     from meddr_ray.faiss_index import IndexArtifactError
     from meddr_ray.evaluate.stage import EvalArtifactError
-    from meddr_ray.pipeline import RunBusyError
+    from meddr_ray.storage import RunBusyError
 
     known: List[type] = [ConfigError, ModelNotFoundError, FileNotFoundError, IndexArtifactError, RunBusyError,
                          EvalArtifactError]  # fmt: skip

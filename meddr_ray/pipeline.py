@@ -13,7 +13,7 @@ again: finished steps are reused, and the interrupted step resumes itself (boots
 training continues from its last checkpoint, evaluation skips the rows it answered). ``fresh=True``
 (``--fresh``) deletes the run first.
 
-One pipeline (or demo) at a time per local run folder: :func:`run_lock` holds an exclusive ``flock`` on
+One pipeline (or demo) at a time per local run folder: :func:`~meddr_ray.storage.run_lock` holds an exclusive ``flock`` on
 ``<run_dir>/.lock`` for the whole run (the kernel releases it when the process dies, even by SIGKILL, so it is
 never stale); a second one stops with :class:`RunBusyError`. The evaluate stage holds the same lock on its output
 folder. Runs on ``s3://`` / ``gs://`` are not locked.
@@ -21,7 +21,6 @@ folder. Runs on ``s3://`` / ``gs://`` are not locked.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import importlib
@@ -29,9 +28,10 @@ import json
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from meddr_ray import storage
+from meddr_ray.storage import LOCK_FILE, RunBusyError, run_lock  # noqa: F401  (RunBusyError: re-exported)
 from meddr_ray.config import Config, join_path, save_config
 from meddr_ray.runtime import init_ray
 
@@ -47,61 +47,6 @@ PIPELINE: List[Tuple[str, str, str, Tuple[str, ...]]] = [
 ]
 STEPS = [step for step, *_ in PIPELINE]
 SUMMARY_FILE = "pipeline.json"
-LOCK_FILE = ".lock"
-
-
-class RunBusyError(RuntimeError):
-    """Another pipeline, demo or evaluation is running in the same folder."""
-
-
-_HELD: Dict[str, Tuple[Any, int]] = {}  # run folder -> (open lock file, depth): the demo holds it around the pipeline
-
-
-@contextlib.contextmanager
-def run_lock(run_dir: str) -> Iterator[None]:
-    """Hold ``<run_dir>/.lock`` exclusively (re-entrant in one process). Two runs in one folder would write the
-    same checkpoints, index versions and prediction files at once, so the second one stops at once instead."""
-    if "://" in run_dir:  # object stores have no locks: one run per folder is up to the user there
-        yield
-        return
-    import fcntl
-
-    key = os.path.abspath(run_dir)
-    if key in _HELD:
-        handle, depth = _HELD[key]
-        _HELD[key] = (handle, depth + 1)
-        try:
-            yield
-        finally:
-            handle, depth = _HELD[key]
-            _HELD[key] = (handle, depth - 1)
-        return
-    os.makedirs(key, exist_ok=True)
-    handle = open(os.path.join(key, LOCK_FILE), "a+")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise RunBusyError(
-            f"{run_dir} is in use by another meddr-ray pipeline, demo or evaluation ({holder}); wait for it to "
-            f"finish, stop it, or use another folder"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
-    handle.flush()
-    _HELD[key] = (handle, 1)
-    try:
-        yield
-    finally:
-        depth = _HELD[key][1] - 1
-        if depth:
-            _HELD[key] = (handle, depth)
-        else:
-            del _HELD[key]
-            handle.close()  # releases the lock
 
 
 def _resolve(module_name: str, func_name: str) -> Optional[Callable]:

@@ -6,9 +6,11 @@ never see half-done go to a temporary name first and are then moved into place.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 import uuid
-from typing import List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import pyarrow.fs as pafs
 
@@ -85,3 +87,62 @@ def move(src: str, dst: str) -> None:
     fs, s = resolve(src)
     _, d = resolve(dst)
     fs.move(s, d)
+
+
+# ------------------------------------------------------------------------------------------- run lock
+
+LOCK_FILE = ".lock"
+
+
+class RunBusyError(RuntimeError):
+    """Another pipeline, demo or evaluation is running in the same folder."""
+
+
+_HELD: Dict[str, Tuple[Any, int]] = {}  # run folder -> (open lock file, depth): the demo holds it around the pipeline
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: str) -> Iterator[None]:
+    """Hold ``<run_dir>/.lock`` exclusively (re-entrant in one process). Two runs in one folder would write the
+    same checkpoints, index versions and prediction files at once, so the second one stops at once instead."""
+    if "://" in run_dir:  # object stores have no locks: one run per folder is up to the user there
+        yield
+        return
+    import fcntl
+
+    key = os.path.abspath(run_dir)
+    if key in _HELD:
+        handle, depth = _HELD[key]
+        _HELD[key] = (handle, depth + 1)
+        try:
+            yield
+        finally:
+            handle, depth = _HELD[key]
+            _HELD[key] = (handle, depth - 1)
+        return
+    os.makedirs(key, exist_ok=True)
+    handle = open(os.path.join(key, LOCK_FILE), "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise RunBusyError(
+            f"{run_dir} is in use by another meddr-ray pipeline, demo or evaluation ({holder}); wait for it to "
+            f"finish, stop it, or use another folder"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}, started {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
+    handle.flush()
+    _HELD[key] = (handle, 1)
+    try:
+        yield
+    finally:
+        depth = _HELD[key][1] - 1
+        if depth:
+            _HELD[key] = (handle, depth)
+        else:
+            del _HELD[key]
+            handle.close()  # releases the lock

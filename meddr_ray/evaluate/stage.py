@@ -506,7 +506,7 @@ def run_evaluate(cfg: Config) -> str:
     """Answer every row of ``evaluate.sources`` in every mode, then write metrics.json, report.md and the plots;
     returns the evaluation folder."""
     from meddr_ray.model import ensure_model
-    from meddr_ray.pipeline import run_lock  # the one run-folder lock (the pipeline's and the demo's too)
+    from meddr_ray.storage import run_lock  # the one run-folder lock (the pipeline's and the demo's too)
 
     _check(cfg)
     student_path = ensure_model(cfg.student)  # fail fast on a missing checkpoint; build tiny/smol once, here
