@@ -56,13 +56,21 @@ def _family(root: int) -> Set[int]:
 
 
 def _kill_and_check_gone(proc: subprocess.Popen, family: Set[int]) -> None:
-    """SIGKILL the run's process group; fail, naming them, if any of its processes outlives that."""
+    """SIGKILL the run: its process group and every process of its family (Ray workers whose raylet was killed
+    exit on their own only once they notice, which on a loaded 2-core machine can take longer than a test should
+    wait); fail, naming them, if any of them outlives that."""
+    family = (family | _family(proc.pid)) - {proc.pid}
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     proc.wait(timeout=30)
-    deadline = time.monotonic() + 20
+    deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         alive = (family | _family(proc.pid)) & set(_processes())
         alive.discard(proc.pid)
@@ -70,12 +78,7 @@ def _kill_and_check_gone(proc: subprocess.Popen, family: Set[int]) -> None:
             return
         time.sleep(0.25)
     names = {p: Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ")[:120] for p in alive}
-    for pid in alive:  # do not leave them behind for the next test
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    pytest.fail(f"processes of the killed run are still alive after killing its group: {names}")
+    pytest.fail(f"processes of the killed run are still alive after SIGKILL: {names}")
 
 
 def _ids(folder: Path) -> list:
