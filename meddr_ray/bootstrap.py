@@ -25,7 +25,6 @@ import json
 import logging
 import re
 import time
-import warnings
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import pyarrow as pa
@@ -424,11 +423,10 @@ def run_bootstrap(cfg: Config) -> str:
     done = existing.column("id")
     save_config(cfg, out_dir)
 
-    from meddr_ray.runtime import init_ray
+    from meddr_ray.runtime import init_ray, map_with_actor_pool
 
     ray = init_ray(cfg)
     pool = cfg.bootstrap.pool
-    import ray.data
     from meddr_ray.data import read_source
 
     # One block per teacher batch: the pool hands whole blocks to its actors, so blocks of the readers' default
@@ -437,32 +435,21 @@ def run_bootstrap(cfg: Config) -> str:
     datasets = [read_source(src, read_cfg) for src in cfg.bootstrap.sources]
     ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
     done_ref = ray.put((done.combine_chunks(), failed_before.combine_chunks()))
-    with warnings.catch_warnings():
-        # Ray 2.60 marks extra **ray_remote_args deprecated but has no named parameter yet for the actors'
-        # max_restarts / max_task_retries (its own ActorPoolMapOperator documents passing them this way).
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        stats_ds = ds.map_batches(
-            TeacherWriter,
-            fn_constructor_kwargs=dict(
-                teacher=cfg.teacher,
-                generation=cfg.bootstrap.generation,
-                out_dir=out_dir,
-                done_ref=[done_ref],
-                prompt_version=cfg.bootstrap.prompt_version,
-                impression_prefix=cfg.bootstrap.impression_prefix,
-                impression_max_new_tokens=cfg.bootstrap.impression_max_new_tokens,
-                seed=cfg.seed,
-                max_image_bytes=cfg.data.max_image_bytes,
-                max_image_pixels=cfg.data.max_image_pixels,
-            ),
-            compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
-            batch_size=pool.batch_size,
-            batch_format="pyarrow",
-            num_cpus=pool.num_cpus,
-            num_gpus=pool.num_gpus,
-            max_restarts=pool.max_restarts,
-            max_task_retries=pool.max_task_retries,
-        )
+    stats_ds = map_with_actor_pool(
+        ds,
+        TeacherWriter,
+        pool,
+        teacher=cfg.teacher,
+        generation=cfg.bootstrap.generation,
+        out_dir=out_dir,
+        done_ref=[done_ref],
+        prompt_version=cfg.bootstrap.prompt_version,
+        impression_prefix=cfg.bootstrap.impression_prefix,
+        impression_max_new_tokens=cfg.bootstrap.impression_max_new_tokens,
+        seed=cfg.seed,
+        max_image_bytes=cfg.data.max_image_bytes,
+        max_image_pixels=cfg.data.max_image_pixels,
+    )
 
     started = time.perf_counter()
     totals: Dict[str, float] = dict.fromkeys(_STAT_KEYS + ("generate_seconds",), 0)

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -283,6 +282,8 @@ def _embed(cfg: Config, ds, out_dir: str, adapter: Optional[str], known_ids: pa.
     """Run the encoder pool over the rows whose case key is not in ``known_ids``; returns how many were skipped."""
     import ray
 
+    from meddr_ray.runtime import map_with_actor_pool
+
     if len(known_ids):
         ds = ds.map_batches(_drop_known_ids, fn_args=(ray.put(known_ids),), batch_format="pyarrow")
     pool = cfg.index.pool
@@ -294,22 +295,7 @@ def _embed(cfg: Config, ds, out_dir: str, adapter: Optional[str], known_ids: pa.
             "raise ray.num_cpus (logical CPUs) or lower index.pool.min_actors / num_cpus",
             pool.min_actors * pool.num_cpus, cpus,
         )  # fmt: skip
-    with warnings.catch_warnings():
-        # Ray 2.60 has no named parameter for actor restarts yet and warns about the generic remote args
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.*is deprecated")
-        embedded = ds.map_batches(
-            Encoder,
-            fn_constructor_kwargs={"model_cfg": cfg.student, "adapter_dir": adapter, "data_cfg": cfg.data},
-            batch_size=pool.batch_size,
-            batch_format="pyarrow",
-            compute=ray.data.ActorPoolStrategy(
-                min_size=pool.min_actors, max_size=max(pool.min_actors, pool.max_actors)
-            ),
-            num_cpus=pool.num_cpus,
-            num_gpus=pool.num_gpus,
-            max_restarts=pool.max_restarts,
-            max_task_retries=pool.max_task_retries,
-        )
+    embedded = map_with_actor_pool(ds, Encoder, pool, model_cfg=cfg.student, adapter_dir=adapter, data_cfg=cfg.data)
     embedded.write_parquet(out_dir)
     return len(known_ids)
 

@@ -34,3 +34,29 @@ def init_ray(cfg: Config):
     else:
         ray.init(num_cpus=cfg.ray.num_cpus, **kwargs)
     return ray
+
+
+def map_with_actor_pool(ds, actor_class, pool, **constructor_kwargs):
+    """``ds.map_batches`` through a pool of ``actor_class`` actors, each constructed once with
+    ``constructor_kwargs`` (a model loaded per actor, not per batch), sized and resourced by ``pool`` (an
+    :class:`~meddr_ray.config.ActorPoolConfig`): the one way the teacher, the encoder and the student run on Ray
+    Data. Batches arrive as pyarrow tables."""
+    import warnings
+
+    import ray.data
+
+    with warnings.catch_warnings():
+        # Ray 2.60 marks extra **ray_remote_args deprecated but has no named parameter yet for the actors'
+        # max_restarts / max_task_retries (its own ActorPoolMapOperator documents passing them this way).
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
+        return ds.map_batches(
+            actor_class,
+            fn_constructor_kwargs=constructor_kwargs,
+            compute=ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=max(pool.min_actors, pool.max_actors)),
+            batch_size=pool.batch_size,
+            batch_format="pyarrow",
+            num_cpus=pool.num_cpus,
+            num_gpus=pool.num_gpus,
+            max_restarts=pool.max_restarts,
+            max_task_retries=pool.max_task_retries,
+        )

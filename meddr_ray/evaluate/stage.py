@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import time
-import warnings
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -527,7 +526,7 @@ def _answer_and_report(cfg: Config, student_path: str, adapter: Optional[str], a
                        adapter_meta: Optional[dict], manifest: Optional[dict], key: str,
                        out_dir: str) -> str:  # fmt: skip
     from meddr_ray.evaluate import report
-    from meddr_ray.runtime import init_ray
+    from meddr_ray.runtime import init_ray, map_with_actor_pool
 
     done, failed_before = _prepare_output(cfg, out_dir, key)
     save_config(cfg, out_dir)
@@ -536,29 +535,19 @@ def _answer_and_report(cfg: Config, student_path: str, adapter: Optional[str], a
               flush=True)  # fmt: skip
 
     ray = init_ray(cfg)
-    import ray.data
-
     pool = cfg.evaluate.pool
     skip_ref = ray.put((done, failed_before))
-    with warnings.catch_warnings():
-        # Ray 2.60 has no named parameter yet for the actors' max_restarts / max_task_retries
-        warnings.filterwarnings("ignore", message=".*ray_remote_args.*deprecated")
-        stats_ds = _source_dataset(cfg).map_batches(
-            StudentEvaluator,
-            fn_constructor_kwargs=dict(
-                cfg=cfg, adapter=adapter, index_version=manifest["version"] if manifest else None, out_dir=out_dir,
-                skip_ref=[skip_ref], run_key=key,
-            ),  # fmt: skip
-            compute=ray.data.ActorPoolStrategy(
-                min_size=pool.min_actors, max_size=max(pool.min_actors, pool.max_actors)
-            ),
-            batch_size=pool.batch_size,
-            batch_format="pyarrow",
-            num_cpus=pool.num_cpus,
-            num_gpus=pool.num_gpus,
-            max_restarts=pool.max_restarts,
-            max_task_retries=pool.max_task_retries,
-        )
+    stats_ds = map_with_actor_pool(
+        _source_dataset(cfg),
+        StudentEvaluator,
+        pool,
+        cfg=cfg,
+        adapter=adapter,
+        index_version=manifest["version"] if manifest else None,
+        out_dir=out_dir,
+        skip_ref=[skip_ref],
+        run_key=key,
+    )
 
     started = time.perf_counter()
     totals: Dict[str, float] = dict.fromkeys(_STAT_KEYS + ("seconds",), 0)
