@@ -31,31 +31,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from proc_stats import tree_cpu  # noqa: E402  (benchmarks/, the script's own folder)
 os.environ.setdefault("MEDDR_RAY_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "test"))
 # Ray runs its workers at nice 15 by default; on a machine shared with other work that alone would slow the
 # actors against the plain loop (which runs at the caller's priority). Measure the Ray overhead, not that.
 os.environ.setdefault("RAY_worker_niceness", "0")
 
 
-def tree_cpu(root: int) -> dict:
-    """pid -> CPU seconds (user + system) so far, of ``root`` and every live descendant (driver, GCS, raylet,
-    Ray workers, dashboard). With other work on the machine, CPU time per token is a fairer measure of overhead
-    than wall time."""
-    tick = os.sysconf("SC_CLK_TCK")
-    stats = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                raw = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = raw[raw.rindex(")") + 2 :].split()
-            stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)  # ppid, utime+stime
-    family, frontier = {root}, {root}
-    while frontier:
-        frontier = {pid for pid, (ppid, _) in stats.items() if ppid in frontier} - family
-        family |= frontier
-    return {pid: stats[pid][1] for pid in family if pid in stats}
 
 
 def cpu_since(before: dict, root: int) -> float:

@@ -52,6 +52,8 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from proc_stats import tree_cpu  # noqa: E402  (benchmarks/, the script's own folder)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Ray runs its workers at nice 15 by default; on a machine shared with other work that alone would starve the
 # replicas. Measure Serve, not the scheduler's priorities.
@@ -158,25 +160,6 @@ def quantile(sorted_values: List[float], q: float) -> float:
 # --------------------------------------------------------------------------------------------- CPU time
 
 
-def tree_cpu(root: int) -> Dict[int, float]:
-    """pid -> CPU seconds (user + system) so far, of ``root`` and every live descendant: this driver (the clients'
-    threads), and the local cluster it started (GCS, raylet, Serve's controller and proxy, the replicas). On a
-    machine shared with other work, CPU time per request moves far less than wall time."""
-    tick = os.sysconf("SC_CLK_TCK")
-    stats = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                raw = Path(f"/proc/{entry}/stat").read_text()
-            except OSError:
-                continue
-            fields = raw[raw.rindex(")") + 2 :].split()
-            stats[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick)  # ppid, utime+stime
-    family, frontier = {root}, {root}
-    while frontier:
-        frontier = {pid for pid, (ppid, _) in stats.items() if ppid in frontier} - family
-        family |= frontier
-    return {pid: stats[pid][1] for pid in family if pid in stats}
 
 
 def replica_pid(app: str, deployment: str) -> Optional[int]:
