@@ -111,17 +111,21 @@ class Ingress:
 
     # ----------------------------------------------------------------------------------------- tasks
 
-    async def diagnose(self, req: schemas.DiagnoseRequest) -> Tuple[schemas.DiagnoseResponse, Answer]:
+    async def task_query(self, task: str, req, **fields) -> Query:
+        """The query of a task endpoint: its image read and checked, the request's modality (else the one the image
+        names, e.g. a DICOM Modality tag), retrieval on or off as asked."""
         image = await self.intake(req.image)
-        query = Query(
-            "diagnosis",
+        return Query(
+            task,
             image.data,
             modality=req.modality or image.modality,
-            labels=tuple(req.labels),
             rag=self.use_rag(req.rag),
-            top_k=req.top_k,
             request_id=request_id() or "-",
+            **fields,
         )
+
+    async def diagnose(self, req: schemas.DiagnoseRequest) -> Tuple[schemas.DiagnoseResponse, Answer]:
+        query = await self.task_query("diagnosis", req, labels=tuple(req.labels), top_k=req.top_k)
         answer = await self.ask(query)
         diagnosis = req.labels[map_to_label(answer.text, req.labels)]  # MultiMedEval's BLEU-1 mapping
         vote = rag.vote(answer.neighbours) if query.rag else None
@@ -131,28 +135,11 @@ class Ingress:
         return body, answer
 
     async def vqa(self, req: schemas.VQARequest) -> Tuple[schemas.VQAResponse, Answer]:
-        image = await self.intake(req.image)
-        query = Query(
-            "vqa",
-            image.data,
-            modality=req.modality or image.modality,
-            question=req.question,
-            rag=self.use_rag(req.rag),
-            request_id=request_id() or "-",
-        )
-        answer = await self.ask(query)
+        answer = await self.ask(await self.task_query("vqa", req, question=req.question))
         return schemas.VQAResponse(answer=answer.text, evidence=_evidence(answer)), answer
 
     async def report(self, req: schemas.ReportRequest) -> Tuple[schemas.ReportResponse, Answer]:
-        image = await self.intake(req.image)
-        query = Query(
-            "report",
-            image.data,
-            modality=req.modality or image.modality,
-            rag=self.use_rag(req.rag),
-            request_id=request_id() or "-",
-        )
-        answer = await self.ask(query)
+        answer = await self.ask(await self.task_query("report", req))
         return schemas.ReportResponse(report=answer.text, evidence=_evidence(answer)), answer
 
     async def chat(self, req: openai_api.ChatRequest) -> Answer:
