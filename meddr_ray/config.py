@@ -239,22 +239,25 @@ class InstructConfig:
 
 @dataclass
 class LoraConfig:
-    """peft LoRA on the language model (paper: r=16, alpha=32)."""
+    """peft LoRA on the language model. The paper trains only a LoRA component (about 0.1B parameters, 0.4 % of
+    its 40B InternVL) and names no rank, alpha, dropout or target layers: the defaults r=16 and alpha=32 are from
+    the MedDr authors' released scripts and InternVL's fine-tuning recipe (not the paper); dropout 0.05 and the
+    target modules are a choice made here."""
 
     r: int = 16
-    """Rank of the update matrices."""
+    """Rank of the update matrices (16: the MedDr authors' released scripts / InternVL's recipe, not the paper)."""
     alpha: int = 32
-    """Scaling numerator (update scaled by alpha / r)."""
+    """Scaling numerator (update scaled by alpha / r; 32: the authors' released scripts / InternVL's recipe)."""
     dropout: float = 0.05
-    """Dropout on the LoRA input."""
+    """Dropout on the LoRA input (0.05: a choice made here; the paper gives none)."""
     target_modules: List[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
-    """Linear layers of the language model that get adapters."""
+    """Linear layers of the language model that get adapters (every one: a choice made here; the paper names none)."""
     train_vision_tower: bool = False
-    """Unfreeze the vision tower (the paper keeps it frozen)."""
+    """Unfreeze the vision tower (the paper keeps it frozen: it fixes every parameter except the LoRA component)."""
     train_projector: bool = False
-    """Unfreeze the vision-language projector (the paper keeps it frozen)."""
+    """Unfreeze the vision-language projector (the paper keeps it frozen: only LoRA is trained)."""
     modules_to_save: List[str] = field(default_factory=list)
     """Further modules trained in full and saved with the adapter (peft ``modules_to_save``), e.g. ``lm_head``
     for the random-weight tiny model, whose frozen output layer caps how far its loss can fall."""
@@ -273,27 +276,29 @@ class TrainConfig:
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Adapter settings."""
     learning_rate: float = 1e-5
-    """Peak learning rate."""
+    """Peak learning rate (1e-5: the MedDr authors' released scripts / InternVL's recipe; the paper states none)."""
     lr_scheduler: str = "cosine"
-    """cosine | linear | constant (after warm-up)."""
+    """cosine | linear | constant (after warm-up). The paper names no schedule; cosine is a choice made here."""
     warmup_ratio: float = 0.03
-    """Share of steps with linear warm-up."""
+    """Share of steps with linear warm-up (0.03: a choice made here; the paper gives none)."""
     weight_decay: float = 0.05
-    """AdamW weight decay."""
+    """AdamW weight decay (0.05: a choice made here; the paper gives none)."""
     epochs: int = 2
-    """Passes over the training split."""
+    """Passes over the training split (the paper trains for two epochs)."""
     max_steps: Optional[int] = None
     """Stop after this many optimizer steps (overrides epochs when set)."""
     global_batch_size: int = 128
-    """Samples per optimizer step over all workers (micro batch x workers x accumulation)."""
+    """Samples per optimizer step over all workers (micro batch x workers x accumulation). 128: the MedDr authors'
+    released scripts / InternVL's recipe; the paper states no batch size."""
     micro_batch_size: int = 4
     """Samples per worker per forward pass."""
     max_length: int = 512
     """Token budget per sample (prompt + image tokens + answer); longer answers are truncated."""
     precision: str = "fp32"
-    """fp32 (CPU) | bf16 (GPU)."""
+    """fp32 (CPU) | bf16 (GPU). The paper states no precision; bf16 on GPUs follows the authors' released scripts /
+    InternVL's recipe."""
     zero_stage: int = 3
-    """DeepSpeed ZeRO stage."""
+    """DeepSpeed ZeRO stage (the paper uses ZeRO stage 3)."""
     offload_optimizer: bool = False
     """ZeRO-Offload of optimizer states to CPU memory."""
     gradient_clipping: float = 1.0
@@ -372,15 +377,17 @@ class RagConfig:
     """Retrieval-augmented prompting."""
 
     top_k_diagnosis: int = 5
-    """Neighbour labels put into a diagnosis prompt (paper: 5)."""
+    """Neighbour labels put into a diagnosis prompt (paper: the labels of the top five most similar images)."""
     top_k_vqa: int = 1
-    """Neighbour texts put into a VQA prompt (paper: 1)."""
+    """Neighbour texts put into a VQA prompt. The paper retrieves "the most similar images along with their
+    corresponding annotations" for VQA and gives no number; 1 is this project's reading."""
     top_k_report: int = 1
-    """Neighbour reports put into a report prompt (paper: 1)."""
+    """Neighbour reports put into a report prompt. The paper gives no number for report prompts (only that voting
+    takes the top-1 retrieved report as the prediction); 1 is this project's reading."""
     same_dataset: bool = True
-    """Retrieve only cases of the query's own dataset (its source ``name``), as the paper's section 4.5 builds each
-    dataset's database from that dataset's training set. False: the whole index (the section 3.3 database spans
-    every task and modality)."""
+    """Retrieve only cases of the query's own dataset (its source ``name``): section 4.5 says "the database is
+    constructed based on the corresponding training set", read here as each dataset's own training set. False: the
+    whole index (the section 3.3 database spans every task and modality)."""
     datasets: List[str] = field(default_factory=list)
     """Retrieve only cases of these datasets (index source names); empty: no such limit. A Serve request may name
     its own (``rag_datasets``)."""
@@ -394,9 +401,9 @@ class EvaluateConfig:
     sources: List[SourceConfig] = field(default_factory=list)
     """Test sources, any task (diagnosis, vqa, report); each source's ``name`` names its rows in the tables."""
     modes: List[str] = field(default_factory=lambda: ["no_rag", "rag", "voting"])
-    """Which rows of the paper's RAG table to compute: ``no_rag`` (the student alone), ``rag`` (the student with
-    the retrieved context), ``voting`` (the retrieved cases alone: majority label, or the top-1 report). VQA has
-    no voting row."""
+    """Which columns of the paper's RAG table (Table 4) to compute: ``no_rag`` (the student alone, "w/o RAG"),
+    ``rag`` (the student with the retrieved context, "w/ RAG"), ``voting`` (the retrieved cases alone: majority
+    label, or the top-1 report as the paper does for report generation). VQA has no voting value (Table 4: "-")."""
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     """Student decoding."""
     task_max_new_tokens: Dict[str, int] = field(default_factory=dict)
