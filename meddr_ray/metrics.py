@@ -1,5 +1,5 @@
-"""Evaluation metrics as MultiMedEval defines them (the paper evaluates VQA, report generation and diagnosis
-"following MultiMedEval", sections 4.2-4.5, Table 4).
+"""Evaluation metrics as MultiMedEval defines them (the paper evaluates VQA and diagnosis "following MultiMedEval"
+and report generation with "metrics in MultiMedEval", sections 4.2-4.4; Table 4 reports the same metrics).
 
 What was read in MultiMedEval (github.com/corentin-ryr/MultiMedEval) and is matched here:
 

@@ -1,4 +1,5 @@
-"""LoRA wrapping as the paper: adapters on the language model's linear layers, vision tower and projector frozen."""
+"""LoRA wrapping: adapters on the language model's linear layers (which layers: this project's choice, the paper
+names none); vision tower and projector frozen, as the paper, which trains only the LoRA component."""
 
 from __future__ import annotations
 

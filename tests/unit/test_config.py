@@ -15,7 +15,7 @@ def test_every_preset_resolves(preset):
     assert "${" not in cfg.to_yaml()  # every interpolation resolved
 
 
-def test_paper_preset_matches_the_paper():
+def test_paper_preset_pins_its_training_values():
     cfg = load_config("paper")
     t = cfg.train
     assert (t.lora.r, t.lora.alpha, t.lora.dropout) == (16, 32, 0.05)
