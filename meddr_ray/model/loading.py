@@ -127,6 +127,8 @@ class VisionLanguageModel:
         import torch
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
+        from meddr_ray.model import vision_towers  # noqa: F401  (before AutoProcessor, which reads the config too)
+
         self.cfg = cfg
         self.path = ensure_model(cfg)
         self.device = _pick_device(cfg.device)
@@ -289,6 +291,8 @@ def _load_weights(path: Path, dtype, trust_remote_code: bool):
     """``AutoModelForImageTextToText``; checkpoints whose own code registers only ``AutoModel`` (the original
     InternVL-Chat releases) fall back to it when ``trust_remote_code`` allows their code."""
     from transformers import AutoModel, AutoModelForImageTextToText
+
+    from meddr_ray.model import vision_towers  # noqa: F401  (registers the EfficientNet-Lite tower's config type)
 
     try:
         return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
