@@ -73,7 +73,7 @@ def test_the_mix_has_every_task_with_its_template(ray_cluster, tmp_path):
         assert r["image"] and r["split"] in ("train", "val")
         if r["task"] == "guided_report":
             assert r["prompt"] == prompts.guided_report_prompt("breast ultrasound")
-            assert r["label"] not in r["prompt"] and "diagnosis" not in r["prompt"]  # the diagnosis is not given
+            assert r["label"] not in r["prompt"] and "the diagnosis is" not in r["prompt"]  # the diagnosis is not given
         elif r["task"] == "diagnosis":
             assert r["prompt"] == prompts.diagnosis_prompt("breast ultrasound", ["malignant", "normal, benign"])
             assert r["answer"] == r["label"] in ("malignant", "normal, benign")
@@ -83,7 +83,7 @@ def test_the_mix_has_every_task_with_its_template(ray_cluster, tmp_path):
             assert r["prompt"] == prompts.report_prompt("chest X-ray")
             assert r["answer"].startswith("Findings: the lungs are clear.")
         else:
-            assert (r["prompt"], r["answer"]) == (prompts.description_prompt("chest X-ray"), "the lungs are clear.")
+            assert (r["prompt"], r["answer"]) == (prompts.description_prompt(), "the lungs are clear.")
     # the bootstrapped report of an image and its diagnosis sample fall in the same split
     by_source = {}
     for r in rows:
