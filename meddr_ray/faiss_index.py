@@ -41,26 +41,29 @@ INDEX_FILE = "index.faiss"
 VALUES_FILE = "values.parquet"
 MANIFEST_FILE = "manifest.json"
 CURRENT_FILE = "CURRENT"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: one case per image (label, report, qa); 1 had one row per task (task, text)
 
-# The value of every FAISS id: which case it is and the text that goes into a prompt.
+# The value of every FAISS id: one case per image (paper section 3.3: "the visual embedding as the key while the
+# text is the value"), with every annotation the training data give that image.
+QA_TYPE = pa.list_(pa.struct([("question", pa.string()), ("answer", pa.string())]))
 VALUES_SCHEMA = pa.schema(
     [
-        pa.field("id", pa.string()),  # the sample's stable id
-        pa.field("dataset", pa.string()),  # source name
+        pa.field("id", pa.string()),  # the case: one image of one dataset (meddr_ray.index.case_key)
+        pa.field("dataset", pa.string()),  # source name: what retrieval can be scoped to
         pa.field("modality", pa.string()),  # imaging modality
-        pa.field("task", pa.string()),  # diagnosis | vqa | report
-        pa.field("label", pa.string()),  # diagnosis label(s), ", "-joined; null for VQA / reports
-        pa.field("text", pa.string()),  # what a prompt quotes: the label, the VQA answer or the report
+        pa.field("split", pa.string()),  # the source split the image came from
+        pa.field("label", pa.string()),  # the image's diagnosis label(s), ", "-joined; null when it has none
+        pa.field("report", pa.string()),  # its report (a reference report, else the bootstrapped one); or null
+        pa.field("qa", QA_TYPE),  # its VQA question-answer pairs (empty when none)
         # Where the case's image lives, so a report can show a neighbour's image (paper Figure 5) without the index
         # holding images: the source file (dictionary-encoded: a few distinct paths over millions of rows) and the
-        # row inside it. Nullable: indexes published before these columns load with them null.
+        # row inside it.
         pa.field("source_file", pa.dictionary(pa.int32(), pa.string())),
         pa.field("source_index", pa.int64()),
     ]
 )
 VALUE_COLUMNS: List[str] = VALUES_SCHEMA.names
-REQUIRED_VALUE_COLUMNS: List[str] = ["id", "dataset", "modality", "task", "label", "text"]
+REQUIRED_VALUE_COLUMNS: List[str] = ["id", "dataset", "modality", "label", "report", "qa"]
 
 _VERSION_RE = re.compile(r"^v(\d+)$")
 _STALE_TMP_S = 3600  # temporary folders older than this are from crashed publishers
@@ -257,6 +260,20 @@ def apply_search_params(index, nprobe: Optional[int] = None, ef_search: Optional
             ivf.nprobe = min(int(nprobe), ivf.nlist)
     if ef_search is not None and isinstance(index, faiss.IndexHNSW):
         index.hnsw.efSearch = int(ef_search)
+
+
+def scoped_search(index, x: np.ndarray, k: int, selector):
+    """``index.search`` limited to the ids ``selector`` accepts (a ``faiss.IDSelector``), keeping the index's own
+    nprobe / efSearch: FAISS filters during the search, so a small dataset inside a large index still gets its
+    full top-k. CPU indexes only (FAISS's GPU indexes take no selector)."""
+    faiss = _faiss()
+    if isinstance(index, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW(sel=selector, efSearch=index.hnsw.efSearch)
+    elif isinstance(index, faiss.IndexIVF):
+        params = faiss.SearchParametersIVF(sel=selector, nprobe=index.nprobe)
+    else:
+        params = faiss.SearchParameters(sel=selector)
+    return index.search(x, int(k), params=params)
 
 
 def kind_of(index) -> str:
@@ -588,7 +605,12 @@ def load_index(
         raise IndexArtifactError(f"{vpath}: not a readable Parquet file ({exc})") from None
     missing = [c for c in REQUIRED_VALUE_COLUMNS if c not in values.column_names]
     if missing:
-        raise IndexArtifactError(f"{vpath}: missing columns {missing}")
+        older = "task" in values.column_names and "text" in values.column_names
+        raise IndexArtifactError(
+            f"{vpath}: missing columns {missing}"
+            + ("; it was published by an older meddr-ray (one vector per task row, not per image): rebuild it "
+               "with `meddr-ray index`" if older else "")
+        )
     values = conform_values(values)
     if values.num_rows != index.ntotal:
         raise IndexArtifactError(

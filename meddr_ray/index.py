@@ -1,19 +1,25 @@
 """The index stage (paper section 3.3): the student's own vision encoder embeds every training image into a
-versioned FAISS index whose values are the cases' labels, answers and reports.
+versioned FAISS index; each image is one case whose value holds all of its annotations (diagnosis label, report,
+question-answer pairs), so the top five neighbours are five different images, as the paper retrieves them.
 
 ``run_index(cfg)``:
-1. Ray Data reads ``index.sources`` (any source format) or, when empty, the instruction Parquet of the run.
-2. An actor pool (``index.pool``; the model loaded once per actor) embeds the images -- pooled last hidden state
-   of the vision tower, L2-normalised -- and writes ``(values..., embedding)`` Parquet files to a work folder.
-   Only embeddings and text leave the actors; images never pass through the driver.
-3. The driver reads just the ``id``/``error`` columns, sets failed rows aside, and cuts the good rows into
-   ``index.num_shards`` contiguous shards. Ray tasks build one FAISS index per shard in parallel (IVF: each a
-   clone of one template trained on a sample), and a last task merges them and publishes a new version
+1. Ray Data reads ``index.sources`` (any source format) or, when empty, the training rows of the run's
+   instruction Parquet (its validation rows are not part of the database). Each row is one annotation of an
+   image; its case key is a hash of the dataset and the image bytes (:func:`case_key`), and a distributed
+   ``groupby`` merges the annotations of each image into one case (:func:`merge_case`).
+2. An actor pool (``index.pool``; the model loaded once per actor) embeds the images -- the vision tower's last
+   hidden state, mean-pooled and L2-normalised (the paper names no layer or pooling: this project's choice) --
+   and writes ``(values..., embedding)`` Parquet files to a work folder. Only embeddings and text leave the
+   actors; images never pass through the driver.
+3. The driver reads just the ``id``/``dataset``/``error`` columns, sets failed rows aside, and cuts the good rows
+   into ``index.num_shards`` contiguous shards. Ray tasks build one FAISS index per shard in parallel (IVF: each
+   a clone of one template trained on a sample), and a last task merges them and publishes a new version
    (:func:`meddr_ray.faiss_index.publish`: temporary folder, rename, then ``CURRENT``). HNSW cannot be merged,
-   so it is built in that last task from the gathered vectors.
+   so it is built in that last task from the gathered vectors. The manifest counts the cases of each dataset,
+   which retrieval can be scoped to (``rag.same_dataset``, ``rag.datasets``).
 
 ``run_index(cfg, add_source=path)`` (``meddr-ray index --add source.yaml``) appends the cases of a source as a
-new version: only rows whose id is not in the current version are embedded, and they are added to a copy of the
+new version: only images whose case key is not in the current version are embedded, and they are added to a copy of the
 current index (IVF: with its trained quantizer, no retraining). The parent version stays as it was.
 
 Resume: the embeddings of an interrupted run stay in ``<index_dir>/_work/<key>/`` (the key hashes the sources,
@@ -57,12 +63,34 @@ from meddr_ray.faiss_index import (
 
 log = logging.getLogger("meddr_ray.index")
 
-# Columns of the rows that go into the encoder (image included) and of the embedding files it writes (no image).
+# One annotation of an image, as the readers and the instruction mix give it (an image has as many as it has
+# tasks and questions): what the grouping step turns into one case per image.
+ANNOTATION_SCHEMA = pa.schema(
+    [
+        pa.field("key", pa.string()),  # the case: one image of one dataset (case_key)
+        pa.field("dataset", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("source_file", pa.string()),
+        pa.field("source_index", pa.int64()),
+        pa.field("modality", pa.string()),
+        pa.field("label", pa.string()),  # a diagnosis annotation
+        pa.field("report", pa.string()),  # a reference report
+        pa.field("bootstrap_report", pa.string()),  # a report written by the teacher (section 3.1)
+        pa.field("question", pa.string()),  # a VQA annotation ...
+        pa.field("answer", pa.string()),  # ... and its answer
+        pa.field("error", pa.string()),
+        pa.field("image", pa.binary()),
+    ]
+)
+QA_TYPE = pa.list_(pa.struct([("question", pa.string()), ("answer", pa.string())]))
+# One case per image: the rows that go into the encoder (image included); the embedding files it writes hold
+# the same columns without the image, plus the embedding.
 ROW_COLUMNS = [
-    "key", "id", "dataset", "split", "source_file", "source_index", "modality", "task", "label", "text", "error",
+    "id", "dataset", "split", "source_file", "source_index", "modality", "label", "report", "qa", "error",
 ]  # fmt: skip
 ROW_SCHEMA = pa.schema(
-    [pa.field(c, pa.int64() if c == "source_index" else pa.string()) for c in ROW_COLUMNS]
+    [pa.field("id", pa.string()), *[ANNOTATION_SCHEMA.field(c) for c in ROW_COLUMNS[1:-2]]]
+    + [pa.field("qa", QA_TYPE), pa.field("error", pa.string())]
     + [pa.field("image", pa.binary())]
 )
 WORK_DIR = "_work"
@@ -72,63 +100,87 @@ FAILED_DIR = "failed"
 # ---------------------------------------------------------------------------------------------- inputs
 
 
-def value_text(
-    task: Optional[str], label: Optional[str], answer: Optional[str], report: Optional[str]
-) -> Optional[str]:
-    """What a prompt quotes from a case: the label (diagnosis), the answer (VQA) or the report."""
-    if task == "vqa":
-        return answer
-    if task == "report":
-        return report
-    return label
+def case_key(dataset: Optional[str], image: Optional[bytes], sample_id: str) -> str:
+    """The case an annotation belongs to: one image of one dataset, named by its content, so the key is the same
+    on every machine and run, and every question, label and report of an image lands in one case. A row without
+    an image (set aside by its reader) stays a case of its own, named by its sample id."""
+    if not image:
+        return f"noimage:{sample_id}"
+    return hashlib.sha1(f"{dataset}\x1f".encode() + image).hexdigest()[:24]
 
 
-def case_key(case_id: str, task: Optional[str]) -> str:
-    """One case per (sample id, task): the unit of resume, de-duplication and incremental add."""
-    return f"{case_id}\x1f{task}"
+def _annotations(d: Dict[str, list], n: int, **columns: list) -> pa.Table:
+    """``ANNOTATION_SCHEMA`` rows from pydict columns (``key`` computed from dataset + image + id)."""
+    out = {name: columns.get(name, d.get(name, [None] * n)) for name in ANNOTATION_SCHEMA.names if name != "key"}
+    ids = columns.pop("sample_id")
+    out["key"] = [case_key(ds, img, i) for ds, img, i in zip(out["dataset"], out["image"], ids)]
+    return pa.table({c: out[c] for c in ANNOTATION_SCHEMA.names}, schema=ANNOTATION_SCHEMA)
 
 
 def _sample_rows(batch: pa.Table) -> pa.Table:
-    """Sample-schema rows -> encoder input rows (``text`` from the task's field)."""
+    """Sample-schema rows (``meddr_ray.data.schema``) -> annotations."""
     d = batch.to_pydict()
     n = batch.num_rows
-    d["text"] = [value_text(d["task"][i], d["label"][i], d["answer"][i], d["report"][i]) for i in range(n)]
-    d["key"] = [case_key(d["id"][i], d["task"][i]) for i in range(n)]
-    return pa.table({c: d[c] for c in ROW_SCHEMA.names}, schema=ROW_SCHEMA)
+    vqa = [t == "vqa" for t in d["task"]]
+    return _annotations(
+        d, n, sample_id=d["id"],
+        label=[lab if t in (None, "diagnosis") else None for lab, t in zip(d["label"], d["task"])],
+        question=[q if v else None for q, v in zip(d["question"], vqa)],
+        answer=[a if v else None for a, v in zip(d["answer"], vqa)],
+    )  # fmt: skip
 
 
 def _instruct_rows(batch: pa.Table) -> pa.Table:
-    """Instruction-Parquet rows (``meddr_ray.instruct.MIX_SCHEMA``) -> encoder input rows.
+    """Training rows of the instruction mix (``meddr_ray.instruct.MIX_SCHEMA``) -> annotations. The validation
+    rows are not part of the database (the paper builds it on the training set); image descriptions repeat a
+    report's findings and add nothing."""
+    import pyarrow.compute as pc
 
-    A case is the source sample (``source_id``) under one task, its text the instruction's answer (the label,
-    the VQA answer, the reference or bootstrapped report). Copies made by a source weight > 1 share the key and
-    are indexed once (counted as duplicates)."""
+    if "split" in batch.column_names:
+        batch = batch.filter(pc.equal(batch.column("split"), "train"))
     d = batch.to_pydict()
     n = batch.num_rows
 
-    def col(name, default=None):
-        return d[name] if name in d else [default] * n
+    def col(name):
+        return d[name] if name in d else [None] * n
 
-    ids = [s or i for s, i in zip(col("source_id"), d["id"])]
-    task, answer = col("task", "diagnosis"), col("answer")
-    label = [
-        lab if lab is not None else (a if t == "diagnosis" else None) for lab, a, t in zip(col("label"), answer, task)
-    ]
-    out = {
-        "key": [case_key(i, t) for i, t in zip(ids, task)],
-        "id": ids,
-        "dataset": col("dataset"),
-        "split": col("split"),
-        "source_file": col("source_file"),
-        "source_index": col("source_index"),
-        "modality": col("modality"),
-        "task": task,
-        "label": label,
-        "text": answer,
-        "error": col("error"),
-        "image": d["image"],
-    }
-    return pa.table(out, schema=ROW_SCHEMA)
+    task, answer = col("task"), col("answer")
+
+    def where(kind):
+        return [a if t == kind else None for a, t in zip(answer, task)]
+
+    return _annotations(
+        d, n, sample_id=[s or i for s, i in zip(col("source_id"), d["id"])],
+        label=[lab if lab is not None else a for lab, a in zip(col("label"), where("diagnosis"))],
+        report=where("report"), bootstrap_report=where("guided_report"),
+        question=[q if t == "vqa" else None for q, t in zip(col("question"), task)], answer=where("vqa"),
+        error=[None] * n,
+    )  # fmt: skip
+
+
+def _first(values: Sequence[Any]) -> Any:
+    return next((v for v in values if v is not None and v != ""), None)
+
+
+def merge_case(group: pa.Table) -> pa.Table:
+    """All annotations of one image -> one case row: its diagnosis label (the first, when copies disagree), its
+    report (a reference report before a bootstrapped one) and every distinct QA pair, in order."""
+    d = group.to_pydict()
+    good = [i for i, e in enumerate(d["error"]) if e is None] or list(range(group.num_rows))
+    first = good[0]
+    qa = list(dict.fromkeys((q, a) for q, a in zip(d["question"], d["answer"]) if q and a))
+    row = {c: [d[c][first]] for c in ("dataset", "split", "source_file", "source_index", "modality", "image")}
+    row["id"] = [d["key"][first]]
+    row["label"] = [_first([d["label"][i] for i in good])]
+    row["report"] = [_first([d["report"][i] for i in good]) or _first([d["bootstrap_report"][i] for i in good])]
+    row["qa"] = [[{"question": q, "answer": a} for q, a in qa]]
+    row["error"] = [None if any(d["error"][i] is None for i in good) else d["error"][first]]
+    return pa.table({c: row[c] for c in ROW_SCHEMA.names}, schema=ROW_SCHEMA)
+
+
+def _one_case_per_image(ds):
+    """Group the annotations by case key (a distributed shuffle: no process holds more than its groups)."""
+    return ds.groupby("key").map_groups(merge_case, batch_format="pyarrow")
 
 
 def _read_sources(sources: Sequence[SourceConfig], data_cfg: DataConfig):
@@ -150,6 +202,7 @@ def _instruct_parquet_files(folder: str) -> List[str]:
 
 
 def _input_dataset(cfg: Config) -> Tuple[Any, List[Dict[str, Any]]]:
+    """The annotations to index (one row per annotation; grouped into cases after known cases are dropped)."""
     import ray
 
     if cfg.index.sources:
@@ -157,7 +210,7 @@ def _input_dataset(cfg: Config) -> Tuple[Any, List[Dict[str, Any]]]:
     folder = cfg.stage_dir("instruct")
     files = _instruct_parquet_files(folder)
     ds = ray.data.read_parquet(files).map_batches(_instruct_rows, batch_format="pyarrow")
-    return ds, [{"name": "instruct", "format": "parquet", "path": folder}]
+    return ds, [{"name": "instruct", "format": "parquet", "path": folder, "splits": ["train"]}]
 
 
 # ---------------------------------------------------------------------------------------------- encoder
@@ -177,7 +230,7 @@ class Encoder:
     def _where(self, row: Dict[str, Any]) -> str:
         src = row.get("source_file") or row.get("dataset") or "?"
         idx = row.get("source_index")
-        return f"{os.path.basename(str(src))} row {idx} (id {row['id']})" if idx is not None else f"id {row['id']}"
+        return f"{os.path.basename(str(src))} row {idx} (case {row['id']})" if idx is not None else f"case {row['id']}"
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         from meddr_ray.data import DataError, decode_image
@@ -286,6 +339,7 @@ def _embed(cfg: Config, ds, out_dir: str, adapter: Optional[str], known_ids: pa.
 
     if len(known_ids):
         ds = ds.map_batches(_drop_known_ids, fn_args=(ray.put(known_ids),), batch_format="pyarrow")
+    ds = _one_case_per_image(ds)
     pool = cfg.index.pool
     cpus = ray.cluster_resources().get("CPU", 0)
     if pool.min_actors * pool.num_cpus + 1 > cpus:
@@ -314,6 +368,7 @@ class Plan:
     fingerprint: Optional[str] = None
     duplicates: int = 0
     keys: Optional[pa.Array] = None  # every indexed case key, in FAISS order
+    datasets: Dict[str, int] = field(default_factory=dict)  # indexed cases (images) per dataset
 
     @property
     def count(self) -> int:
@@ -365,19 +420,21 @@ def make_plan(files: List[str], known_ids: pa.Array) -> Plan:
     fingerprints = set()
     ordered_ids: List[str] = []
     for path in plan.files:
-        t = _read_columns(path, ["key", "error", "fingerprint", "embedding"])
+        t = _read_columns(path, ["id", "dataset", "error", "fingerprint", "embedding"])
         if not plan.dim and t.num_rows:
             plan.dim = t.schema.field("embedding").type.list_size
         errors = t.column("error").is_valid().to_numpy(zero_copy_only=False)
         fingerprints.update(x for x in pc.unique(t.column("fingerprint")).to_pylist() if x)
         keep = []
-        for r, (rid, bad) in enumerate(zip(t.column("key").to_pylist(), errors)):
+        names = t.column("dataset").to_pylist()
+        for r, (rid, bad) in enumerate(zip(t.column("id").to_pylist(), errors)):
             if bad:
                 continue
             if rid in seen:
                 plan.duplicates += 1
                 continue
             seen.add(rid)
+            plan.datasets[str(names[r])] = plan.datasets.get(str(names[r]), 0) + 1
             keep.append(r)
             ordered_ids.append(rid)
         plan.keep.append(np.asarray(keep, dtype=np.int64))
@@ -551,8 +608,7 @@ def run_index(cfg: Config, add_source: Optional[str] = None) -> str:
         add_sources.append(load_source_file(add_source))
     if add_sources:
         parent = load_manifest(index_dir)
-        pv = _read_columns(join_path(parent["path"], VALUES_FILE), ["id", "task"]).to_pydict()
-        known = pa.array([case_key(i, t) for i, t in zip(pv["id"], pv["task"])], pa.string())
+        known = _read_columns(join_path(parent["path"], VALUES_FILE), ["id"]).column("id").combine_chunks()
         run = _Run(index_dir, "add", [asdict(s) for s in add_sources], parent, known)
         ds = _read_sources(add_sources, cfg.data)
         names = [s.name for s in add_sources]
@@ -567,7 +623,7 @@ def run_index(cfg: Config, add_source: Optional[str] = None) -> str:
     t0 = time.time()
     done = _valid_embedding_files(emb_dir)
     done_ids = (
-        pa.concat_arrays([_read_columns(p, ["key"]).column("key").combine_chunks() for p in done])
+        pa.concat_arrays([_read_columns(p, ["id"]).column("id").combine_chunks() for p in done])
         if done
         else pa.array([], pa.string())
     )
@@ -585,7 +641,7 @@ def run_index(cfg: Config, add_source: Optional[str] = None) -> str:
             plan.failed_count, join_path(index_dir, FAILED_DIR),
         )  # fmt: skip
     if plan.duplicates:
-        log.warning("index: %d rows repeat a case (id, task) already indexed; each is indexed once", plan.duplicates)
+        log.warning("index: %d images repeat a case already indexed; each image is indexed once", plan.duplicates)
     if run.mode == "add" and plan.count == 0:
         print(
             f"index: nothing new to add (every case is already in version {run.parent['version']}"
@@ -630,7 +686,11 @@ def run_index(cfg: Config, add_source: Optional[str] = None) -> str:
     gpus = _gpu_for_tasks(cfg)
     shards_used = 1
     t1 = time.time()
+    datasets = dict(run.parent.get("summary", {}).get("datasets", {})) if run.parent else {}
+    for name, n in plan.datasets.items():
+        datasets[name] = datasets.get(name, 0) + n
     summary = {
+        "datasets": datasets,  # cases (images) per dataset: what retrieval can be scoped to
         "added": plan.count,
         "failed": plan.failed_count,
         "duplicates": plan.duplicates,

@@ -63,6 +63,7 @@ MIX_SCHEMA = pa.schema(
         pa.field("answer", pa.string()),
         pa.field("source_file", pa.string()),
         pa.field("source_index", pa.int64()),
+        pa.field("question", pa.string()),  # vqa: the question alone (the index keeps each image's QA pairs)
     ]
 )
 # While rendering: plus why a row is set aside (null for a good row) and its rank for caps.
@@ -127,13 +128,13 @@ def sample_instructions(row: Dict[str, Any], descriptions: bool = False) -> List
         return [(TASK_DIAGNOSIS, prompts.diagnosis_prompt(modality or DEFAULT_MODALITY, options), label)]
     if task == TASK_VQA:
         question, answer = _need(row, "question", "question"), _need(row, "answer", "answer")
-        return [(TASK_VQA, prompts.vqa_prompt(question, modality), answer)]
+        return [(TASK_VQA, prompts.vqa_prompt(question), answer)]
     if task == TASK_REPORT:
         report = _need(row, "report", "report text")
         out = [(TASK_REPORT, prompts.report_prompt(modality), report)]
         if descriptions:
             findings = split_report(report).findings or report
-            out.append((TASK_DESCRIPTION, prompts.description_prompt(modality or DEFAULT_MODALITY), findings))
+            out.append((TASK_DESCRIPTION, prompts.description_prompt(), findings))
         return out
     raise RowError(f"unknown task {task!r}")
 
@@ -151,6 +152,7 @@ def _base(row: Dict[str, Any], task: str) -> Dict[str, Any]:
         "task": task,
         "modality": row.get("modality"),
         "label": row.get("label"),
+        "question": row.get("question") if task == TASK_VQA else None,
         "image": row.get("image"),
         "source_file": row.get("source_file"),
         "source_index": row.get("source_index"),

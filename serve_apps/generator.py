@@ -61,6 +61,8 @@ class Query:
     """Retrieve neighbours and put their annotations into the prompt."""
     top_k: Optional[int] = None
     """Neighbours to retrieve; default the task's ``rag.top_k_*``."""
+    rag_datasets: Tuple[str, ...] = ()
+    """Retrieve only images of these datasets; empty: the config's ``rag.datasets`` (empty: the whole index)."""
     max_new_tokens: Optional[int] = None
     """At most the service's ``serve.generation.max_new_tokens``."""
     temperature: Optional[float] = None
@@ -81,6 +83,8 @@ class Answer:
     index_version: Optional[str]
     model_revision: str
     """Which adapter answered (its folder's name, or ``base``)."""
+    error: Optional[str] = None
+    """Why the request could not be answered as asked (a retrieval scope the index does not hold); text empty."""
 
 
 class _Student(NamedTuple):
@@ -125,7 +129,7 @@ class Generator:
         started = time.perf_counter()
         images = await asyncio.to_thread(lambda: [model_image(q.image) for q in queries])
         encoding = await self._model_call(student.model.encode_images, images)
-        version, neighbours, retrieval_s = await self._retrieve(queries, encoding.keys, student.fingerprint)
+        version, neighbours, retrieval_s, errors = await self._retrieve(queries, encoding.keys, student.fingerprint)
         prompts = [self._prompt(q, n) for q, n in zip(queries, neighbours)]
         gens = [self._generation(q) for q in queries]
         outputs = await self._model_call(_generate_grouped, student.model, prompts, gens, encoding)
@@ -148,8 +152,9 @@ class Generator:
                 neighbours=ns or [],
                 index_version=version if ns is not None else None,
                 model_revision=student.revision,
+                error=error,
             )
-            for out, gen, ns in zip(outputs, gens, neighbours)
+            for out, gen, ns, error in zip(outputs, gens, neighbours, errors)
         ]
 
     async def _model_call(self, fn, *args):
@@ -166,20 +171,37 @@ class Generator:
     def _k(self, query: Query) -> int:
         return query.top_k or rag.top_k_for(query.task, self._cfg.rag)
 
+    def _scope(self, query: Query) -> Tuple[str, ...]:
+        return tuple(sorted(set(query.rag_datasets or self._cfg.rag.datasets)))
+
     async def _retrieve(self, queries: Sequence[Query], keys, fingerprint: str):
-        """One Retriever call for the batch's queries with retrieval on; None for the others."""
-        wanted = [i for i, q in enumerate(queries) if q.rag]
+        """One Retriever call per retrieval scope among the batch's queries with retrieval on (one, as a rule);
+        None for the others. A scope the index does not hold fails only its own queries, with the reason."""
         neighbours: List[Optional[List[rag.Neighbor]]] = [None] * len(queries)
-        if not wanted:
-            return None, neighbours, 0.0
-        k = max(self._k(queries[i]) for i in wanted)
+        errors: List[Optional[str]] = [None] * len(queries)
+        scopes: Dict[Tuple[str, ...], List[int]] = {}
+        for i, q in enumerate(queries):
+            if q.rag:
+                scopes.setdefault(self._scope(q), []).append(i)
+        if not scopes:
+            return None, neighbours, 0.0, errors
         started = time.perf_counter()
-        version, rows = await self._retriever.search.remote(keys[wanted], k, fingerprint)
+        version = None
+        for scope, wanted in scopes.items():
+            k = max(self._k(queries[i]) for i in wanted)
+            try:
+                version, rows = await self._retriever.search.remote(keys[wanted], k, fingerprint, list(scope) or None)
+            except rag.UnknownDatasetError as exc:  # Ray re-raises the remote error as its own type too
+                cause = getattr(exc, "cause", None) or exc
+                for i in wanted:  # the message does not quote the request (the names asked for)
+                    errors[i] = (f"field 'rag_datasets': names a dataset the index (version {cause.version}) holds "
+                                 f"no images of; it holds {cause.known}")  # fmt: skip
+                continue
+            for i, row in zip(wanted, rows):
+                neighbours[i] = row[: self._k(queries[i])]
         elapsed = time.perf_counter() - started
         metrics.generator().retrieval_latency.observe(elapsed)
-        for i, row in zip(wanted, rows):
-            neighbours[i] = row[: self._k(queries[i])]
-        return version, neighbours, elapsed
+        return version, neighbours, elapsed, errors
 
     def _prompt(self, query: Query, neighbours: Optional[List[rag.Neighbor]]) -> str:
         rag_cfg = self._cfg.rag

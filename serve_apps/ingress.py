@@ -96,7 +96,7 @@ class Ingress:
 
     async def ask(self, query: Query) -> Answer:
         try:
-            return await self._generator.answer.remote(query)
+            answer = await self._generator.answer.remote(query)
         except Exception as exc:  # noqa: BLE001 - log the type only: a message may quote what it was given
             cause = getattr(exc, "cause", None) or exc  # a RayTaskError carries the remote exception as its cause
             if isinstance(exc, _RETRYABLE) or isinstance(cause, _RETRYABLE):
@@ -105,6 +105,9 @@ class Ingress:
                                headers={"retry-after": "1"}) from None  # fmt: skip
             log.error("request %s: generator failed: %s", query.request_id, type(cause).__name__)
             raise ApiError(500, f"the model failed on this request (request {query.request_id})") from None
+        if answer.error:  # the request asked for something the service cannot give (a dataset not indexed)
+            raise ApiError(400, answer.error, param="rag_datasets", code="invalid_value")
+        return answer
 
     def use_rag(self, asked: Optional[bool]) -> bool:
         return self.cfg.serve.rag if asked is None else asked
@@ -120,6 +123,7 @@ class Ingress:
             image.data,
             modality=req.modality or image.modality,
             rag=self.use_rag(req.rag),
+            rag_datasets=tuple(req.rag_datasets or ()),
             request_id=request_id() or "-",
             **fields,
         )

@@ -45,16 +45,19 @@ class Retriever:
 
     # ------------------------------------------------------------------------------------------- requests
 
-    def search(self, keys: np.ndarray, k: int, encoder_fingerprint: str) -> Tuple[str, List[List[rag.Neighbor]]]:
+    def search(
+        self, keys: np.ndarray, k: int, encoder_fingerprint: str, datasets: Optional[List[str]] = None
+    ) -> Tuple[str, List[List[rag.Neighbor]]]:
         """The index version searched and the top-``k`` neighbours of each key (unit rows of the generator's
-        vision encoder, whose fingerprint must be the index's: keys of another encoder are not comparable)."""
+        vision encoder, whose fingerprint must be the index's: keys of another encoder are not comparable), among
+        the images of ``datasets`` when given (ValueError naming the index's datasets for an unknown one)."""
         built_with = self._index.manifest["encoder_fingerprint"]
         if encoder_fingerprint != built_with:
             raise IndexArtifactError(
                 f"the index was built with encoder {built_with}, the generator's is {encoder_fingerprint}: "
                 "rebuild the index with `meddr-ray index` for this model"
             )
-        return self._index.search_versioned(keys, k)
+        return self._index.search_versioned(keys, k, datasets)
 
     def describe(self) -> Dict[str, Any]:
         """What this replica has loaded: version, vector count and dimension, the encoder fingerprint it was built

@@ -18,11 +18,14 @@ MAX_TOP_K = 50
 """Most neighbours a diagnosis request may retrieve."""
 MAX_QUESTION_CHARS = 4000
 """Longest VQA question (characters)."""
+MAX_RAG_DATASETS = 50
+"""Most datasets a request may scope its retrieval to."""
 
 Label = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 Modality = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
 Question = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_QUESTION_CHARS)]
 ImageData = Annotated[str, StringConstraints(min_length=1)]
+DatasetName = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=200)]
 
 
 class _Request(BaseModel):
@@ -35,6 +38,13 @@ class _Request(BaseModel):
         None, description="Imaging modality for the prompt ('breast ultrasound'); a DICOM's Modality tag otherwise."
     )
     rag: Optional[bool] = Field(None, description="Retrieval on or off for this request (default: serve.rag).")
+    rag_datasets: Optional[List[DatasetName]] = Field(
+        None,
+        min_length=1,
+        max_length=MAX_RAG_DATASETS,
+        description="Retrieve only images of these datasets (the index's source names, e.g. ['breastmnist']); "
+        "default: the config's rag.datasets, else the whole index. A name the index does not hold is refused.",
+    )
 
 
 class DiagnoseRequest(_Request):
@@ -64,14 +74,20 @@ class ReportRequest(_Request):
     pass
 
 
-class Evidence(BaseModel):
-    """A retrieved case a clinician can check: why the answer says what it says."""
+class QAPair(BaseModel):
+    question: str
+    answer: str
 
-    id: str
-    label: Optional[str]
-    text: Optional[str]
+
+class Evidence(BaseModel):
+    """A retrieved image and its annotations, which a clinician can check: why the answer says what it says."""
+
+    id: str = Field(description="The case: one image of one dataset in the index.")
     score: float = Field(description="Cosine similarity of its image to the query image, in [-1, 1].")
     dataset: Optional[str]
+    label: Optional[str] = Field(description="Its diagnosis label(s), if it has one.")
+    report: Optional[str] = Field(description="Its report, if it has one.")
+    qa: List[QAPair] = Field(description="Its question-answer pairs (VQA data), if any.")
 
 
 class DiagnoseResponse(BaseModel):

@@ -126,8 +126,9 @@ def retrieval_plot(cases: List[Dict[str, Any]], images: "CaseImages", manifest: 
                 continue
             where = located.get(ids[c]) or {}
             image, why = (None, f"case {ids[c]} is not in the index values") if not where else images.load(
-                where.get("dataset"), ids[c], where.get("source_file"), where.get("source_index"))  # fmt: skip
-            title = f"top-{c + 1}: {_short(where.get('label') or where.get('text'), 22, 1)}\n" \
+                where.get("dataset"), ids[c], where.get("source_file"), where.get("source_index"),
+                split=where.get("split"))  # fmt: skip
+            title = f"top-{c + 1}: {_short(where.get('label') or where.get('report'), 22, 1)}\n" \
                     f"{where.get('dataset', '?')}, sim {scores[c]:.3f}"  # fmt: skip
             _panel(ax, image, title, why, notes)
     fig.suptitle(f"Top-{top_k} retrieved cases (index version {manifest['version']})", fontsize=10)
@@ -149,7 +150,7 @@ def _panel(ax, image, title: str, why: Optional[str], notes: List[str]) -> None:
 
 
 def neighbour_locations(manifest: dict, ids: Sequence[str]) -> Dict[str, Dict[str, Any]]:
-    """``id -> {dataset, label, text, task, source_file, source_index}`` for a few cases of the index version, read
+    """``id -> {dataset, split, label, report, source_file, source_index}`` for a few cases of the index version, read
     with a filter from its values file (only those columns; never the whole index into memory)."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
@@ -160,11 +161,11 @@ def neighbour_locations(manifest: dict, ids: Sequence[str]) -> Dict[str, Dict[st
         return {}
     fs, path = storage.resolve(join_path(manifest["path"], VALUES_FILE))
     ds = pads.dataset(path, format="parquet", filesystem=fs)
-    wanted = ("id", "dataset", "label", "text", "task", "source_file", "source_index")
+    wanted = ("id", "dataset", "split", "label", "report", "source_file", "source_index")
     columns = [c for c in wanted if c in ds.schema.names]
     out: Dict[str, Dict[str, Any]] = {}
     for row in ds.to_table(columns=columns, filter=pc.field("id").isin(list(ids))).to_pylist():
-        out.setdefault(row["id"], row)  # one image may be several cases (a diagnosis and a report of it)
+        out.setdefault(row["id"], row)
     return out
 
 
@@ -188,8 +189,10 @@ class CaseImages:
         named = [s for s in self.sources if s.name == dataset]
         return next((s for s in named if s.path == source_file), named[0] if named else None)
 
-    def load(self, dataset: Optional[str], case_id: str, source_file: Optional[str], source_index: Optional[int]):
-        """``(RGB image, None)`` or ``(None, why not)``."""
+    def load(self, dataset: Optional[str], case_id: str, source_file: Optional[str], source_index: Optional[int],
+             split: Optional[str] = None):  # fmt: skip
+        """``(RGB image, None)`` or ``(None, why not)``. ``split``: the MedMNIST split the row is in (an indexed
+        case records it; a test query is found by its sample id)."""
         from meddr_ray.data import DataError
 
         if not source_file or source_index is None:
@@ -199,7 +202,7 @@ class CaseImages:
         fmt = "medmnist" if lower.endswith(".npz") else "dicom" if lower.endswith(".dcm") else (src and src.format)
         try:
             if fmt == "medmnist":
-                return self._npz(dataset, case_id, source_file, int(source_index)), None
+                return self._npz(dataset, case_id, source_file, int(source_index), split), None
             if fmt == "dicom":
                 return self._decode(storage.read_bytes(source_file), source_file, dicom=True), None
             if src is None:
@@ -214,7 +217,7 @@ class CaseImages:
         png, _ = load_image(data, where=where, dicom=dicom, **self.limits)
         return decode_image(png, where=where, **self.limits)
 
-    def _npz(self, dataset: Optional[str], case_id: str, path: str, index: int):
+    def _npz(self, dataset: Optional[str], case_id: str, path: str, index: int, split: Optional[str] = None):
         from PIL import Image
 
         from meddr_ray.data import sample_id
@@ -222,8 +225,9 @@ class CaseImages:
         if path not in self._splits:  # the npz's image arrays, by split, from its member names
             with np.load(io.BytesIO(storage.read_bytes(path)) if "://" in path else path) as npz:
                 self._splits[path] = [k[: -len("_images")] for k in npz.files if k.endswith("_images")]
-        for split in self._splits[path]:
-            if sample_id(str(dataset), split, index) == case_id:
+        for name in self._splits[path]:
+            if name == split or (split is None and sample_id(str(dataset), name, index) == case_id):
+                split = name
                 if (path, split) not in self._arrays:
                     with np.load(io.BytesIO(storage.read_bytes(path)) if "://" in path else path) as npz:
                         self._arrays[(path, split)] = npz[f"{split}_images"]

@@ -275,7 +275,7 @@ def render_markdown(metrics: Dict[str, Any], plots: Dict[str, Any]) -> str:
     header = ["dataset", "metric", "voting", "w/o RAG", "w/ RAG", "paper: voting", "paper: w/o RAG", "paper: w/ RAG"]
     out += [_md_table(header, table4_rows(metrics)), ""]
     if any(d.get("task") == "diagnosis" for d in metrics["datasets"].values()):
-        out += ["Accuracy (macro) is MultiMedEval's and the paper's: torchmetrics' macro accuracy, the mean of the "
+        out += ["Accuracy (macro) is MultiMedEval's (which the paper follows): torchmetrics' macro accuracy, the mean of the "
                 "per-class recalls (balanced accuracy). Accuracy (micro), the share of correct answers, is in the "
                 "diagnosis table below and `accuracy_micro` in metrics.json; the two differ when classes are "
                 "unbalanced.", ""]  # fmt: skip

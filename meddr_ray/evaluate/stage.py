@@ -7,7 +7,8 @@ run's adapter and the run's index once) answers every row:
 1. the query images of a batch go through the vision tower ONCE (``encode_images``): the pooled keys find the
    neighbours in the index (paper section 3.3), and the same features feed both generations;
 2. ``no_rag``: the task's instruction alone; ``rag``: with the retrieved context (:func:`meddr_ray.rag.rag_prompt`:
-   the top-5 labels for diagnosis, the top-1 text for VQA and reports);
+   the labels of the top-5 images for diagnosis, the most similar image's QA pairs for VQA, its report for
+   report generation), searched in the query's scope (``rag.same_dataset``: its own dataset, as section 4.5);
 3. ``voting``: the retrieved cases alone, from the same neighbours (:func:`meddr_ray.rag.vote` for diagnosis; the
    top-1 retrieved report as the prediction for report generation; VQA has no voting row);
 4. each answer is mapped / scored per row (:mod:`meddr_ray.evaluate.scoring`, MultiMedEval's definitions).
@@ -189,15 +190,24 @@ class StudentEvaluator:
 
     # ---------------------------------------------------------------------------------------- answers
 
-    def _neighbours(self, keys: np.ndarray, tasks: Sequence[str]):
-        """Each query's retrieved cases: enough for its prompt and vote (``rag.top_k_*``) and for the figure."""
-        from meddr_ray.rag import top_k_for
+    def _neighbours(self, keys: np.ndarray, tasks: Sequence[str], datasets: Sequence[Optional[str]]):
+        """Each query's retrieved images, searched in its scope (``rag.same_dataset`` / ``rag.datasets``): enough
+        for its prompt and vote (``rag.top_k_*``) and for the figure."""
+        from meddr_ray.rag import scope_for, top_k_for
 
         top_k = [top_k_for(t, self.cfg.rag) for t in tasks]
         if self.retriever is None:
             return [[] for _ in tasks], top_k
         k = max(top_k + [self.cfg.evaluate.figure_top_k])
-        return self.retriever.search(keys, k), top_k
+        scopes: Dict[Optional[Tuple[str, ...]], List[int]] = {}
+        for i, name in enumerate(datasets):
+            scope = scope_for(self.cfg.rag, name)
+            scopes.setdefault(tuple(scope) if scope else None, []).append(i)
+        found: List[Any] = [None] * len(tasks)
+        for scope, rows in scopes.items():
+            for i, hits in zip(rows, self.retriever.search(keys[rows], k, list(scope) if scope else None)):
+                found[i] = hits
+        return found, top_k
 
     def _prompt(self, row: Dict[str, Any], options: List[str], neighbours) -> str:
         from meddr_ray.rag import rag_prompt
@@ -228,7 +238,7 @@ class StudentEvaluator:
         return out
 
     def __call__(self, batch: pa.Table) -> Dict[str, List[Any]]:
-        from meddr_ray.rag import rag_context, vote
+        from meddr_ray.rag import distinct_images, vote, vote_report
 
         stats = dict.fromkeys(_STAT_KEYS, 0)
         stats["rows_in"] = batch.num_rows
@@ -250,23 +260,23 @@ class StudentEvaluator:
             started = time.perf_counter()
             tasks = [r.get("task") or "diagnosis" for r in rows]
             encoding = self.model.encode_images(images)
-            neighbours, top_k = self._neighbours(encoding.keys, tasks)
+            neighbours, top_k = self._neighbours(encoding.keys, tasks, [r.get("dataset") for r in rows])
             options = [scoring.diagnosis_options(r.get("dataset"), r.get("label_set")) if t == "diagnosis" else []
                        for r, t in zip(rows, tasks)]  # fmt: skip
             jobs, prompts = [], {}
             for i, (row, task) in enumerate(zip(rows, tasks)):
                 for mode in scoring.modes_for(task, self.modes):
                     if mode in scoring.GENERATED_MODES:
-                        used = neighbours[i][: top_k[i]] if mode == "rag" else None
+                        used = neighbours[i] if mode == "rag" else None  # rag_context takes the top k
                         prompts[(i, mode)] = self._prompt(row, options[i], used)
                         jobs.append((i, mode, prompts[(i, mode)], task))
             seed = batch_seed(self.cfg.seed, [r["id"] for r in rows])
             answers = self._generate(encoding, jobs, seed) if jobs else {}
             for i, (row, task) in enumerate(zip(rows, tasks)):
                 for mode in scoring.modes_for(task, self.modes):
-                    if mode == "voting":
-                        used = neighbours[i][: top_k[i]]
-                        output = vote(used) if task == "diagnosis" else rag_context(task, used, self.cfg.rag)
+                    if mode == "voting":  # the top-k labelled images' majority; for reports the top-1 report
+                        labelled = [n for n in distinct_images(neighbours[i]) if n.label][: top_k[i]]
+                        output = vote(labelled) if task == "diagnosis" else vote_report(neighbours[i])
                         answer = {"text": output, "tokens": 0}
                     else:
                         answer = answers[(i, mode)]
@@ -394,7 +404,32 @@ def _index_manifest(cfg: Config) -> Optional[dict]:
             f"evaluate: no retrieval index at {index_dir} (no published version: {join_path(index_dir, 'CURRENT')} "
             f"is missing); run `meddr-ray index` first, or set evaluate.modes=[no_rag]"
         )
-    return load_manifest(index_dir)
+    manifest = load_manifest(index_dir)
+    _check_scope(cfg, manifest)
+    return manifest
+
+
+def _check_scope(cfg: Config, manifest: dict) -> None:
+    """Every dataset a query will search (its own, with ``rag.same_dataset``; ``rag.datasets``) has images in the
+    index, said before any model loads rather than by an actor mid-run."""
+    from meddr_ray.rag import scope_for
+
+    held = (manifest.get("summary") or {}).get("datasets")
+    if held is None:
+        raise ConfigError(
+            f"evaluate: index version {manifest['version']} at {manifest['path']} does not list its datasets (it "
+            "was published before one case per image): rebuild it with `meddr-ray index`"
+        )
+    for src in cfg.evaluate.sources:
+        missing = [d for d in scope_for(cfg.rag, src.name) or [] if d not in held]
+        if missing:
+            key = "rag.same_dataset" if cfg.rag.same_dataset else "rag.datasets"
+            raise ConfigError(
+                f"key '{key}': evaluate source {src.name!r} would retrieve from dataset(s) {missing}, which index "
+                f"version {manifest['version']} holds no images of (it holds {sorted(held)}); index that dataset's "
+                "training split (index.sources), name the source as the indexed dataset, or set "
+                "rag.same_dataset=false"
+            )
 
 
 def _file_signature(folder: Optional[str]) -> List[Any]:

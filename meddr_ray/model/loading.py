@@ -217,7 +217,8 @@ class VisionLanguageModel:
     # ------------------------------------------------------------------------------------------ embedding
 
     def embed(self, images: Sequence) -> np.ndarray:
-        """The paper's retrieval key: mean-pooled last hidden state of the model's own vision tower, L2-normalised.
+        """The retrieval key: the model's own vision encoder's embedding (section 3.3; the paper names no layer or
+        pooling, this project mean-pools the vision tower's last hidden state), L2-normalised.
 
         Returns float32 ``(len(images), embed_dim)`` with unit rows.
         """

@@ -27,7 +27,7 @@ from meddr_ray.evaluate import run_evaluate
 from meddr_ray.evaluate.stage import FAILED_DIR, PREDICTIONS_DIR
 from meddr_ray.faiss_index import load_index
 from meddr_ray.index import run_index
-from meddr_ray.rag import Neighbor, rag_context, rag_prompt, vote
+from meddr_ray.rag import Neighbor, rag_prompt, vote, vote_report
 
 pytestmark = pytest.mark.integration
 
@@ -48,11 +48,12 @@ def _metrics(out) -> dict:
 
 
 def _neighbours(values: dict, row: dict) -> list:
-    """The row's stored neighbours as rag.Neighbor, their label / text / task read from the index values."""
+    """The row's stored neighbours as rag.Neighbor, their annotations read from the index values."""
     out = []
     for nid, score in zip(row["neighbour_ids"], row["neighbour_scores"]):
         v = values[nid]
-        out.append(Neighbor(nid, v["label"], v["text"], score, v["dataset"], v["modality"], v["task"]))
+        qa = tuple((x["question"], x["answer"]) for x in v["qa"] or ())
+        out.append(Neighbor(nid, v["label"], v["report"], qa, score, v["dataset"], v["modality"]))
     return out
 
 
@@ -146,7 +147,8 @@ def test_voting_and_rag_use_the_same_stored_neighbours(diagnosis):
         kw = dict(modality="breast ultrasound", options=["malignant", "normal, benign"])
         assert rag["prompt"] == rag_prompt("diagnosis", neighbours[:5], cfg.rag, **kw)
         assert no_rag["prompt"] == rag_prompt("diagnosis", None, cfg.rag, **kw)
-        assert "most similar cases" in rag["prompt"] and "most similar cases" not in no_rag["prompt"]
+        assert "most similar images" in rag["prompt"] and "most similar images" not in no_rag["prompt"]
+        assert len(set(r["neighbour_ids"])) == len(r["neighbour_ids"])  # five different images
         assert r["prompt"] is None and r["tokens"] == 0 and rag["tokens"] > 0
 
 
@@ -196,7 +198,9 @@ def test_a_bad_image_is_set_aside_with_skip_and_stops_the_job_with_raise(tiny_in
     )
     source = SourceConfig(name="folder", format="image_folder", path=str(data / "labels.csv"), splits=["test"],
                           modality="breast ultrasound")  # fmt: skip
-    cfg = _cfg(tiny_index_run, tmp_path / "eval", "data.on_error=skip", "evaluate.figure_examples=1")
+    # a folder of images the index holds none of: retrieval over the whole index, not the folder's own dataset
+    cfg = _cfg(tiny_index_run, tmp_path / "eval", "data.on_error=skip", "evaluate.figure_examples=1",
+               "rag.same_dataset=false")  # fmt: skip
     cfg.evaluate.sources = [source]
     out = run_evaluate(cfg)
     failed = pq.read_table(part_files(os.path.join(out, FAILED_DIR))).to_pylist()
@@ -208,7 +212,7 @@ def test_a_bad_image_is_set_aside_with_skip_and_stops_the_job_with_raise(tiny_in
     assert m["datasets"]["folder"]["labels"] == ["benign", "malignant"]
 
     # on_error=raise: the job stops with an error naming the file and row
-    strict = _cfg(tiny_index_run, tmp_path / "strict")
+    strict = _cfg(tiny_index_run, tmp_path / "strict", "rag.same_dataset=false")
     strict.evaluate.sources = [source]
     with pytest.raises(Exception) as info:
         run_evaluate(strict)
@@ -225,6 +229,11 @@ def test_a_missing_index_or_required_adapter_is_an_error_naming_the_path(tiny_in
 
 
 # ------------------------------------------------------------------------------------ VQA and reports
+
+
+def _slake_train_images(shared_data: Path) -> set:
+    english = [r for r in json.loads((shared_data / "slake" / "test.json").read_text()) if r["q_lang"] == "en"]
+    return {r["img_name"] for r in english[:16]}
 
 
 def _vqa_and_report_sources(shared_data: Path, root: Path):
@@ -267,11 +276,17 @@ def test_vqa_and_report_generation(ray_cluster, shared_data, tmp_path):
             {**metrics.vqa_summary(json.loads(r["scores"]) for r in part), "rows": 12}
         )
         assert summary["n_closed"] + summary["n_open"] == 12 and summary["n_closed"] > 0
+    # the database holds each SLAKE training image once, with all of its questions
+    slake_cases = [v for v in values.values() if v["dataset"] == "slake"]
+    assert len(slake_cases) == len(_slake_train_images(shared_data)) < 16
+    assert sum(len(v["qa"]) for v in slake_cases) == 16 and all(v["label"] is None for v in slake_cases)
     rag_row = next(r for r in rows if r["dataset"] == "slake" and r["mode"] == "rag")
-    top1 = _neighbours(values, rag_row)[:1]
-    assert rag_row["prompt"] == rag_prompt("vqa", top1, cfg.rag, modality=rag_row["modality"],
+    found = _neighbours(values, rag_row)
+    assert {n.dataset for n in found} == {"slake"}  # scoped to the query's own dataset (rag.same_dataset)
+    assert rag_row["prompt"] == rag_prompt("vqa", found, cfg.rag, modality=rag_row["modality"],
                                            question=rag_row["question"])  # fmt: skip
-    assert f"A similar case answered a question as follows: {top1[0].text}" in rag_row["prompt"]
+    assert f"most similar image: Q: {found[0].qa[0][0]}" in rag_row["prompt"] or any(
+        f"Q: {q} A: {a}" in rag_row["prompt"] for q, a in found[0].qa)  # fmt: skip
 
     report = m["datasets"]["iu_xray"]
     assert (report["task"], report["n"], set(report["modes"])) == ("report", 8, {"no_rag", "rag", "voting"})
@@ -279,7 +294,9 @@ def test_vqa_and_report_generation(ray_cluster, shared_data, tmp_path):
         part = [r for r in rows if r["dataset"] == "iu_xray" and r["mode"] == mode]
         for r in part:
             if mode == "voting":  # the paper's report voting: the top-1 retrieved report is the prediction
-                assert r["output"] == rag_context("report", _neighbours(values, r)[:1], cfg.rag)
+                found = _neighbours(values, r)
+                assert {n.dataset for n in found} == {"iu_xray"} and r["output"] == vote_report(found)
+                assert r["output"] == found[0].report
             assert _same(json.loads(r["scores"]), metrics.report_scores(r["output"] or "", r["reference"]))
         again = metrics.report_summary(json.loads(r["scores"]) for r in part)
         for key in ("bleu1", "bleu4", "rouge1", "rougeL", "meteor", "n"):

@@ -38,6 +38,19 @@ def images(split: str, rows) -> list:
     return [Image.fromarray(arrays[i]).convert("RGB") for i in rows]
 
 
+def rows_of(loaded, ids):
+    """``(split, row)`` of the images of the given case ids (a case is named by its image's content)."""
+    values = loaded.values.select(["id", "split", "source_index"]).to_pylist()
+    where = {v["id"]: (v["split"], v["source_index"]) for v in values}
+    return [where[i] for i in ids]
+
+
+def ids_of(loaded, rows):
+    """The case ids of the given ``(split, row)`` images."""
+    case = {(v["split"], v["source_index"]): v["id"] for v in loaded.values.to_pylist()}
+    return [case[r] for r in rows]
+
+
 @pytest.fixture(scope="module")
 def model():
     return load_model(tiny(Path("/tmp")).student)
@@ -62,10 +75,11 @@ def test_build_publishes_a_checked_version(built, model, capsys):
     assert manifest["summary"]["shards"] == 2 and manifest["summary"]["failed"] == 0
     loaded = fi.load_index(index_dir, expect_dim=model.embed_dim, expect_fingerprint=model.encoder_fingerprint())
     values = loaded.values.to_pydict()
-    assert len(set(values["id"])) == 624
-    assert Counter(values["dataset"]) == {"breastmnist": 624}
-    assert set(values["label"]) == {"malignant", "normal, benign"} and values["text"] == values["label"]
-    assert set(values["modality"]) == {"breast ultrasound"} and set(values["task"]) == {"diagnosis"}
+    assert len(set(values["id"])) == 624  # one vector per image: no case twice
+    assert Counter(values["dataset"]) == {"breastmnist": 624} and manifest["summary"]["datasets"] == {"breastmnist": 624}
+    assert Counter(values["split"]) == {"train": 546, "val": 78}
+    assert set(values["label"]) == {"malignant", "normal, benign"} and set(values["modality"]) == {"breast ultrasound"}
+    assert set(values["report"]) == {None} and all(qa == [] for qa in values["qa"])
     assert not (Path(index_dir) / "_work").exists()  # the embeddings went into the index
 
 
@@ -77,9 +91,9 @@ def test_a_training_image_retrieves_itself_first(built, model):
     for row, neighbours in zip(rows, hits):
         top = neighbours[0]
         assert top.score == pytest.approx(1.0, abs=1e-4)
-        # an exact duplicate image elsewhere in the set would tie; the query's own id must be among the ties
-        tied = [n.id for n in neighbours if n.score >= top.score - 1e-5]
-        assert sample_id("breastmnist", "train", row) in tied
+        # the query's own image is the case whose value points at its row of the train split
+        located = {v["id"]: (v["split"], v["source_index"]) for v in retriever.loaded.values.to_pylist()}
+        assert located[top.id] == ("train", row)
 
 
 def test_voting_on_the_test_split_uses_the_retrieved_labels(built, model):
@@ -193,7 +207,7 @@ def test_incremental_add_appends_a_new_version(built, model, tmp_path):
     retriever = Retriever.from_config(cfg, model)
     assert retriever.version == "v0002"
     hits = retriever.search(model.embed(images("test", [0, 29])), k=1)
-    assert [h[0].id for h in hits] == [sample_id("breastmnist", "test", i) for i in (0, 29)]
+    assert rows_of(retriever.loaded, [h[0].id for h in hits]) == [("test", 0), ("test", 29)]
     assert fi.load_index(index_dir, version="v0001").count == 624
     # adding the same cases again embeds nothing and publishes nothing
     assert run_index(cfg, add_source=str(source)) == path
@@ -201,7 +215,8 @@ def test_incremental_add_appends_a_new_version(built, model, tmp_path):
 
 
 def test_build_from_the_instruction_parquet(ray_cluster, tmp_path):
-    """With no index.sources the cases come from the run's instruction mix: one per (source sample, task)."""
+    """With no index.sources the cases come from the training rows of the run's instruction mix: one per image,
+    whatever number of instructions (copies, tasks) it has; the validation rows are not part of the database."""
     import pyarrow.parquet as pq
 
     from meddr_ray.instruct import MIX_SCHEMA
@@ -228,12 +243,13 @@ def test_build_from_the_instruction_parquet(ray_cluster, tmp_path):
     pq.write_table(pa.table({"source_id": ["x"], "error": ["bad"]}), folder / "failed" / "part-0.parquet")
     path = run_index(tiny(tmp_path / "run", "index.sources=[]"))
     manifest = json.loads((Path(path) / "manifest.json").read_text())
-    assert manifest["count"] == 12 and manifest["summary"]["duplicates"] == 3
-    values = pq.read_table(Path(path) / "values.parquet").to_pylist()
-    assert Counter(v["task"] for v in values) == {"diagnosis": 8, "guided_report": 4}
-    report = next(v for v in values if v["task"] == "guided_report" and v["id"] == sample_id("breastmnist", "train", 1))
-    assert report["label"] == "malignant" and report["text"] == "Findings: case 1. Impression: malignant."
-    assert all(v["text"] == v["label"] for v in values if v["task"] == "diagnosis")
+    assert manifest["count"] == 7 and manifest["summary"]["duplicates"] == 0  # sample 7 is a validation row
+    values = sorted(pq.read_table(Path(path) / "values.parquet").to_pylist(), key=lambda v: v["source_index"])
+    assert [v["source_index"] for v in values] == list(range(7)) and len({v["id"] for v in values}) == 7
+    assert [v["label"] for v in values] == ["malignant" if i % 2 else "normal, benign" for i in range(7)]
+    assert [v["report"] for v in values[:4]] == [f"Findings: case {i}. Impression: {v['label']}."
+                                                 for i, v in enumerate(values[:4])]  # fmt: skip
+    assert {v["report"] for v in values[4:]} == {None}
 
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
@@ -257,7 +273,7 @@ def test_approximate_indexes_through_the_job_and_incremental_add(ray_cluster, tm
     queries = model.embed(images("train", range(0, 200, 7)))
     # exact neighbours over the same 200 images, embedded here
     exact = fi.build_shard(model.embed(images("train", range(200))), fi.IndexParams("flat"))
-    ids = np.array([sample_id("breastmnist", "train", i) for i in range(200)])
+    ids = np.array(ids_of(retriever.loaded, [("train", i) for i in range(200)]))
     _, expected = exact.search(queries, 5)
     for row, want in zip(retriever.search(queries, 5), expected):
         assert set(n.id for n in row[:1]) == set(ids[want[:1]])  # rank 1 is exact
@@ -269,7 +285,7 @@ def test_approximate_indexes_through_the_job_and_incremental_add(ray_cluster, tm
     grown = fi.load_index(cfg.stage_dir("index"))
     assert (grown.version, grown.count, grown.manifest["index_type"]) == ("v0002", 210, kind)
     hits = Retriever(grown).search(model.embed(images("test", range(10))), k=1)
-    assert [h[0].id for h in hits] == [sample_id("breastmnist", "test", i) for i in range(10)]
+    assert rows_of(grown, [h[0].id for h in hits]) == [("test", i) for i in range(10)]
     if kind == "ivf":
         parent = fi.load_index(cfg.stage_dir("index"), version="v0001")  # keep it alive: faiss views borrow it
         before, after = faiss.extract_index_ivf(parent.index), faiss.extract_index_ivf(grown.index)

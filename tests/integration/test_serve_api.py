@@ -169,6 +169,23 @@ def test_vqa_and_report_carry_the_top1_evidence(client, index_ids):
     assert isinstance(report.json()["report"], str) and len(report.json()["evidence"]) == 1
 
 
+def test_retrieval_scoped_to_a_dataset_by_the_request(client, index_ids):
+    """``rag_datasets`` limits retrieval to the named datasets; evidence carries each image's annotations."""
+    _, ids = index_ids
+    body = {"image": b64(TEST_PNG), "labels": LABELS, "rag_datasets": ["breastmnist"]}
+    res = client.post("/v1/diagnose", json=body)
+    assert res.status_code == 200, res.text
+    evidence = res.json()["evidence"]
+    assert len(evidence) == 5 and len({e["id"] for e in evidence}) == 5  # five different images
+    assert all(e["dataset"] == "breastmnist" and e["id"] in ids for e in evidence)
+    assert all(e["label"] in LABELS and e["report"] is None and e["qa"] == [] for e in evidence)
+    unscoped = client.post("/v1/diagnose", json={"image": b64(TEST_PNG), "labels": LABELS}).json()["evidence"]
+    assert [e["id"] for e in unscoped] == [e["id"] for e in evidence]  # the index holds only breastmnist
+    err = assert_error(client.post("/v1/vqa", json={"image": b64(TEST_PNG), "question": "Is there a lesion?",
+                                                    "rag_datasets": ["slake"]}), 400, "'rag_datasets'")  # fmt: skip
+    assert "['breastmnist']" in err["message"] and "slake" not in err["message"]  # names what is there
+
+
 def test_rag_false_has_no_evidence_and_no_vote(client):
     res = client.post("/v1/diagnose", json={"image": b64(TEST_PNG), "labels": LABELS, "rag": False})
     assert res.status_code == 200, res.text
@@ -299,6 +316,12 @@ BAD_DIAGNOSE = {
     "bomb (pixel limit)": ({"image": b64(ZEROS_BOMB), "labels": LABELS}, 413, "image"),
     "bomb (forged 50000x50000)": ({"image": b64(forged_png(50_000, 50_000)), "labels": LABELS}, 413, "image"),
     "image over the byte limit": ({"image": b64(NOISE), "labels": LABELS}, 413, "image"),
+    "rag_datasets not a list": ({"image": b64(TEST_PNG), "labels": LABELS, "rag_datasets": "breastmnist"}, 400,
+                                "rag_datasets"),  # fmt: skip
+    "rag_datasets empty": ({"image": b64(TEST_PNG), "labels": LABELS, "rag_datasets": []}, 400, "rag_datasets"),
+    "rag_datasets blank": ({"image": b64(TEST_PNG), "labels": LABELS, "rag_datasets": [" "]}, 400, "rag_datasets[0]"),
+    "rag_datasets not indexed": ({"image": b64(TEST_PNG), "labels": LABELS, "rag_datasets": ["chestmnist"]}, 400,
+                                 "rag_datasets"),  # fmt: skip
 }
 
 

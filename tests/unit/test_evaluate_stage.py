@@ -116,3 +116,24 @@ def test_a_damaged_adapter_meta_file_is_an_error_naming_it(tmp_path):
     (adapter / "meddr.json").write_text('{"base_model": ')
     with pytest.raises(EvalArtifactError, match=f"{adapter / 'meddr.json'}: not valid JSON"):
         _adapter(_cfg(tmp_path))
+
+
+def test_a_dataset_the_index_does_not_hold_is_refused_before_any_model_loads():
+    """rag.same_dataset: each test source retrieves from its own dataset's cases; one the index lacks is a config
+    error naming the key, the source and what the index holds."""
+    from meddr_ray.config import ConfigError, load_config
+    from meddr_ray.evaluate.stage import _check_scope
+
+    manifest = {"version": "v0001", "path": "/runs/x/index/v0001", "summary": {"datasets": {"breastmnist": 624}}}
+    cfg = load_config("tiny")
+    _check_scope(cfg, manifest)  # breastmnist test queries, breastmnist cases
+    cfg.evaluate.sources[0].name = "folder"
+    with pytest.raises(ConfigError, match=r"'rag.same_dataset'.*'folder'.*holds \['breastmnist'\]"):
+        _check_scope(cfg, manifest)
+    cfg.rag.same_dataset = False
+    _check_scope(cfg, manifest)  # the whole index
+    cfg.rag.datasets = ["chestmnist"]
+    with pytest.raises(ConfigError, match=r"'rag.datasets'.*\['chestmnist'\]"):
+        _check_scope(cfg, manifest)
+    with pytest.raises(ConfigError, match="does not list its datasets"):
+        _check_scope(cfg, {"version": "v0001", "path": "/x", "summary": {}})

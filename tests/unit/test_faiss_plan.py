@@ -1,4 +1,5 @@
-"""The index job's driver-side pieces (no Ray): the shard plan, case keys, input rows, the --add source file."""
+"""The index job's driver-side pieces (no Ray): the shard plan, one case per image (keys, merging every
+annotation of an image), input rows, the --add source file."""
 
 from __future__ import annotations
 
@@ -10,9 +11,12 @@ import pytest
 from meddr_ray.config import PACKAGE_DIR, ConfigError
 from meddr_ray.faiss_index import IndexArtifactError
 from meddr_ray.config import load_source_file as load_source_yaml
-from meddr_ray.index import Plan, _instruct_rows, case_key, make_plan, read_entries, value_text
+from meddr_ray.index import ANNOTATION_SCHEMA, ROW_SCHEMA, Plan, _instruct_rows, _sample_rows, case_key, make_plan, merge_case, read_entries
+from meddr_ray.data.schema import rows_to_table
 
 NPZ = PACKAGE_DIR / "assets" / "breastmnist.npz"
+ANNOTATION_BOOT = ANNOTATION_SCHEMA.get_field_index("bootstrap_report")
+ANNOTATION_REPORT = ANNOTATION_SCHEMA.get_field_index("report")
 
 
 def embedding_file(path, keys, errors=None, fingerprint="fp", dim=4, seed=0):
@@ -22,13 +26,13 @@ def embedding_file(path, keys, errors=None, fingerprint="fp", dim=4, seed=0):
     errors = errors or [None] * n
     table = pa.table(
         {
-            "key": keys,
-            "id": [k.split("\x1f")[0] for k in keys],
+            "id": keys,
             "dataset": ["toy"] * n,
+            "split": ["train"] * n,
             "modality": ["CT"] * n,
-            "task": ["diagnosis"] * n,
             "label": ["a"] * n,
-            "text": ["a"] * n,
+            "report": pa.nulls(n, pa.string()),
+            "qa": pa.array([[]] * n, ROW_SCHEMA.field("qa").type),
             "error": pa.array(errors, pa.string()),
             "fingerprint": [fingerprint] * n,
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim),
@@ -54,51 +58,86 @@ def test_shards_are_contiguous_slices_of_the_faiss_order():
 
 
 def test_make_plan_orders_rows_sets_failed_aside_and_skips_repeated_cases(tmp_path):
-    x1 = embedding_file(tmp_path / "1.parquet", ["a\x1fdiagnosis", "b\x1fdiagnosis", "c\x1fdiagnosis"],
-                        errors=[None, "bad.png row 1: not a readable image", None])  # fmt: skip
-    x2 = embedding_file(tmp_path / "2.parquet", ["d\x1fdiagnosis", "a\x1fdiagnosis"], seed=1)
+    x1 = embedding_file(tmp_path / "1.parquet", ["a", "b", "c"], errors=[None, "bad.png row 1: not a readable image", None])
+    x2 = embedding_file(tmp_path / "2.parquet", ["d", "a"], seed=1)
     plan = make_plan([str(tmp_path / "1.parquet"), str(tmp_path / "2.parquet")], pa.array([], pa.string()))
     assert (plan.count, plan.failed_count, plan.duplicates, plan.dim, plan.fingerprint) == (3, 1, 1, 4, "fp")
-    assert plan.keys.to_pylist() == ["a\x1fdiagnosis", "c\x1fdiagnosis", "d\x1fdiagnosis"]
+    assert plan.keys.to_pylist() == ["a", "c", "d"]
+    assert plan.datasets == {"toy": 3}
     vectors, values = read_entries(plan.everything(), plan.dim)
     np.testing.assert_array_equal(vectors, np.stack([x1[0], x1[2], x2[0]]))
     assert values.column("id").to_pylist() == ["a", "c", "d"]
-    embedding_file(tmp_path / "3.parquet", ["e\x1fdiagnosis"], fingerprint="other")
+    embedding_file(tmp_path / "3.parquet", ["e"], fingerprint="other")
     with pytest.raises(IndexArtifactError, match="different encoders"):
         make_plan([str(tmp_path / "1.parquet"), str(tmp_path / "3.parquet")], pa.array([], pa.string()))
 
 
-def test_case_text_and_key_per_task():
-    assert value_text("diagnosis", "malignant", None, None) == "malignant"
-    assert value_text("vqa", None, "yes", None) == "yes"
-    assert value_text("report", None, None, "Findings: ...") == "Findings: ..."
-    assert case_key("abc", "vqa") != case_key("abc", "report")
+def test_case_key_is_one_image_of_one_dataset():
+    assert case_key("slake", b"png-1", "q1") == case_key("slake", b"png-1", "q2")  # two questions, one image
+    assert case_key("slake", b"png-1", "q1") != case_key("slake", b"png-2", "q1")
+    assert case_key("slake", b"png-1", "q1") != case_key("vqa_rad", b"png-1", "q1")  # scoped by dataset
+    assert case_key("slake", None, "q1") != case_key("slake", None, "q2")  # no image: a case of its own
 
 
-def test_instruction_rows_become_cases_of_their_source_sample():
-    batch = pa.table(
+def _instruct_batch():
+    return pa.table(
         {
-            "id": ["i1", "i2", "i3"],
-            "source_id": ["s1", "s1", "s2"],
-            "dataset": ["d"] * 3,
-            "task": ["diagnosis", "guided_report", "vqa"],
-            "split": ["train"] * 3,
-            "modality": ["CT"] * 3,
-            "label": [None, "benign", None],
-            "image": [b"x"] * 3,
-            "prompt": ["p"] * 3,
-            "answer": ["benign", "Findings: ok.", "yes"],
-            "source_file": ["f"] * 3,
-            "source_index": [0, 0, 1],
+            "id": ["i1", "i2", "i3", "i4", "i5", "i6"],
+            "source_id": ["s1", "s1", "s2", "s3", "s4", "s5"],
+            "dataset": ["d"] * 6,
+            "task": ["diagnosis", "guided_report", "vqa", "vqa", "diagnosis", "description"],
+            "split": ["train", "train", "train", "train", "val", "train"],
+            "modality": ["CT"] * 6,
+            "label": [None, "benign", None, None, "malignant", None],
+            "image": [b"x", b"x", b"y", b"y", b"z", b"y"],
+            "prompt": ["p"] * 6,
+            "answer": ["benign", "Findings: ok.", "yes", "left", "malignant", "a description"],
+            "question": [None, None, "Is it normal?", "Which side?", None, None],
+            "source_file": ["f"] * 6,
+            "source_index": [0, 0, 1, 2, 3, 1],
         }
     )
-    rows = _instruct_rows(batch).to_pylist()
-    assert [r["id"] for r in rows] == ["s1", "s1", "s2"]
-    keys = [case_key("s1", "diagnosis"), case_key("s1", "guided_report"), case_key("s2", "vqa")]
-    assert [r["key"] for r in rows] == keys
-    assert [r["label"] for r in rows] == ["benign", "benign", None]  # a diagnosis answer is its label
-    assert [r["text"] for r in rows] == ["benign", "Findings: ok.", "yes"]
-    assert all(r["error"] is None for r in rows)
+
+
+def test_instruction_rows_become_annotations_of_their_image_and_validation_rows_stay_out():
+    rows = _instruct_rows(_instruct_batch()).to_pylist()
+    assert len(rows) == 5  # the validation row (s4) is not part of the database
+    assert [r["key"] for r in rows] == [case_key("d", b"x", "")] * 2 + [case_key("d", b"y", "")] * 3
+    assert [r["label"] for r in rows] == ["benign", "benign", None, None, None]  # a diagnosis answer is its label
+    assert rows[1]["bootstrap_report"] == "Findings: ok." and rows[0]["bootstrap_report"] is None
+    assert [(r["question"], r["answer"]) for r in rows[2:4]] == [("Is it normal?", "yes"), ("Which side?", "left")]
+    assert (rows[4]["question"], rows[4]["answer"], rows[4]["report"]) == (None, None, None)  # a description
+
+
+def _merged(annotations: pa.Table) -> list:
+    keys = annotations.column("key").to_pylist()
+    return [merge_case(annotations.filter(pa.array([k == key for k in keys]))).to_pylist()[0]
+            for key in dict.fromkeys(keys)]  # fmt: skip
+
+
+def test_every_annotation_of_an_image_is_one_case():
+    cases = _merged(_instruct_rows(_instruct_batch()))
+    assert len(cases) == 2
+    x, y = cases
+    assert (x["id"], x["label"], x["report"], x["qa"]) == (case_key("d", b"x", ""), "benign", "Findings: ok.", [])
+    assert x["image"] == b"x"
+    assert y["label"] is None and y["report"] is None
+    assert y["qa"] == [{"question": "Is it normal?", "answer": "yes"}, {"question": "Which side?", "answer": "left"}]
+
+
+def test_a_reference_report_is_kept_before_a_bootstrapped_one_and_repeated_qa_once():
+    rows = [
+        dict(id="r1", dataset="iu", split="train", task="report", image=b"img", report="Reference."),
+        dict(id="q1", dataset="iu", split="train", task="vqa", image=b"img", question="Q?", answer="A"),
+        dict(id="q2", dataset="iu", split="train", task="vqa", image=b"img", question="Q?", answer="A"),
+    ]
+    annotations = _sample_rows(rows_to_table(rows))
+    boot = annotations.slice(0, 1).set_column(
+        ANNOTATION_BOOT, "bootstrap_report", pa.array(["Bootstrapped."], pa.string())
+    ).set_column(ANNOTATION_REPORT, "report", pa.nulls(1, pa.string()))
+    (case,) = _merged(pa.concat_tables([boot, annotations]))
+    assert case["report"] == "Reference."
+    assert case["qa"] == [{"question": "Q?", "answer": "A"}]
 
 
 def test_add_source_yaml_is_checked_and_errors_name_the_key(tmp_path):

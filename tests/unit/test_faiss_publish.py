@@ -29,9 +29,9 @@ def values(n: int, start: int = 0) -> pa.Table:
             "id": ids,
             "dataset": ["toy"] * n,
             "modality": ["ultrasound"] * n,
-            "task": ["diagnosis"] * n,
             "label": [("malignant" if i % 2 else "benign") for i in range(start, start + n)],
-            "text": [("malignant" if i % 2 else "benign") for i in range(start, start + n)],
+            "report": pa.nulls(n, pa.string()),
+            "qa": pa.array([[]] * n, fi.QA_TYPE),
         }
     )
 

@@ -9,11 +9,26 @@ import pytest
 from meddr_ray import faiss_index as fi
 from meddr_ray import prompts
 from meddr_ray.config import RagConfig
-from meddr_ray.rag import IndexArtifactError, Neighbor, Retriever, rag_context, rag_prompt, retrieve, top_k_for, vote
+from meddr_ray.rag import (
+    IndexArtifactError,
+    Neighbor,
+    Retriever,
+    UnknownDatasetError,
+    rag_context,
+    rag_prompt,
+    retrieve,
+    scope_for,
+    top_k_for,
+    vote,
+    vote_report,
+)
+
+_IDS = iter(range(10**9))
 
 
-def nb(label, score, text=None, i=0, task="diagnosis"):
-    return Neighbor(f"id{i}", label, text if text is not None else label, score, "toy", "ultrasound", task)
+def nb(label, score, report=None, qa=(), i=None, dataset="toy"):
+    """A retrieved image (a fresh id unless ``i`` names one)."""
+    return Neighbor(f"id{next(_IDS) if i is None else i}", label, report, tuple(qa), score, dataset, "ultrasound")
 
 
 # ------------------------------------------------------------------------------------------------- vote
@@ -31,9 +46,21 @@ def test_vote_tie_goes_to_the_larger_summed_similarity():
 
 def test_vote_full_tie_goes_to_the_nearest_label_and_unlabelled_cases_do_not_vote():
     assert vote([nb("b", 0.7), nb("a", 0.7)]) == "b"
-    assert vote([nb(None, 0.99, text="a report"), nb("a", 0.5), nb(None, 0.98, text="x")]) == "a"
-    assert vote([nb(None, 0.9, text="a report")]) is None
+    assert vote([nb(None, 0.99, report="a report"), nb("a", 0.5), nb(None, 0.98, report="x")]) == "a"
+    assert vote([nb(None, 0.9, report="a report")]) is None
     assert vote([]) is None
+
+
+def test_vote_counts_each_image_once():
+    """One image found twice (results merged from two searches) is one vote, not two."""
+    twice = nb("b", 0.95, i=7)
+    assert vote([twice, twice, nb("a", 0.9), nb("a", 0.8)]) == "a"
+
+
+def test_report_voting_is_the_top1_retrieved_report():
+    ns = [nb("a", 0.99), nb(None, 0.9, report="  Findings: clear.  "), nb(None, 0.8, report="Other.")]
+    assert vote_report(ns) == "Findings: clear."
+    assert vote_report([nb("a", 0.9)]) is None
 
 
 # ---------------------------------------------------------------------------------------------- context
@@ -47,33 +74,50 @@ def test_top_k_per_task_follows_the_config():
         top_k_for("segment", RAG)
 
 
-def test_diagnosis_context_is_the_top_k_labels_in_order():
-    ns = [nb("malignant", 0.9), nb(None, 0.89, text="r"), nb("benign", 0.8), nb("malignant", 0.7), nb("benign", 0.6)]
+def test_diagnosis_context_is_the_labels_of_the_top_k_images_in_order():
+    ns = [nb("malignant", 0.9), nb(None, 0.89, report="r"), nb("benign", 0.8), nb("malignant", 0.7), nb("benign", 0.6)]
     assert rag_context("diagnosis", ns, RAG) == ["malignant", "benign", "malignant"]
     prompt = rag_prompt("diagnosis", ns, RAG, modality="breast ultrasound", options=["malignant", "benign"])
     assert prompt == prompts.diagnosis_prompt(
         "breast ultrasound", ["malignant", "benign"], retrieved_labels=["malignant", "benign", "malignant"]
     )
-    assert prompt.endswith("The diagnoses of the most similar cases are: malignant, benign, malignant.")
+    assert prompt.endswith("The diagnoses of the most similar images are: malignant, benign, malignant.")
+    same = nb("benign", 0.95, i=3)
+    assert rag_context("diagnosis", [same, same, nb("a", 0.5)], RAG) == ["benign", "a"]  # distinct images
 
 
-def test_vqa_and_report_context_is_the_top1_text():
-    ns = [nb(None, 0.9, text="  yes, the left lung  ", task="vqa"), nb(None, 0.8, text="no", i=1, task="vqa")]
-    assert rag_context("vqa", ns, RAG) == "yes, the left lung"
-    prompt = rag_prompt("vqa", ns, RAG, modality="chest X-ray", question="Is the lung abnormal?")
-    assert prompt == prompts.vqa_prompt("Is the lung abnormal?", "chest X-ray", context="yes, the left lung")
-    assert "A similar case answered a question as follows: yes, the left lung Is the lung abnormal?" in prompt
-    rs = [nb(None, 0.9, text="Findings: clear lungs. Impression: normal.", task="report")]
+def test_vqa_context_is_the_nearest_images_qa_pairs_closest_question_first():
+    qa = [("What organ is shown?", "lung"), ("Is the left lung abnormal?", "yes"), ("Which plane?", "axial"),
+          ("What modality?", "CT")]  # fmt: skip
+    ns = [nb(None, 0.95), nb(None, 0.9, qa=qa), nb(None, 0.8, qa=[("Q?", "no")])]
+    text = rag_context("vqa", ns, RAG, question="Is the lung abnormal?")
+    assert text == "Q: Is the left lung abnormal? A: yes Q: What organ is shown? A: lung Q: Which plane? A: axial"
+    prompt = rag_prompt("vqa", ns, RAG, question="Is the lung abnormal?")
+    assert prompt == prompts.vqa_prompt("Is the lung abnormal?", context=text)
+    assert prompt.endswith(f"most similar image: {text}. The question is Is the lung abnormal?")
+
+
+def test_report_context_is_the_nearest_report():
+    rs = [nb("a", 0.99), nb(None, 0.9, report="Findings: clear lungs. Impression: normal.")]
     assert rag_prompt("report", rs, RAG, modality="chest X-ray").endswith(
-        "The report of the most similar case is: Findings: clear lungs. Impression: normal."
+        "The report of the most similar image is: Findings: clear lungs. Impression: normal."
     )
+
+
+def test_scope_is_the_querys_own_dataset_or_the_configured_ones():
+    assert scope_for(RagConfig(), "breastmnist") == ["breastmnist"]
+    assert scope_for(RagConfig(), None) is None
+    assert scope_for(RagConfig(same_dataset=False), "breastmnist") is None
+    assert scope_for(RagConfig(same_dataset=False, datasets=["a", "b"]), "breastmnist") == ["a", "b"]
+    assert scope_for(RagConfig(datasets=["a"]), None) == ["a"]
 
 
 def test_without_neighbours_the_prompt_has_no_context():
     assert rag_prompt("report", None, RAG, modality="CT") == prompts.report_prompt("CT")
     plain = prompts.diagnosis_prompt("CT", ["a", "b"])
     assert rag_prompt("diagnosis", [], RAG, modality="CT", options=["a", "b"]) == plain
-    assert rag_context("vqa", [nb(None, 0.9, text="  ")], RAG) is None
+    assert rag_context("report", [nb(None, 0.9, report="  ")], RAG) is None
+    assert rag_context("vqa", [nb("a", 0.9)], RAG) is None
     with pytest.raises(ValueError, match="needs the question"):
         rag_prompt("vqa", None, RAG)
     with pytest.raises(ValueError, match="label options"):
@@ -88,18 +132,32 @@ def unit(n, dim=8, seed=0):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def publish_toy(root, x, start=0, fp="f" * 16):
-    n = len(x)
-    table = pa.table(
+def toy_values(ids, dataset, label, report=None, qa=None):
+    n = len(ids)
+    return pa.table(
         {
-            "id": [f"c{i}" for i in range(start, start + n)],
-            "dataset": ["toy"] * n,
+            "id": ids,
+            "dataset": dataset if isinstance(dataset, list) else [dataset] * n,
             "modality": ["CT"] * n,
-            "task": ["diagnosis"] * n,
-            "label": ["a" if i % 3 else "b" for i in range(n)],
-            "text": ["a" if i % 3 else "b" for i in range(n)],
+            "label": label if isinstance(label, list) else [label] * n,
+            "report": report or pa.nulls(n, pa.string()),
+            "qa": pa.array(qa or [[]] * n, fi.QA_TYPE),
         }
     )
+
+
+def publish_toy(root, x, start=0, fp="f" * 16, datasets=None, kind="flat"):
+    n = len(x)
+    table = toy_values([f"c{i}" for i in range(start, start + n)], datasets or "toy",
+                       ["a" if i % 3 else "b" for i in range(n)],
+                       qa=[[{"question": "q?", "answer": f"a{i}"}] if i == 4 else [] for i in range(n)])  # fmt: skip
+    if kind == "flat":
+        index = fi.build_shard(x, fi.IndexParams("flat"))
+    elif kind == "ivf":
+        params = fi.IndexParams("ivf", nlist=4, nprobe=4)
+        index = fi.build_shard(x, params, fi.train_ivf(x, params, 4))
+    else:
+        index = fi.build_hnsw(x, fi.IndexParams("hnsw"))
     index = fi.build_shard(x, fi.IndexParams("flat"))
     return fi.publish(str(root), index, table, {"encoder_fingerprint": fp, "model_name": "toy"})
 
@@ -113,7 +171,8 @@ def test_retriever_returns_neighbours_with_values_and_scores(tmp_path):
     assert res[0][0].score == pytest.approx(1.0, abs=1e-5)
     assert res[0][0].label == "a" and res[1][0].label == "b" and res[0][0].dataset == "toy"
     assert res[0][0].score >= res[0][1].score >= res[0][2].score
-    assert res[0][0].evidence() == {"id": "c4", "label": "a", "text": "a", "score": res[0][0].score, "dataset": "toy"}
+    assert res[0][0].evidence() == {"id": "c4", "label": "a", "report": None, "qa": [{"question": "q?", "answer": "a4"}],
+                                    "score": res[0][0].score, "dataset": "toy"}  # fmt: skip
     # fewer vectors than k: no padding ids leak out
     assert len(r.search(x[:1], k=50)[0]) == 30
     # retrieve() accepts a loaded index too
@@ -143,16 +202,7 @@ def publish_permuted(root, x, perm, version_tag):
     """A version holding the same vectors as every other in the order ``perm``: FAISS id r is case ``perm[r]``,
     and every value of the version carries its tag, so an answer mixing two versions cannot go unnoticed."""
     n = len(perm)
-    table = pa.table(
-        {
-            "id": [f"c{i}" for i in perm],
-            "dataset": [version_tag] * n,
-            "modality": ["CT"] * n,
-            "task": ["diagnosis"] * n,
-            "label": [version_tag] * n,
-            "text": [version_tag] * n,
-        }
-    )
+    table = toy_values([f"c{i}" for i in perm], version_tag, version_tag)
     index = fi.build_shard(x[perm], fi.IndexParams("flat"))
     return fi.publish(str(root), index, table, {"encoder_fingerprint": "f" * 16, "model_name": "toy"})
 
@@ -199,3 +249,22 @@ def test_searches_stay_consistent_while_versions_change(tmp_path):
     # and an explicit switch back to an older version (a pinned version) answers from it
     assert r.switch_to("v0001") is True and r.search(x[:1], 1)[0][0].label == tags[0]
     assert r.switch_to("v0001") is False
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_search_scoped_to_datasets_returns_only_their_images_and_a_full_top_k(tmp_path, kind):
+    """Section 4.5: each dataset's queries retrieve from that dataset's cases, even when it is a small part of the
+    index (FAISS filters inside the search, so the top-k is full)."""
+    x = unit(200, seed=5)
+    names = ["big"] * 190 + ["small"] * 10
+    publish_toy(tmp_path, x, datasets=names, kind=kind)
+    r = Retriever.open(str(tmp_path))
+    assert r.datasets == {"big": 190, "small": 10}
+    small = r.search(x[:3], k=5, datasets=["small"])
+    assert all(len(row) == 5 and {n.dataset for n in row} == {"small"} for row in small)
+    big = r.search(x[190:192], k=5, datasets=["big"])
+    assert all({n.dataset for n in row} == {"big"} for row in big)
+    both = r.search(x[:1], k=3, datasets=["big", "small"])
+    assert both[0][0].id == "c0"  # the whole index: the query's own image first
+    with pytest.raises(UnknownDatasetError, match=r"no images of dataset\(s\) \['nope'\].*it holds \['big', 'small'\]"):
+        r.search(x[:1], k=3, datasets=["nope"])
