@@ -58,8 +58,8 @@ def majority_row(cfg, options: list, y_true: list) -> dict:
     return {"label": label, **{k: summary[k] for k in ("accuracy", "macro_f1", "accuracy_micro")}}
 
 
-def evaluate_dataset(dataset: str, root: Path, steps: int, fresh: bool) -> dict:
-    cfg = load_config("pneumonia", overrides(dataset, root, steps))
+def evaluate_dataset(dataset: str, root: Path, steps: int, fresh: bool, extra: list = ()) -> dict:
+    cfg = load_config("pneumonia", overrides(dataset, root, steps) + list(extra))
     started = time.time()
     run_pipeline(cfg, fresh=fresh)
     pipeline = json.loads(Path(cfg.run_dir, "pipeline.json").read_text())
@@ -110,10 +110,13 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=80, help="LoRA optimizer steps per dataset")
     parser.add_argument("--root", default="runs/table4", help="folder of the runs")
     parser.add_argument("--fresh", action="store_true", help="delete the runs first")
+    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                        help="a further config override for every dataset (repeatable), e.g. train.lora.r=16")
     args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")  # fmt: skip
-    results = [evaluate_dataset(d, Path(args.root).resolve(), args.steps, args.fresh) for d in args.datasets]
+    results = [evaluate_dataset(d, Path(args.root).resolve(), args.steps, args.fresh, args.extra)
+               for d in args.datasets]  # fmt: skip
     print_table(results)
     Path(args.root, "table4.json").write_text(json.dumps(results, indent=2))
     return 0

@@ -275,6 +275,13 @@ class TrainConfig:
     """CPUs reserved per worker."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """Adapter settings."""
+    rag_context_fraction: float = 0.0
+    """Share of the diagnosis training rows (the same rows every run: a hash of the row id) whose prompt carries
+    the labels of the ``rag.top_k_diagnosis`` most similar OTHER training images of its dataset, found in the
+    run's index with the student's own frozen vision encoder, exactly as the evaluation's and Serve's retrieval
+    prompts have them. 0: the paper's recipe (it uses retrieval at inference only). This project's addition for
+    small students, which do not read retrieved labels they never saw in training; the pipeline then builds the
+    index before training (the frozen encoder makes the trained student's keys the same)."""
     learning_rate: float = 1e-5
     """Peak learning rate (1e-5: the MedDr authors' released scripts / InternVL's recipe; the paper states none)."""
     lr_scheduler: str = "cosine"
@@ -737,6 +744,14 @@ def _validate(cfg: Config) -> None:
     for mode in cfg.evaluate.modes:
         if mode not in ("no_rag", "rag", "voting"):
             raise ConfigError(f"key 'evaluate.modes': {mode!r} is not one of ['no_rag', 'rag', 'voting']")
+    if not 0.0 <= cfg.train.rag_context_fraction <= 1.0:
+        raise ConfigError("key 'train.rag_context_fraction': must be between 0 and 1")
+    if cfg.train.rag_context_fraction and cfg.train.lora.train_vision_tower:
+        raise ConfigError(
+            "key 'train.rag_context_fraction': retrieval during training uses the index built before training, "
+            "whose keys are the frozen vision tower's; with train.lora.train_vision_tower=true they would change. "
+            "Set one of them off"
+        )
     if cfg.train.global_batch_size % (cfg.train.micro_batch_size * cfg.train.num_workers):
         raise ConfigError(
             "key 'train.global_batch_size': must be a multiple of train.micro_batch_size x train.num_workers "

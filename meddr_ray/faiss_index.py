@@ -73,6 +73,15 @@ class IndexArtifactError(ValueError):
     """A published index that cannot be used (missing, corrupt, or built with another encoder); says why."""
 
 
+def case_key(dataset: Optional[str], image: Optional[bytes], sample_id: str) -> str:
+    """The case an annotation belongs to: one image of one dataset, named by its content, so the key is the same
+    on every machine and run, and every question, label and report of an image lands in one case. A row without
+    an image (set aside by its reader) stays a case of its own, named by its sample id."""
+    if not image:
+        return f"noimage:{sample_id}"
+    return hashlib.sha1(f"{dataset}\x1f".encode() + image).hexdigest()[:24]
+
+
 def _faiss():
     import faiss
 

@@ -49,8 +49,9 @@ from meddr_ray.config import (
     join_path,
     load_source_file,
 )
-from meddr_ray.faiss_index import (
+from meddr_ray.faiss_index import (  # noqa: F401  (case_key: the stage's own name for it)
     VALUE_COLUMNS,
+    case_key,
     IndexArtifactError,
     VALUES_FILE,
     IndexParams,
@@ -98,15 +99,6 @@ FAILED_DIR = "failed"
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-
-
-def case_key(dataset: Optional[str], image: Optional[bytes], sample_id: str) -> str:
-    """The case an annotation belongs to: one image of one dataset, named by its content, so the key is the same
-    on every machine and run, and every question, label and report of an image lands in one case. A row without
-    an image (set aside by its reader) stays a case of its own, named by its sample id."""
-    if not image:
-        return f"noimage:{sample_id}"
-    return hashlib.sha1(f"{dataset}\x1f".encode() + image).hexdigest()[:24]
 
 
 def _annotations(d: Dict[str, list], n: int, **columns: list) -> pa.Table:

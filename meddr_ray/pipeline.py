@@ -1,5 +1,9 @@
 """The whole MedDr recipe as one job: bootstrap -> instruct -> train -> index -> evaluate.
 
+With ``train.rag_context_fraction`` > 0 the index is built before training (bootstrap -> instruct -> index ->
+train -> evaluate): training reads retrieved labels from it, and the student's vision tower stays frozen, so the
+index's keys are the trained student's too (:func:`steps_for`).
+
 Each step is the same library function the per-stage CLI commands call, and each reads only what earlier steps
 wrote. ``<run_dir>/pipeline.json`` records every finished step with a fingerprint of what it was built from (its
 config sections and the fingerprint of the step before it) and a signature of its output (every file's relative
@@ -46,6 +50,23 @@ PIPELINE: List[Tuple[str, str, str, Tuple[str, ...]]] = [
     ("evaluate", "meddr_ray.evaluate", "run_evaluate", ("evaluate", "rag")),
 ]
 STEPS = [step for step, *_ in PIPELINE]
+
+
+def steps_for(cfg: Config) -> List[Tuple[str, str, str, Tuple[str, ...]]]:
+    """The steps in the order this config runs them, each with the sections its output depends on: the index
+    moves before training when training reads retrieved labels from it (and training then depends on ``rag``)."""
+    if not cfg.train.rag_context_fraction:
+        return list(PIPELINE)
+    by_name = {row[0]: row for row in PIPELINE}
+    train = by_name["train"]
+    index = by_name["index"]
+    return [
+        by_name["bootstrap"],
+        by_name["instruct"],
+        (index[0], index[1], index[2], ("student",) + index[3]),  # the encoder no longer comes via train
+        (train[0], train[1], train[2], train[3] + ("rag",)),
+        by_name["evaluate"],
+    ]
 SUMMARY_FILE = "pipeline.json"
 
 
@@ -64,7 +85,7 @@ def step_fingerprints(cfg: Config) -> Dict[str, str]:
     invalidates everything after bootstrap, and a change to ``evaluate`` only the evaluation."""
     out: Dict[str, str] = {}
     previous = ""
-    for step, _, _, sections in PIPELINE:
+    for step, _, _, sections in steps_for(cfg):
         values = {s: getattr(cfg, s) for s in sections}
         blob = json.dumps(
             {s: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for s, v in values.items()},
@@ -147,7 +168,7 @@ def _run_steps(cfg: Config, steps: Optional[List[str]], fresh: bool) -> str:
     rerun_downstream = False
     total = len([s for s in STEPS if not steps or s in steps])
     position = 0
-    for step, module_name, func_name, _ in PIPELINE:
+    for step, module_name, func_name, _ in steps_for(cfg):
         if steps and step not in steps:
             if step in previous and not rerun_downstream:  # a step that ran before it made its output stale
                 records[step] = previous[step]

@@ -51,9 +51,12 @@ DIAGNOSIS = (
     "You are given a {modality} image. "
     "The possible diagnoses are:{label_set}."
 )
-# How the label set is joined is left open by the paper: a comma and a space here. A multi-label sample's answer
-# is its labels joined the same way (the sample schema's ``label`` column already is).
+# How the label set is joined is left open by the paper: "; " here, because a label may itself hold a comma
+# (BreastMNIST's "normal, benign"), and a multi-label sample's labels are ", "-joined (the sample schema's
+# ``label`` column): "effusion, nodule; mass" stays readable as two answers. The retrieved labels are joined the
+# same way, one entry per retrieved image.
 LABEL_SEPARATOR = ", "
+LABEL_SET_SEPARATOR = "; "
 
 # A.4, diagnosis-guided dataset: the instruction names the modality, never the diagnosis.
 GUIDED_REPORT = (
@@ -122,10 +125,15 @@ def report_prompt(modality: Optional[str] = None, context: Optional[str] = None)
 
 def diagnosis_prompt(modality: str, options: Sequence[str], retrieved_labels: Optional[Sequence[str]] = None) -> str:
     """A.3 with the dataset's label set, optionally with the labels of the top-k retrieved images."""
-    text = DIAGNOSIS.format(modality=modality, label_set=LABEL_SEPARATOR.join(options))
-    if retrieved_labels:
-        text += " " + RAG_DIAGNOSIS.format(labels=LABEL_SEPARATOR.join(retrieved_labels))
-    return text
+    return with_retrieved_labels(DIAGNOSIS.format(modality=modality, label_set=LABEL_SET_SEPARATOR.join(options)),
+                                 retrieved_labels)  # fmt: skip
+
+
+def with_retrieved_labels(prompt: str, retrieved_labels: Optional[Sequence[str]]) -> str:
+    """A diagnosis prompt with the retrieved images' labels after it (unchanged without labels)."""
+    if not retrieved_labels:
+        return prompt
+    return f"{prompt} {RAG_DIAGNOSIS.format(labels=LABEL_SET_SEPARATOR.join(retrieved_labels))}"
 
 
 def description_prompt() -> str:

@@ -16,6 +16,7 @@ deployment each hold.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from collections import defaultdict
@@ -31,6 +32,7 @@ from meddr_ray.faiss_index import (
     apply_search_params,
     check_vectors,
     current_version,
+    case_key,
     load_index,
     scoped_search,
     to_gpu,
@@ -407,10 +409,72 @@ def vote_report(neighbours: Sequence[Neighbor]) -> Optional[str]:
     return next((n.report.strip() for n in neighbours if n.report and n.report.strip()), None)
 
 
+# ------------------------------------------------------------------------------------ training prompts
+
+
+def _picked(row_id: str, fraction: float) -> bool:
+    """Whether a training row gets retrieved labels: a hash of its id against ``fraction`` (the same rows on every
+    machine and run, so a resumed training sees the prompts it saw before)."""
+    digest = hashlib.sha1(f"rag-context\x1f{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64 < fraction
+
+
+class TrainingContext:
+    """Ray Data callable (one per actor: the index loaded once): gives a share of the diagnosis training prompts
+    the labels of the top-k most similar OTHER images of the same dataset in the index (the row's own image is
+    left out, so a label never gives itself away), as :func:`rag_prompt` words them at inference.
+
+    A training image is in the index (built from the same training rows), so its key is read back from the index
+    (``reconstruct``): no model is needed. Rows whose image the index does not hold keep their prompt."""
+
+    def __init__(self, index_dir: str, version: str, rag: RagConfig, fraction: float):
+        import faiss
+
+        self.retriever = Retriever.open(index_dir, version=version)
+        self.k = rag.top_k_diagnosis
+        self.fraction = fraction
+        index = self.retriever.loaded.index
+        if isinstance(index, faiss.IndexIVF):
+            index.make_direct_map()  # IVF keeps no id -> vector map unless asked
+        self.index = index
+        self.row_of = {cid: i for i, cid in enumerate(self.retriever.loaded.values.column("id").to_pylist())}
+
+    def labels_for(self, keys: Sequence[str], dataset: str) -> List[Optional[List[str]]]:
+        """The retrieved labels of each case key (None for a key the index does not hold)."""
+        rows = [self.row_of.get(k) for k in keys]
+        held = [i for i, r in enumerate(rows) if r is not None]
+        out: List[Optional[List[str]]] = [None] * len(keys)
+        if not held:
+            return out
+        vectors = np.stack([self.index.reconstruct(int(rows[i])) for i in held])
+        scope = [dataset] if dataset in self.retriever.datasets else None
+        found = self.retriever.search(vectors, self.k + 1, scope)
+        for i, hits in zip(held, found):
+            others = [n for n in hits if n.id != keys[i]]
+            out[i] = [n.label for n in distinct_images(others) if n.label][: self.k]
+        return out
+
+    def __call__(self, batch):
+        import pyarrow as pa
+
+        d = batch.select(["id", "task", "dataset", "image", "source_id", "prompt"]).to_pydict()
+        prompts_out = list(d["prompt"])
+        by_dataset: Dict[str, List[int]] = defaultdict(list)
+        for i, (rid, task) in enumerate(zip(d["id"], d["task"])):
+            if task == "diagnosis" and _picked(rid, self.fraction):
+                by_dataset[d["dataset"][i]].append(i)
+        for dataset, rows in by_dataset.items():
+            keys = [case_key(dataset, d["image"][i], d["source_id"][i] or d["id"][i]) for i in rows]
+            for i, labels in zip(rows, self.labels_for(keys, dataset)):
+                prompts_out[i] = prompts.with_retrieved_labels(prompts_out[i], labels)
+        return batch.set_column(batch.schema.get_field_index("prompt"), "prompt", pa.array(prompts_out, pa.string()))
+
+
 __all__ = [
     "IndexArtifactError",
     "Neighbor",
     "Retriever",
+    "TrainingContext",
     "UnknownDatasetError",
     "rag_context",
     "rag_prompt",

@@ -125,7 +125,7 @@ def test_multi_label_datasets_offer_no_finding_to_every_sample():
     row = dict(DIAG, dataset="chestmnist", modality="chest X-ray", label="effusion", label_set=["effusion", "mass"])
     [(_, prompt, answer)] = instruct.sample_instructions(row)
     assert prompt == prompts.diagnosis_prompt("chest X-ray", ["effusion", "mass", "no finding"])
-    assert prompt.endswith("The possible diagnoses are:effusion, mass, no finding.")
+    assert prompt.endswith("The possible diagnoses are:effusion; mass; no finding.")
     assert answer == "effusion"
     [(_, single, _)] = instruct.sample_instructions(DIAG)
     assert "No finding" not in single

@@ -22,6 +22,26 @@ def test_a_change_invalidates_its_step_and_every_later_one_only():
     assert _changed("rag.top_k_diagnosis=3") == ["evaluate"]
 
 
+def test_training_with_retrieved_labels_builds_the_index_first():
+    """train.rag_context_fraction: training reads the index, so it comes first and feeds training."""
+    from meddr_ray.pipeline import steps_for
+
+    rag = "train.rag_context_fraction=0.5"
+    assert [s[0] for s in steps_for(load_config("tiny", [rag]))] == [
+        "bootstrap", "instruct", "index", "train", "evaluate"]  # fmt: skip
+    assert [s[0] for s in steps_for(load_config("tiny"))] == STEPS
+    base = step_fingerprints(load_config("tiny", [rag]))
+
+    def changed(*more):
+        other = step_fingerprints(load_config("tiny", [rag, *more]))
+        return [s for s in ("bootstrap", "instruct", "index", "train", "evaluate") if base[s] != other[s]]
+
+    assert changed("index.num_shards=3") == ["index", "train", "evaluate"]
+    assert changed("student.dtype=bfloat16") == ["index", "train", "evaluate"]
+    assert changed("rag.top_k_diagnosis=3") == ["train", "evaluate"]  # the training prompts quote top-k labels
+    assert changed("train.learning_rate=0.1") == ["train", "evaluate"]
+
+
 def test_settings_that_do_not_shape_artifacts_change_nothing():
     assert _changed("serve.port=9000") == []
     assert _changed("ray.num_cpus=2") == []

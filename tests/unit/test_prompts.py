@@ -46,7 +46,7 @@ def test_diagnosis_template_is_appendix_a3():
         "You are a helpful medical assistant. "
         "Your task is disease diagnosis. "
         "You are given a breast ultrasound image. "
-        "The possible diagnoses are:malignant, normal, benign."
+        "The possible diagnoses are:malignant; normal, benign."
     )
 
 
@@ -83,7 +83,7 @@ def test_retrieved_context_follows_the_task_sentences():
     diag = prompts.diagnosis_prompt("chest X-ray", ["normal", "pneumonia"], ["pneumonia"] * 4 + ["normal"])
     assert diag.startswith(prompts.diagnosis_prompt("chest X-ray", ["normal", "pneumonia"]))
     assert diag.endswith(
-        "The diagnoses of the most similar images are: pneumonia, pneumonia, pneumonia, pneumonia, normal."
+        "The diagnoses of the most similar images are: pneumonia; pneumonia; pneumonia; pneumonia; normal."
     )
     vqa = prompts.vqa_prompt("Is this a CT?", context="Q: Which organ? A: lung")
     assert vqa.endswith(

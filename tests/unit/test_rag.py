@@ -81,7 +81,7 @@ def test_diagnosis_context_is_the_labels_of_the_top_k_images_in_order():
     assert prompt == prompts.diagnosis_prompt(
         "breast ultrasound", ["malignant", "benign"], retrieved_labels=["malignant", "benign", "malignant"]
     )
-    assert prompt.endswith("The diagnoses of the most similar images are: malignant, benign, malignant.")
+    assert prompt.endswith("The diagnoses of the most similar images are: malignant; benign; malignant.")
     same = nb("benign", 0.95, i=3)
     assert rag_context("diagnosis", [same, same, nb("a", 0.5)], RAG) == ["benign", "a"]  # distinct images
 
@@ -268,3 +268,38 @@ def test_search_scoped_to_datasets_returns_only_their_images_and_a_full_top_k(tm
     assert both[0][0].id == "c0"  # the whole index: the query's own image first
     with pytest.raises(UnknownDatasetError, match=r"no images of dataset\(s\) \['nope'\].*it holds \['big', 'small'\]"):
         r.search(x[:1], k=3, datasets=["nope"])
+
+
+def test_training_context_gives_picked_diagnosis_prompts_the_labels_of_other_images(tmp_path):
+    """train.rag_context_fraction: a training image's key is read back from the index; its own case is left out,
+    so its label never gives itself away; rows not picked, other tasks and images not indexed keep their prompt."""
+    from meddr_ray.rag import TrainingContext
+
+    images = [f"png-{i}".encode() for i in range(30)]
+    ids = [fi.case_key("toy", img, f"s{i}") for i, img in enumerate(images)]
+    x = unit(30, seed=11)
+    labels = ["a" if i % 3 else "b" for i in range(30)]
+    index = fi.build_shard(x, fi.IndexParams("flat"))
+    fi.publish(str(tmp_path), index, toy_values(ids, "toy", labels), {"encoder_fingerprint": "f" * 16})
+    base = prompts.diagnosis_prompt("CT", ["a", "b"])
+    n = 6
+    batch = pa.table({
+        "id": [f"row{i}" for i in range(n)],
+        "task": ["diagnosis"] * 4 + ["vqa", "diagnosis"],
+        "dataset": ["toy"] * n,
+        "image": images[:5] + [b"not indexed"],
+        "source_id": [f"s{i}" for i in range(n)],
+        "prompt": [base] * 4 + ["a vqa prompt", base],
+    })  # fmt: skip
+    context = TrainingContext(str(tmp_path), "v0001", RagConfig(top_k_diagnosis=3), fraction=1.0)
+    out = context(batch).column("prompt").to_pylist()
+    sims = x @ x.T
+    for i in range(4):
+        order = [j for j in np.argsort(-sims[i]) if j != i][:3]
+        assert out[i] == prompts.diagnosis_prompt("CT", ["a", "b"], [labels[j] for j in order])
+    assert out[4] == "a vqa prompt" and out[5] == base
+    none = TrainingContext(str(tmp_path), "v0001", RagConfig(top_k_diagnosis=3), fraction=0.0)
+    assert none(batch).column("prompt").to_pylist() == batch.column("prompt").to_pylist()
+    half = TrainingContext(str(tmp_path), "v0001", RagConfig(top_k_diagnosis=3), fraction=0.5)
+    first = half(batch).column("prompt").to_pylist()
+    assert first == half(batch).column("prompt").to_pylist()  # the same rows every time
