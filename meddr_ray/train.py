@@ -15,6 +15,7 @@ same way. Use a new ``train.name`` (or delete the folder) to start over.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -83,12 +84,48 @@ def _check_columns(files: List[str]) -> None:
             raise TrainDataError(f"{path}: instruction Parquet lacks column(s) {missing} (has {sorted(names)})")
 
 
-def _datasets(files: List[str], counts: Dict[str, int], cache_data: bool):
+CONTEXT_COLUMNS = ["task", "dataset", "source_id"]  # what train.rag_context_fraction needs besides
+
+
+def _retrieval_context(cfg: Config) -> Optional[Dict[str, Any]]:
+    """Arguments of :class:`meddr_ray.rag.TrainingContext` for ``train.rag_context_fraction`` (None when 0): the
+    run's index, its version pinned, checked to be the student's."""
+    from meddr_ray.faiss_index import current_version, load_manifest
+
+    if not cfg.train.rag_context_fraction:
+        return None
+    index_dir = cfg.stage_dir("index")
+    if current_version(index_dir) is None:
+        raise TrainDataError(
+            f"train.rag_context_fraction={cfg.train.rag_context_fraction} needs the run's retrieval index, and "
+            f"{index_dir} has none: run `meddr-ray index` first (the pipeline builds it before training then)"
+        )
+    manifest = load_manifest(index_dir)
+    if manifest.get("model_path") != cfg.student.path:
+        raise ConfigError(
+            f"key 'train.rag_context_fraction': index version {manifest['version']} at {index_dir} was built with "
+            f"the vision encoder of {manifest.get('model_path')}, not of the student {cfg.student.path}: rebuild "
+            "it with `meddr-ray index`"
+        )
+    return {"index_dir": index_dir, "version": manifest["version"], "rag": cfg.rag,
+            "fraction": cfg.train.rag_context_fraction}  # fmt: skip
+
+
+def _datasets(files: List[str], counts: Dict[str, int], cache_data: bool, context: Optional[Dict[str, Any]] = None):
     import ray.data
     from ray.data.expressions import col
 
-    ds = ray.data.read_parquet(files, columns=INSTRUCT_COLUMNS)
-    out = {"train": ds.filter(expr=col("split") == "train").drop_columns(["split"])}
+    from meddr_ray.config import ActorPoolConfig
+    from meddr_ray.rag import TrainingContext
+    from meddr_ray.runtime import map_with_actor_pool
+
+    ds = ray.data.read_parquet(files, columns=INSTRUCT_COLUMNS + (CONTEXT_COLUMNS if context else []))
+    train = ds.filter(expr=col("split") == "train")
+    if context:  # one actor holds the index; the prompts of the picked diagnosis rows get retrieved labels
+        pool = ActorPoolConfig(min_actors=1, max_actors=1, batch_size=256, num_cpus=0.5)
+        train = map_with_actor_pool(train, TrainingContext, pool, **context).drop_columns(CONTEXT_COLUMNS)
+        ds = ds.drop_columns(CONTEXT_COLUMNS)
+    out = {"train": train.drop_columns(["split"])}
     if counts.get("val", 0):
         out["val"] = ds.filter(expr=col("split") == "val").drop_columns(["split"])
     for name, split in out.items():
@@ -150,6 +187,40 @@ def _merge_task(cfg: Config, adapter: str, target: str) -> str:
     return target
 
 
+# Train settings that do not change what a run computes (a run resumed with other values of these is the same
+# run); max_steps and epochs too: a longer run continues the one it extends.
+_OPERATIONAL = ("name", "storage_path", "adapter_dir", "max_failures", "keep_checkpoints", "log_every",
+                "checkpoint_every", "merge_lora", "cache_data", "cpus_per_worker", "max_steps", "epochs",
+                "num_workers")  # fmt: skip  (another worker count is refused by name below)
+
+
+def run_identity(cfg: Config, files: List[str]) -> str:
+    """What a training run computes from: the student, the training settings and the instruction files (names and
+    sizes). Its checkpoints carry it, so a later run that differs in any of these starts over instead of resuming
+    (or, when finished, exporting) checkpoints of another model or other data."""
+    from dataclasses import asdict as plain
+
+    train = {k: v for k, v in plain(cfg.train).items() if k not in _OPERATIONAL}
+    data = []
+    for path in files:
+        fs, p = storage.resolve(path)
+        data.append([os.path.basename(p), fs.get_file_info(p).size])
+    blob = json.dumps({"student": plain(cfg.student), "train": train, "data": data}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _set_aside_other_run(experiment: str, previous: Optional[dict], identity: str) -> None:
+    """Checkpoints of another student, data or settings under this train.name: moved aside (kept, never
+    deleted), so this run starts from step 0 instead of resuming them."""
+    if not previous or previous.get("identity") == identity:
+        return
+    aside = f"{experiment}.replaced-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+    print(f"[train] the checkpoints in {experiment} were made for another student, data or settings "
+          f"(run {previous.get('identity') or 'unrecorded'}, this one {identity}): moved to {aside}; training "
+          "starts from step 0", flush=True)  # fmt: skip
+    storage.move(experiment, aside)
+
+
 def run_train(cfg: Config) -> str:
     """Fine-tune the student with LoRA on the instruction data; returns the adapter folder."""
     import ray
@@ -169,6 +240,9 @@ def run_train(cfg: Config) -> str:
     model_path = str(ensure_model(cfg.student))  # an offline build happens once, here, not in every worker
 
     root = storage_root(cfg)
+    identity = run_identity(cfg, files)
+    previous = _latest_checkpoint_state(join_path(root, t.name))
+    _set_aside_other_run(join_path(root, t.name), previous, identity)
     previous = _latest_checkpoint_state(join_path(root, t.name))
     if previous and previous.get("world_size", t.num_workers) != t.num_workers:
         raise ConfigError(
@@ -195,6 +269,7 @@ def run_train(cfg: Config) -> str:
             "cfg": cfg,
             "plan": asdict(plan),
             "model_path": model_path,
+            "identity": identity,
             "status_dir": status_dir,
             "has_val": bool(counts.get("val")),
         },
@@ -206,7 +281,7 @@ def run_train(cfg: Config) -> str:
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
         ),
-        datasets=_datasets(files, counts, t.cache_data),
+        datasets=_datasets(files, counts, t.cache_data, _retrieval_context(cfg)),
         dataset_config=DataConfig(execution_options=ingest),
     )
     started = time.time()

@@ -475,6 +475,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     )
     checkpoint = ray.train.get_checkpoint()
     state, saved_position = _restore(engine, checkpoint, t, plan, schedule, rank)
+    state["identity"] = loop_config.get("identity")  # what the run computes from (meddr_ray.train.run_identity)
     event = {"start_step": state["step"], "resumed": checkpoint is not None, "time": time.time()}
     state["events"].append(event)
     _write_worker_info(loop_config.get("status_dir"), rank, {"attempt": len(state["events"]), **event})

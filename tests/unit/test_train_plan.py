@@ -1,5 +1,6 @@
 """Training plan, DeepSpeed config, learning-rate schedule, data-position check and input errors (no Ray)."""
 
+import json
 import math
 
 import pyarrow as pa
@@ -136,6 +137,40 @@ def test_a_run_checkpointed_by_other_worker_count_is_refused_before_starting(tmp
     pq.write_table(table, folder / "part-0.parquet")
     checkpoint = tmp_path / "train" / "finetune" / "checkpoint_step0000005"
     checkpoint.mkdir(parents=True)
-    (checkpoint / "state.json").write_text('{"step": 5, "world_size": 1}')
+    from meddr_ray.train import run_identity
+
+    cfg = load_config("tiny", [f"run_dir={tmp_path}"])
+    identity = run_identity(cfg, [str(folder / "part-0.parquet")])  # the same run, with another worker count
+    (checkpoint / "state.json").write_text(json.dumps({"step": 5, "world_size": 1, "identity": identity}))
     with pytest.raises(ConfigError, match=r"checkpointed by 1 workers.*train.num_workers=1"):
-        run_train(load_config("tiny", [f"run_dir={tmp_path}"]))
+        run_train(cfg)
+
+
+def test_run_identity_changes_with_the_student_data_and_settings_not_with_operational_keys(tmp_path):
+    """A run's checkpoints are only resumed by a run of the same student, data and settings."""
+    from meddr_ray.train import run_identity
+
+    data = tmp_path / "part-0.parquet"
+    data.write_bytes(b"x" * 100)
+    base = load_config("tiny")
+    same = run_identity(base, [str(data)])
+    assert run_identity(load_config("tiny", ["train.keep_checkpoints=5", "train.max_steps=99"]), [str(data)]) == same
+    assert run_identity(load_config("tiny", ["train.learning_rate=0.5"]), [str(data)]) != same
+    assert run_identity(load_config("tiny", ["student.build_options.vision_tower=efficientnet_lite0"]),
+                        [str(data)]) != same  # fmt: skip
+    data.write_bytes(b"x" * 101)  # another instruction mix
+    assert run_identity(base, [str(data)]) != same
+
+
+def test_checkpoints_of_another_run_are_moved_aside_not_resumed(tmp_path, capsys):
+    from meddr_ray.train import _set_aside_other_run
+
+    experiment = tmp_path / "meddr-lora"
+    (experiment / "checkpoint_step0000010").mkdir(parents=True)
+    _set_aside_other_run(str(experiment), {"identity": "aaaa"}, "aaaa")  # the same run: resumed
+    assert experiment.exists()
+    _set_aside_other_run(str(experiment), {"identity": "aaaa"}, "bbbb")
+    assert not experiment.exists()
+    (aside,) = tmp_path.glob("meddr-lora.replaced-*")
+    assert (aside / "checkpoint_step0000010").is_dir()  # kept, not deleted
+    assert "starts from step 0" in capsys.readouterr().out
