@@ -123,7 +123,8 @@ def sample_instructions(row: Dict[str, Any], descriptions: bool = False) -> List
             raise RowError("no label set to offer as options")
         if _multi_label(row.get("dataset")) and NO_FINDING not in [o.lower() for o in options]:
             # a multi-label sample may have no positive class (its label is "no finding"): offer it to every
-            # sample of the dataset, as A.3 does, so the option itself does not give the answer away
+            # sample of the dataset (a choice made here; the paper's label sets are not listed), so the option
+            # itself does not give the answer away
             options.append(NO_FINDING)
         return [(TASK_DIAGNOSIS, prompts.diagnosis_prompt(modality or DEFAULT_MODALITY, options), label)]
     if task == TASK_VQA:

@@ -320,8 +320,8 @@ def _tracing(metrics: Dict[str, Any]) -> List[str]:
         "```", "",
         "Diagnosis accuracy is MultiMedEval's (torchmetrics' macro accuracy: the mean of the per-class recalls); "
         "the share of correct answers is `accuracy_micro` in metrics.json. VQA and report figures are means of the "
-        "per-row `scores`. A voting row's `output` is `rag.vote` over the first `top_k` of its `neighbour_ids` "
-        "(diagnosis) or the top-1 retrieved report (report generation).", "",
+        "per-row `scores`. A voting row's `output` is `rag.vote` over the first `top_k` distinct labelled images of "
+        "its `neighbour_ids` (diagnosis) or the top-1 retrieved report, `rag.vote_report` (report generation).", "",
     ]  # fmt: skip
     return head + body + tail
 
