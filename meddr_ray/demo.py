@@ -180,9 +180,10 @@ def summary_text(cfg: Config, served: Dict[str, Any], seconds: float) -> str:
     metrics_path = join_path(outputs.get("evaluate", cfg.stage_dir("evaluate")), "metrics.json")
     metrics = json.loads(storage.read_text(metrics_path)) if storage.exists(metrics_path) else {}
     out = [RULE, "MedDr on Ray: the demo run", RULE,
-           "The paper's Table 4 on this run: the tiny student trained for minutes on 2 CPU cores against the paper's",
-           "40B MedDr. Read the structure (voting / without / with retrieval from the same neighbours), not the",
-           "numbers. Accuracy is MultiMedEval's (mean per-class recall); details in eval/report.md.", ""]  # fmt: skip
+           "The paper's Table 4 on this run: the student (a tiny LM trained for minutes on 2 CPU cores, on a frozen",
+           "pretrained image encoder) against the paper's 40B MedDr; voting and both student columns answer the same",
+           "test images from the same neighbours. Accuracy is MultiMedEval's (mean per-class recall); details in",
+           "eval/report.md.", ""]  # fmt: skip
     out += table4_lines(metrics) or ["  (no classification results in metrics.json)"]
 
     report = _sample_report(cfg)
