@@ -270,7 +270,8 @@ def test_search_scoped_to_datasets_returns_only_their_images_and_a_full_top_k(tm
         r.search(x[:1], k=3, datasets=["nope"])
 
 
-def test_training_context_gives_picked_diagnosis_prompts_the_labels_of_other_images(tmp_path):
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_training_context_gives_picked_diagnosis_prompts_the_labels_of_other_images(tmp_path, kind):
     """train.rag_context_fraction: a training image's key is read back from the index; its own case is left out,
     so its label never gives itself away; rows not picked, other tasks and images not indexed keep their prompt."""
     from meddr_ray.rag import TrainingContext
@@ -279,7 +280,11 @@ def test_training_context_gives_picked_diagnosis_prompts_the_labels_of_other_ima
     ids = [fi.case_key("toy", img, f"s{i}") for i, img in enumerate(images)]
     x = unit(30, seed=11)
     labels = ["a" if i % 3 else "b" for i in range(30)]
-    index = fi.build_shard(x, fi.IndexParams("flat"))
+    if kind == "ivf":  # every list probed: the same neighbours as exact search
+        params = fi.IndexParams("ivf", nlist=2, nprobe=2)
+        index = fi.build_shard(x, params, fi.train_ivf(x, params, 2))
+    else:
+        index = fi.build_shard(x, fi.IndexParams("flat")) if kind == "flat" else fi.build_hnsw(x, fi.IndexParams("hnsw"))
     fi.publish(str(tmp_path), index, toy_values(ids, "toy", labels), {"encoder_fingerprint": "f" * 16})
     base = prompts.diagnosis_prompt("CT", ["a", "b"])
     n = 6
