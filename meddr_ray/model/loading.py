@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,6 +18,8 @@ import numpy as np
 
 from meddr_ray.config import GenerationConfig, ModelConfig
 from meddr_ray.model.build import BUILDERS, SMOL_INSTALL
+
+log = logging.getLogger("meddr_ray.model")
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -135,6 +138,7 @@ class VisionLanguageModel:
         dtype = getattr(torch, _DTYPES.get(cfg.dtype, "float32"))
         self.processor = AutoProcessor.from_pretrained(self.path, trust_remote_code=cfg.trust_remote_code)
         self.processor.tokenizer.padding_side = "left"  # generation appends on the right
+        _ensure_pad_token(self.processor.tokenizer, self.path)
         model = _load_weights(self.path, dtype, cfg.trust_remote_code)
         self.adapter_dir = adapter_dir
         if adapter_dir:
@@ -203,9 +207,9 @@ class VisionLanguageModel:
             kwargs.pop("top_p", None)
         with torch.inference_mode():
             out = self.model.generate(**inputs, **kwargs, pad_token_id=tok.pad_token_id)
-        new = out[:, inputs["input_ids"].shape[1] :]
+        new = _new_tokens(out, inputs["input_ids"])
         results = []
-        stop = {tok.pad_token_id, tok.eos_token_id, self.model.generation_config.eos_token_id}
+        stop = _token_ids(tok.pad_token_id, tok.eos_token_id, self.model.generation_config.eos_token_id)
         for prefix, row in zip(prefixes, new.tolist()):
             n = len(row)
             while n and row[n - 1] in stop:
@@ -280,6 +284,40 @@ class VisionLanguageModel:
                 h.update(flat[:: max(1, flat.numel() // 4096)].numpy().tobytes())
             self._fingerprint = h.hexdigest()[:16]
         return self._fingerprint
+
+
+def _token_ids(*values) -> set:
+    """Token ids from ints, lists of ints (a checkpoint may name several end-of-sequence tokens) and Nones."""
+    out = set()
+    for value in values:
+        if isinstance(value, (list, tuple)):
+            out.update(int(v) for v in value if v is not None)
+        elif value is not None:
+            out.add(int(value))
+    return out
+
+
+def _new_tokens(out, input_ids):
+    """The generated tokens of each row. transformers' ``generate`` returns prompt + new tokens; some remote-code
+    models return only the new ones, which cutting the prompt length off would silently empty."""
+    length = input_ids.shape[1]
+    if out.shape[1] >= length and bool((out[:, :length] == input_ids.to(out.device)).all()):
+        return out[:, length:]
+    return out
+
+
+def _ensure_pad_token(tokenizer, path) -> None:
+    """Batched generation pads the prompts: a tokenizer without a pad token pads with its end-of-sequence token
+    (the common convention), and one with neither cannot batch, said with the checkpoint's path."""
+    if tokenizer.pad_token_id is not None:
+        return
+    if tokenizer.eos_token is None:
+        raise ModelNotFoundError(
+            f"{path}: the tokenizer has neither a pad nor an end-of-sequence token, so prompts cannot be batched; "
+            "add a pad token to the checkpoint's tokenizer"
+        )
+    log.info("%s: the tokenizer has no pad token; padding with its end-of-sequence token %r", path, tokenizer.eos_token)
+    tokenizer.pad_token = tokenizer.eos_token
 
 
 def _encoder_output(features):

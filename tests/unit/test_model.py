@@ -128,3 +128,45 @@ def test_encodings_select_and_concat_in_order(tiny):
     np.testing.assert_array_equal(both.select([1, 0]).keys, a.keys[[1, 0]])
     with pytest.raises(ValueError, match="either images or their encoding"):
         tiny.generate(_images(1), ["x"], GenerationConfig(max_new_tokens=2), encoding=b)
+
+
+# -------------------------------------------------------------- checkpoints that differ from the tiny build
+
+
+def test_a_list_of_end_of_sequence_ids_stops_and_is_stripped(tiny, monkeypatch):
+    """Some checkpoints name several end tokens (generation_config.eos_token_id a list)."""
+    gen = GenerationConfig(max_new_tokens=6)
+    expected = tiny.generate(_images(2), ["a", "b"], gen)
+    tok = tiny.processor.tokenizer
+    monkeypatch.setattr(tiny.model.generation_config, "eos_token_id", [tok.eos_token_id, tok.pad_token_id])
+    assert tiny.generate(_images(2), ["a", "b"], gen) == expected
+
+
+def test_a_model_that_returns_only_the_new_tokens_gives_the_same_answers(tiny, monkeypatch):
+    gen = GenerationConfig(max_new_tokens=6)
+    expected = tiny.generate(_images(2), ["a", "a much longer prompt"], gen)
+    original = tiny.model.generate
+
+    def new_tokens_only(**kwargs):
+        out = original(**kwargs)
+        return out[:, kwargs["input_ids"].shape[1]:]
+
+    monkeypatch.setattr(tiny.model, "generate", new_tokens_only)
+    assert tiny.generate(_images(2), ["a", "a much longer prompt"], gen) == expected
+
+
+def test_a_tokenizer_without_a_pad_token_pads_with_its_end_token(tmp_path):
+    from transformers import AutoProcessor
+
+    path = tmp_path / "nopad"
+    build_tiny(path, ModelBuildConfig(vision_hidden_size=96))
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.pad_token = None
+    processor.save_pretrained(path)
+    assert AutoProcessor.from_pretrained(path).tokenizer.pad_token is None
+    model = load_model(ModelConfig(name="nopad", path=str(path)))
+    assert model.processor.tokenizer.pad_token == model.processor.tokenizer.eos_token
+    prompts = ["short", "a much longer instruction that forces left padding"]
+    batched = model.generate(_images(2), prompts, GenerationConfig(max_new_tokens=5))
+    single = [model.generate([i], [p], GenerationConfig(max_new_tokens=5))[0] for i, p in zip(_images(2), prompts)]
+    assert batched == single
