@@ -19,8 +19,8 @@ question-answer pairs), so the top five neighbours are five different images, as
    which retrieval can be scoped to (``rag.same_dataset``, ``rag.datasets``).
 
 ``run_index(cfg, add_source=path)`` (``meddr-ray index --add source.yaml``) appends the cases of a source as a
-new version: only images whose case key is not in the current version are embedded, and they are added to a copy of the
-current index (IVF: with its trained quantizer, no retraining). The parent version stays as it was.
+new version: only images whose case key is not in the current version are embedded, and they are added to a copy
+of the current index (IVF: with its trained quantizer, no retraining). The parent version stays as it was.
 
 Resume: the embeddings of an interrupted run stay in ``<index_dir>/_work/<key>/`` (the key hashes the sources,
 the model and adapter files, and the parent version); a re-run embeds only the rows not there yet.
@@ -50,6 +50,7 @@ from meddr_ray.config import (
     load_source_file,
 )
 from meddr_ray.faiss_index import (  # noqa: F401  (case_key: the stage's own name for it)
+    QA_TYPE,
     VALUE_COLUMNS,
     case_key,
     IndexArtifactError,
@@ -83,7 +84,6 @@ ANNOTATION_SCHEMA = pa.schema(
         pa.field("image", pa.binary()),
     ]
 )
-QA_TYPE = pa.list_(pa.struct([("question", pa.string()), ("answer", pa.string())]))
 # One case per image: the rows that go into the encoder (image included); the embedding files it writes hold
 # the same columns without the image, plus the embedding.
 ROW_COLUMNS = [

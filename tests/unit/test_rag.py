@@ -201,7 +201,6 @@ def test_retriever_follows_current_after_an_incremental_add(tmp_path):
 def publish_permuted(root, x, perm, version_tag):
     """A version holding the same vectors as every other in the order ``perm``: FAISS id r is case ``perm[r]``,
     and every value of the version carries its tag, so an answer mixing two versions cannot go unnoticed."""
-    n = len(perm)
     table = toy_values([f"c{i}" for i in perm], version_tag, version_tag)
     index = fi.build_shard(x[perm], fi.IndexParams("flat"))
     return fi.publish(str(root), index, table, {"encoder_fingerprint": "f" * 16, "model_name": "toy"})
