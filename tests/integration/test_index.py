@@ -322,7 +322,8 @@ def test_cli_builds_the_demo_index_and_the_job_adds_to_it(tmp_path):
 
     run_dir = tmp_path / "demo"
     out = _run([sys.executable, "-m", "meddr_ray.cli", "index", "--config", "demo", f"run_dir={run_dir}"], tmp_path)
-    assert "index: 624 vectors, dimension 64, IndexFlatIP (flat), version v0001" in out
+    # the demo student's EfficientNet-Lite0 tower: 1280-wide keys
+    assert "index: 624 vectors, dimension 1280, IndexFlatIP (flat), version v0001" in out
     assert f"index: wrote {run_dir / 'index' / 'v0001'}" in out
     source = tmp_path / "new.yaml"
     source.write_text(f"name: breastmnist\nformat: medmnist\npath: {NPZ}\nsplits: [test]\nlimit: 5\n")
@@ -330,5 +331,5 @@ def test_cli_builds_the_demo_index_and_the_job_adds_to_it(tmp_path):
         [sys.executable, "jobs/build_index.py", "--config", "demo", "--add", str(source), f"run_dir={run_dir}"],
         tmp_path,
     )
-    assert "index: 629 vectors, dimension 64, IndexFlatIP (flat), version v0002 (parent v0001, +5)" in out
+    assert "index: 629 vectors, dimension 1280, IndexFlatIP (flat), version v0002 (parent v0001, +5)" in out
     assert fi.current_version(str(run_dir / "index")) == "v0002"
