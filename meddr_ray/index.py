@@ -406,15 +406,18 @@ def make_plan(files: List[str], known_ids: pa.Array) -> Plan:
     """Order the embedded rows (file by file); set aside the ones with errors and skip case keys seen before
     (both counted)."""
     import pyarrow.compute as pc
+    import pyarrow.parquet as pq
 
     plan = Plan(files=list(files), keep=[], failed=[])
     seen = set(known_ids.to_pylist()) if len(known_ids) else set()
     fingerprints = set()
     ordered_ids: List[str] = []
     for path in plan.files:
-        t = _read_columns(path, ["id", "dataset", "error", "fingerprint", "embedding"])
+        # the small columns only: the dimension comes from the file's schema, never from reading its vectors
+        t = _read_columns(path, ["id", "dataset", "error", "fingerprint"])
         if not plan.dim and t.num_rows:
-            plan.dim = t.schema.field("embedding").type.list_size
+            fs, p = storage.resolve(path)
+            plan.dim = pq.read_schema(p, filesystem=fs).field("embedding").type.list_size
         errors = t.column("error").is_valid().to_numpy(zero_copy_only=False)
         fingerprints.update(x for x in pc.unique(t.column("fingerprint")).to_pylist() if x)
         keep = []

@@ -72,6 +72,20 @@ def test_make_plan_orders_rows_sets_failed_aside_and_skips_repeated_cases(tmp_pa
         make_plan([str(tmp_path / "1.parquet"), str(tmp_path / "3.parquet")], pa.array([], pa.string()))
 
 
+def test_the_plan_never_reads_the_vectors(tmp_path, monkeypatch):
+    """The driver reads ids, datasets and errors; the dimension comes from the schema (a vector column of millions
+    of rows never goes through it)."""
+    from meddr_ray import index
+
+    embedding_file(tmp_path / "1.parquet", ["a", "b"], dim=7)
+    read = []
+    original = index._read_columns
+    monkeypatch.setattr(index, "_read_columns", lambda path, columns: read.append(columns) or original(path, columns))
+    plan = make_plan([str(tmp_path / "1.parquet")], pa.array([], pa.string()))
+    assert plan.dim == 7 and plan.count == 2
+    assert read and all("embedding" not in columns for columns in read)
+
+
 def test_case_key_is_one_image_of_one_dataset():
     assert case_key("slake", b"png-1", "q1") == case_key("slake", b"png-1", "q2")  # two questions, one image
     assert case_key("slake", b"png-1", "q1") != case_key("slake", b"png-2", "q1")
