@@ -45,6 +45,9 @@ def map_with_actor_pool(ds, actor_class, pool, **constructor_kwargs):
 
     import ray.data
 
+    # One block per model batch (streaming, no shuffle): the pool hands out blocks, so an input read as one block
+    # would feed one actor and leave the others idle however many the pool holds.
+    ds = ds.repartition(target_num_rows_per_block=pool.batch_size)
     with warnings.catch_warnings():
         # Ray 2.60 marks extra **ray_remote_args deprecated but has no named parameter yet for the actors'
         # max_restarts / max_task_retries (its own ActorPoolMapOperator documents passing them this way).
