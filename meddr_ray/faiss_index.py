@@ -547,6 +547,17 @@ def load_manifest(index_dir: str, version: Optional[str] = None) -> Dict[str, An
     return manifest
 
 
+def published_manifest(index_dir: str, needed_by: str, hint: str = "") -> Dict[str, Any]:
+    """The manifest of the version ``CURRENT`` names, for a stage that cannot run without one: FileNotFoundError
+    saying which stage (``needed_by``) needs it and how to get one when nothing is published."""
+    if current_version(index_dir) is None:
+        raise FileNotFoundError(
+            f"{needed_by}: no retrieval index at {index_dir} (no published version: "
+            f"{join_path(index_dir, CURRENT_FILE)} is missing); run `meddr-ray index` first{hint}"
+        )
+    return load_manifest(index_dir)
+
+
 def check_compatible(
     manifest: Dict[str, Any], expect_dim: Optional[int] = None, expect_fingerprint: Optional[str] = None
 ) -> None:

@@ -90,17 +90,13 @@ CONTEXT_COLUMNS = ["task", "dataset", "source_id"]  # what train.rag_context_fra
 def _retrieval_context(cfg: Config) -> Optional[Dict[str, Any]]:
     """Arguments of :class:`meddr_ray.rag.TrainingContext` for ``train.rag_context_fraction`` (None when 0): the
     run's index, its version pinned, checked to be the student's."""
-    from meddr_ray.faiss_index import current_version, load_manifest
+    from meddr_ray.faiss_index import published_manifest
 
     if not cfg.train.rag_context_fraction:
         return None
     index_dir = cfg.stage_dir("index")
-    if current_version(index_dir) is None:
-        raise TrainDataError(
-            f"train.rag_context_fraction={cfg.train.rag_context_fraction} needs the run's retrieval index, and "
-            f"{index_dir} has none: run `meddr-ray index` first (the pipeline builds it before training then)"
-        )
-    manifest = load_manifest(index_dir)
+    manifest = published_manifest(index_dir, f"train (train.rag_context_fraction={cfg.train.rag_context_fraction})",
+                                  " (the pipeline builds it before training then)")  # fmt: skip
     if manifest.get("model_path") != cfg.student.path:
         raise ConfigError(
             f"key 'train.rag_context_fraction': index version {manifest['version']} at {index_dir} was built with "
@@ -239,6 +235,7 @@ def run_train(cfg: Config) -> str:
     plan = make_plan(t, counts["train"])
     model_path = str(ensure_model(cfg.student))  # an offline build happens once, here, not in every worker
 
+    context = _retrieval_context(cfg)  # the index it needs checked before any Ray work
     root = storage_root(cfg)
     identity = run_identity(cfg, files)
     previous = _latest_checkpoint_state(join_path(root, t.name))
@@ -281,7 +278,7 @@ def run_train(cfg: Config) -> str:
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
         ),
-        datasets=_datasets(files, counts, t.cache_data, _retrieval_context(cfg)),
+        datasets=_datasets(files, counts, t.cache_data, context),
         dataset_config=DataConfig(execution_options=ingest),
     )
     started = time.time()

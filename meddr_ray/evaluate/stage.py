@@ -394,17 +394,11 @@ def _adapter(cfg: Config) -> Tuple[Optional[str], str, Optional[dict]]:
 
 def _index_manifest(cfg: Config) -> Optional[dict]:
     """The manifest of the index version this evaluation uses (``CURRENT`` now, pinned for every actor)."""
-    from meddr_ray.faiss_index import current_version, load_manifest
+    from meddr_ray.faiss_index import published_manifest
 
     if not needs_index(cfg.evaluate.modes):
         return None
-    index_dir = cfg.stage_dir("index")
-    if current_version(index_dir) is None:
-        raise FileNotFoundError(
-            f"evaluate: no retrieval index at {index_dir} (no published version: {join_path(index_dir, 'CURRENT')} "
-            f"is missing); run `meddr-ray index` first, or set evaluate.modes=[no_rag]"
-        )
-    manifest = load_manifest(index_dir)
+    manifest = published_manifest(cfg.stage_dir("index"), "evaluate", ", or set evaluate.modes=[no_rag]")
     _check_scope(cfg, manifest)
     return manifest
 

@@ -146,6 +146,19 @@ def test_a_run_checkpointed_by_other_worker_count_is_refused_before_starting(tmp
         run_train(cfg)
 
 
+def test_training_with_retrieved_labels_needs_the_runs_index_and_says_so(tmp_path):
+    folder = tmp_path / "instruct"
+    folder.mkdir()
+    n = 40
+    table = pa.table({"id": [str(i) for i in range(n)], "image": [b"x"] * n, "prompt": ["p"] * n,
+                      "answer": ["y"] * n, "split": ["train"] * n})  # fmt: skip
+    pq.write_table(table, folder / "part-0.parquet")
+    cfg = load_config("tiny", [f"run_dir={tmp_path}", "train.rag_context_fraction=0.5"])
+    with pytest.raises(FileNotFoundError, match=r"train \(train.rag_context_fraction=0.5\): no retrieval index at "
+                       + str(tmp_path / "index")):  # fmt: skip
+        run_train(cfg)
+
+
 def test_run_identity_changes_with_the_student_data_and_settings_not_with_operational_keys(tmp_path):
     """A run's checkpoints are only resumed by a run of the same student, data and settings."""
     from meddr_ray.train import run_identity
