@@ -212,6 +212,13 @@ class BootstrapConfig:
     With it set, a report the token budget cut mid-sentence also ends at its last full sentence."""
     impression_max_new_tokens: int = 48
     """Token budget of that second, impression-only generation."""
+    backend: str = "transformers"
+    """How the teacher generates. ``transformers``: ``generate`` in a Ray Data actor pool (the default, tested on
+    CPUs). ``vllm``: ``ray.data.llm``'s vLLM engine (``pip install -e '.[gpu]'``; GPUs only), with continuous
+    batching and tensor parallelism over ``pool.num_gpus`` GPUs per engine -- for a teacher at paper scale. vLLM
+    has no beam search, n-gram ban or answer prefix; the job refuses those settings with it."""
+    vllm_engine_kwargs: Dict[str, Any] = field(default_factory=dict)
+    """Extra vLLM engine arguments with ``backend: vllm`` (e.g. ``max_model_len``, ``gpu_memory_utilization``)."""
 
 
 @dataclass
@@ -705,6 +712,7 @@ _CHOICES: Dict[str, Sequence[Any]] = {
     "student.build_options.vision_tower": ("siglip", "efficientnet_lite0"),
     "student.build": (None, "tiny", "smol"),
     "teacher.device": ("auto", "cpu", "cuda"),
+    "bootstrap.backend": ("transformers", "vllm"),
     "student.device": ("auto", "cpu", "cuda"),
 }
 
