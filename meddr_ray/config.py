@@ -76,6 +76,13 @@ class SourceConfig:
     """Report column for ``reports`` sources (IU-Xray: ``text``; MIMIC-style CSV: ``report``)."""
     require_images: bool = True
     """If false, rows whose image file is absent load with an empty image (metadata-only use, e.g. SLAKE QA)."""
+    allow_paths_outside_root: bool = False
+    """CSV/JSON image paths must stay inside ``image_root``: an absolute path, one that leaves it with ``..`` or a
+    URI (``s3://...``) is a bad row. True accepts them as they are (a table you trust that names files elsewhere)."""
+    id_column: Optional[str] = "id"
+    """CSV/JSON column holding a unique id per row (SLAKE/VQA-RAD: ``qid``); the row id is then
+    ``<name>/<split>/<value>``. Rows without it get ``<name>/<split>/<image path>#<hash of the row's fields>``. Either
+    way an id survives rows inserted before it, so a resume or ``index --add`` regenerates nothing."""
     language: Optional[str] = "en"
     """VQA: keep only rows whose ``q_lang`` equals this (SLAKE is bilingual); null keeps all."""
     limit: Optional[int] = None

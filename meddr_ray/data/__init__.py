@@ -13,17 +13,21 @@ from __future__ import annotations
 from meddr_ray.data.errors import DataError, unwrap_data_error
 from meddr_ray.data.images import decode_image, dicom_to_png, encode_png, is_dicom, load_image, validate_image_bytes
 from meddr_ray.data.medmnist import MEDMNIST_INFO, NO_FINDING, medmnist_info
-from meddr_ray.data.schema import COLUMNS, SAMPLE_SCHEMA, make_row, rows_to_table, sample_id
+from meddr_ray.data.schema import COLUMNS, SAMPLE_SCHEMA, keyed_id, make_row, rows_to_table, sample_id
 
 __all__ = [
     "COLUMNS", "DataError", "MEDMNIST_INFO", "NO_FINDING", "SAMPLE_SCHEMA", "decode_image", "dicom_to_png",
-    "encode_png", "is_dicom", "load_image", "make_row", "medmnist_info", "read_source", "rows_to_table",
+    "encode_png", "is_dicom", "keyed_id", "load_image", "make_row", "medmnist_info", "read_source", "rows_to_table",
     "sample_id", "split_errors", "unwrap_data_error", "validate_image_bytes",
 ]  # fmt: skip
 
 
-def read_source(src, data_cfg):
-    """A Ray Dataset in :data:`SAMPLE_SCHEMA` for one :class:`~meddr_ray.config.SourceConfig`."""
+def read_source(src, data_cfg, skip=None):
+    """A Ray Dataset in :data:`SAMPLE_SCHEMA` for one :class:`~meddr_ray.config.SourceConfig`.
+
+    ``skip``: a predicate on row ids, called on the driver for every row before any image is read; rows it is
+    true for are left out (a resumed stage skips its finished rows without reading their images).
+    """
     from meddr_ray.data import dicom, image_folder, medmnist, reports, vqa_json
 
     readers = {
@@ -35,7 +39,7 @@ def read_source(src, data_cfg):
     }
     if src.format not in readers:
         raise ValueError(f"source {src.name!r}: unknown format {src.format!r} (one of {', '.join(readers)})")
-    return readers[src.format](src, data_cfg)
+    return readers[src.format](src, data_cfg, skip=skip)
 
 
 def split_errors(ds):

@@ -5,14 +5,19 @@ small metadata file and builds one row per sample, with the image left empty and
 the image is (``image_ref``) and how to name the row in errors (``where``). :func:`metadata_dataset` cuts
 that table into blocks of ``rows_per_block`` rows, and a Ray task per block reads, checks and encodes the
 images, so no image byte passes through the driver.
+
+Row ids never depend on a row's position (:class:`RowIds`), and image paths stay inside the source's image root
+(:func:`confine_image_ref`) unless the source allows otherwise.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
-from typing import Any, Dict, List, Optional
+import posixpath
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -21,7 +26,7 @@ from meddr_ray import storage
 from meddr_ray.config import DataConfig, SourceConfig, join_path
 from meddr_ray.data.errors import DataError
 from meddr_ray.data.images import load_image
-from meddr_ray.data.schema import SAMPLE_SCHEMA, make_row, rows_to_table
+from meddr_ray.data.schema import SAMPLE_SCHEMA, keyed_id, make_row, rows_to_table
 
 IMAGE_REF = "image_ref"
 WHERE = "where"
@@ -118,6 +123,66 @@ def require_columns(path: str, records: List[Dict[str, Any]], columns: List[str]
         raise DataError(f"{path}: no column {missing[0]!r} (columns: {', '.join(sorted(present))})")
 
 
+class RowIds:
+    """Ids of the rows of one metadata table, stable under inserts and unique.
+
+    A row's id is ``<name>/<split>/<key>`` (:func:`keyed_id`), its key being the value of ``src.id_column`` when the
+    row has one (a duplicate value is a :class:`DataError` whatever ``on_error`` says: setting one row aside would
+    skip a real sample under the other's id), else its image path and a hash of the fields the reader uses.
+    Rows identical in those fields get ``~2``, ``~3``... in order, which an insert elsewhere does not shift.
+    """
+
+    def __init__(self, src: SourceConfig, fields: Sequence[str]):
+        self.src = src
+        self.fields = list(dict.fromkeys(fields))
+        self.seen: Dict[str, str] = {}  # id -> the row that has it, for the duplicate message
+
+    def __call__(self, rec: Dict[str, Any], split: str, image_ref: Optional[str], where: str) -> str:
+        column = self.src.id_column
+        value = rec.get(column) if column else None
+        if value is not None and str(value).strip():
+            row_id = keyed_id(self.src.name, split, str(value).strip())
+            if row_id in self.seen:
+                raise DataError(
+                    f"{where}: id {str(value).strip()!r} in column {column!r} is also {self.seen[row_id]}; "
+                    f"ids must be unique (set id_column: null to derive them from the rows)"
+                )
+        else:
+            content = json.dumps([rec.get(f) for f in self.fields], sort_keys=True, default=str, ensure_ascii=False)
+            digest = hashlib.sha1(content.encode()).hexdigest()[:12]
+            base = keyed_id(self.src.name, split, f"{image_ref or ''}#{digest}")
+            row_id, n = base, 1
+            while row_id in self.seen:
+                n += 1
+                row_id = f"{base}~{n}"
+        self.seen[row_id] = where
+        return row_id
+
+
+def confine_image_ref(ref: Any, column: str, src: SourceConfig, where: str) -> Optional[str]:
+    """The image path a row names, checked to stay inside the image root: not absolute, no ``..`` out of it,
+    not a URI (unless ``src.allow_paths_outside_root``). A table from elsewhere must not make the job read
+    ``/etc/...`` or another bucket. Raises :class:`DataError` naming the row and column."""
+    if ref is None:
+        return None
+    ref = str(ref)
+    if src.allow_paths_outside_root:
+        return ref
+    posix = ref.replace("\\", "/")
+    if "://" in ref:
+        why = "is a URI"
+    elif posix.startswith("/") or posix[1:3] == ":/":  # /x, C:\x
+        why = "is absolute"
+    elif posixpath.normpath(posix).split("/")[0] == "..":
+        why = "leaves it with '..'"
+    else:
+        return ref
+    raise DataError(
+        f"{where}: image {ref!r} in column {column!r} {why}, outside the image root {image_root(src)} "
+        f"(set allow_paths_outside_root: true on the source to allow it)"
+    )
+
+
 def limit_reached(rows: List[Dict[str, Any]], src: SourceConfig) -> bool:
     """``src.limit`` counts rows after the split/language filters; rows past it are not even checked."""
     return src.limit is not None and len(rows) >= src.limit
@@ -132,14 +197,18 @@ def metadata_dataset(
     data_cfg: DataConfig,
     *,
     dicom: Optional[bool] = None,
+    skip: Optional[Callable[[str], bool]] = None,
 ):
     """A Ray Dataset in :data:`SAMPLE_SCHEMA` from metadata rows; images are read and checked in Ray tasks.
 
     Each row holds the schema columns plus ``image_ref`` (a path relative to the source's image root, or
-    absolute; None = no image) and ``where`` (the row's name in error messages).
+    absolute; None = no image) and ``where`` (the row's name in error messages). Rows whose id ``skip`` is true
+    for are dropped here, on the driver, so their images are never read (a resume's finished rows).
     """
     import ray
 
+    if skip is not None:
+        rows = [r for r in rows if not skip(r["id"])]
     if not rows:  # Ray drops empty blocks, and with them the schema
         return ray.data.from_arrow(SAMPLE_SCHEMA.empty_table())
     table = pa.Table.from_pylist([{**make_row(), **r} for r in rows], schema=META_SCHEMA)

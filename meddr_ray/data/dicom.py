@@ -3,9 +3,11 @@
 ``src.path`` is one of:
 - **a folder**: every ``*.dcm``/``*.dicom`` file below it (recursive), and every file without an extension
   that starts with the DICOM preamble (``DICM`` at byte 128: the driver reads those 132 bytes, nothing more).
-  Files are sorted by path; ``source_index`` is the position in that order and ``source_file`` the DICOM
-  file. Such rows have no label: a folder says nothing about diagnoses.
-- **one DICOM file**: a single row.
+  Files are sorted by path; the row id is ``<name>/<split>/<path relative to the folder>``, so a file added
+  later leaves every other id as it was; ``source_index`` (the position in that order, for messages only) and
+  ``source_file`` (the DICOM file) say where it came from. Such rows have no label: a folder says nothing about
+  diagnoses.
+- **one DICOM file**: a single row (id: the file's name).
 - **a CSV**: the labelled case. It is read exactly like an ``image_folder`` CSV (``image_column``,
   ``label_column``, optional ``split``/``modality``, paths relative to ``image_root`` or the CSV's folder),
   but every listed file is decoded as DICOM, with or without a preamble.
@@ -15,7 +17,7 @@ Modality: ``src.modality`` if set, else the CSV's ``modality`` column, else the 
 from __future__ import annotations
 
 import os
-from typing import List
+from typing import Any, Callable, Dict, List, Optional
 
 import pyarrow.fs as pafs
 
@@ -25,7 +27,7 @@ from meddr_ray.data.common import IMAGE_REF, WHERE, default_split, default_task,
 from meddr_ray.data.errors import DataError
 from meddr_ray.data.image_folder import read_image_folder
 from meddr_ray.data.images import is_dicom
-from meddr_ray.data.schema import make_row, sample_id
+from meddr_ray.data.schema import keyed_id, make_row
 
 _EXTENSIONS = (".dcm", ".dicom")
 
@@ -57,9 +59,16 @@ def list_dicom_files(path: str) -> List[str]:
     return sorted(prefix + p for p in found)
 
 
-def read_dicom(src: SourceConfig, data_cfg: DataConfig):
-    if src.path.lower().endswith(".csv"):
-        return read_image_folder(src, data_cfg, dicom=True)
+def _relative(path: str, base: str) -> str:
+    """``path`` relative to the folder ``base`` (posix separators; URIs keep their scheme in both)."""
+    if "://" not in path:
+        return os.path.relpath(path, base).replace(os.sep, "/")
+    prefix = base.rstrip("/") + "/"
+    return path[len(prefix) :] if path.startswith(prefix) else path
+
+
+def dicom_rows(src: SourceConfig) -> List[Dict[str, Any]]:
+    """Metadata rows of a DICOM folder or file (driver side: only listings and 132-byte preambles are read)."""
     files = list_dicom_files(src.path)
     if src.limit is not None:
         files = files[: max(0, src.limit)]
@@ -67,8 +76,9 @@ def read_dicom(src: SourceConfig, data_cfg: DataConfig):
     split, task = default_split(src), default_task(src)
     rows = []
     for index, path in enumerate(files):
+        relative = _relative(path, base)
         row = make_row(
-            id=sample_id(src.name, split, index),
+            id=keyed_id(src.name, split, relative),
             dataset=src.name,
             split=split,
             source_index=index,
@@ -77,7 +87,15 @@ def read_dicom(src: SourceConfig, data_cfg: DataConfig):
             task=task,
             label_set=list(src.label_names) if src.label_names else None,
         )
-        row[IMAGE_REF] = path  # absolute: find_image uses it as it is
-        row[WHERE] = f"{os.path.relpath(path, base) if '://' not in path else path} (file {index})"
+        row[IMAGE_REF] = path  # absolute, from the listing (inside the folder): find_image uses it as it is
+        row[WHERE] = f"{relative if '://' not in path else path} (file {index})"
         rows.append(row)
-    return metadata_dataset(rows, src, data_cfg, dicom=True)
+    return rows
+
+
+def read_dicom(src: SourceConfig, data_cfg: DataConfig, *, skip: Optional[Callable[[str], bool]] = None):
+    """Ray Dataset of a DICOM folder, file or labels CSV; rows whose id ``skip`` is true for are left out before
+    any pixel is read."""
+    if src.path.lower().endswith(".csv"):
+        return read_image_folder(src, data_cfg, dicom=True, skip=skip)
+    return metadata_dataset(dicom_rows(src), src, data_cfg, dicom=True, skip=skip)

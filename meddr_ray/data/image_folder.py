@@ -8,18 +8,21 @@ Optional columns: ``split`` (filtered by ``src.splits``) and ``modality``.
 HAM10000: ``image_column: image_id``, ``label_column: dx``, ``image_root: <folder of the JPEGs>``.
 
 The label set is ``label_names`` if given, else the sorted distinct labels of the whole CSV (all splits, so
-train and test agree). Labels are checked on the driver; images are read in Ray tasks.
+train and test agree). Labels are checked on the driver; images are read in Ray tasks. Row ids: the ``id_column``
+value, else ``<name>/<split>/<image path>#<hash of the row>`` (see :class:`~meddr_ray.data.common.RowIds`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from meddr_ray.config import DataConfig, SourceConfig
 from meddr_ray.data.common import (
     IMAGE_REF,
     WHERE,
+    RowIds,
     check_on_error,
+    confine_image_ref,
     default_split,
     default_task,
     fail,
@@ -30,7 +33,7 @@ from meddr_ray.data.common import (
     row_where,
 )
 from meddr_ray.data.errors import DataError
-from meddr_ray.data.schema import make_row, sample_id
+from meddr_ray.data.schema import make_row
 
 
 def _parts(value: Optional[str]) -> List[str]:
@@ -53,6 +56,7 @@ def labelled_rows(src: SourceConfig, data_cfg: DataConfig) -> List[Dict[str, Any
     explicit = bool(src.label_names)
     label_set = list(src.label_names) if explicit else sorted({p for r in records for p in _parts(r[src.label_column])})
     task, fallback_split = default_task(src), default_split(src)
+    row_id = RowIds(src, [src.image_column, src.label_column, "split", "modality"])
 
     rows = []
     for index, rec in enumerate(records):
@@ -62,8 +66,9 @@ def labelled_rows(src: SourceConfig, data_cfg: DataConfig) -> List[Dict[str, Any
         if split not in src.splits:
             continue
         where = row_where(src.path, index)
+        image = rec.get(src.image_column)
         row = make_row(
-            id=sample_id(src.name, split, index),
+            id=row_id(rec, split, image, where),
             dataset=src.name,
             split=split,
             source_index=index,
@@ -72,8 +77,9 @@ def labelled_rows(src: SourceConfig, data_cfg: DataConfig) -> List[Dict[str, Any
             task=task,
             label_set=label_set,
         )
-        row[IMAGE_REF], row[WHERE] = rec.get(src.image_column), where
+        row[IMAGE_REF], row[WHERE] = None, where
         try:
+            row[IMAGE_REF] = confine_image_ref(image, src.image_column, src, where)
             if not row[IMAGE_REF] and src.require_images:
                 raise DataError(f"{where}: no image file named in column {src.image_column!r}")
             parts = _parts(rec.get(src.label_column))
@@ -87,6 +93,13 @@ def labelled_rows(src: SourceConfig, data_cfg: DataConfig) -> List[Dict[str, Any
     return rows
 
 
-def read_image_folder(src: SourceConfig, data_cfg: DataConfig, *, dicom: Optional[bool] = None):
-    """Ray Dataset of the labelled images a CSV lists (``dicom=True``: the files are DICOM, see dicom.py)."""
-    return metadata_dataset(labelled_rows(src, data_cfg), src, data_cfg, dicom=dicom)
+def read_image_folder(
+    src: SourceConfig,
+    data_cfg: DataConfig,
+    *,
+    dicom: Optional[bool] = None,
+    skip: Optional[Callable[[str], bool]] = None,
+):
+    """Ray Dataset of the labelled images a CSV lists (``dicom=True``: the files are DICOM, see dicom.py); rows
+    whose id ``skip`` is true for are left out before any image is read."""
+    return metadata_dataset(labelled_rows(src, data_cfg), src, data_cfg, dicom=dicom, skip=skip)

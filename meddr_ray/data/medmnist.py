@@ -1,10 +1,15 @@
 """MedMNIST ``.npz`` files (``format: medmnist``), streamed: the driver never loads an image array.
 
 The driver reads only the ``.npy`` headers inside the zip (shapes, dtypes) and makes a small dataset of
-``(split, start, end)`` chunks of ``rows_per_block`` rows. Each Ray task opens the npz itself and emits the
-chunk's rows. Arrays are cached per worker process (keyed by path + mtime, so a rewritten file is re-read):
-an uncompressed member (``np.savez``) is memory-mapped, so a task touches only its own rows; a compressed
-one (``np.savez_compressed``, as MedMNIST ships) has to be inflated whole, once per worker.
+``(split, start, end)`` chunks of ``rows_per_block`` rows. Each Ray task reads only its chunk's rows
+(:func:`read_rows`), so a worker's memory is bounded by its block, never by the array: an uncompressed member
+(``np.savez``) is read in place (a seek to the rows); a compressed one (``np.savez_compressed``, as MedMNIST
+ships) cannot be sought, so the first task on a node streams it once into an uncompressed ``.npy`` under
+``$MEDDR_RAY_CACHE/npz-members/`` (bounded memory, one file per array, keyed by the npz's path, size and mtime)
+and every task then seeks in that file. Nothing is cached in a worker process.
+
+Row ids are :func:`~meddr_ray.data.schema.sample_id` of the row's position: a MedMNIST release is a fixed array
+whose position is the official index, so ids do not shift (unlike folders and tables, keyed by path or content).
 
 Labels are ``(N,)`` or ``(N, 1)`` class indices, or ``(N, C)`` 0/1 vectors for multi-label sets (ChestMNIST).
 A multi-label sample with no positive class gets ``labels = []`` (the exact positive set, for multi-label
@@ -14,17 +19,19 @@ ChestX-ray14's "No Finding").
 
 from __future__ import annotations
 
-import functools
+import fcntl
+import hashlib
 import os
 import re
+import shutil
 import struct
 import zipfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from meddr_ray import storage
-from meddr_ray.config import DataConfig, SourceConfig
+from meddr_ray.config import DataConfig, SourceConfig, cache_dir
 from meddr_ray.data.common import check_on_error, default_task, fail
 from meddr_ray.data.errors import DataError
 from meddr_ray.data.images import encode_png
@@ -145,19 +152,69 @@ def npz_shapes(path: str, keys: List[str]) -> Dict[str, Tuple[int, ...]]:
         raise DataError(f"{name}: not a readable .npz file ({exc})") from None
 
 
-@functools.lru_cache(maxsize=4)  # images + labels of two splits per worker process
-def _array(path: str, mtime: int, key: str) -> np.ndarray:
-    del mtime  # only part of the cache key
-    with _open(path) as f, zipfile.ZipFile(f) as zf:
-        info = _member(zf, key, os.path.basename(path))
-        with zf.open(info) as fp:
-            if info.compress_type == zipfile.ZIP_STORED and "://" not in path:
-                shape, fortran, dtype = _read_header(fp)
+def _rows_at(f, offset: int, shape: Tuple[int, ...], dtype: np.dtype, start: int, end: int, what: str) -> np.ndarray:
+    """Rows ``start:end`` of a C-order array whose data begins at byte ``offset`` of the open file ``f``."""
+    row_shape = tuple(shape[1:])
+    row_bytes = int(np.prod(row_shape, dtype=np.int64)) * dtype.itemsize
+    start, end = max(0, start), min(int(shape[0]), end)
+    count = max(0, end - start)
+    f.seek(offset + start * row_bytes)
+    data = f.read(count * row_bytes)
+    if len(data) != count * row_bytes:
+        raise DataError(f"{what} rows {start}..{end}: the file ends early ({len(data)} of {count * row_bytes} bytes)")
+    return np.frombuffer(data, dtype=dtype).reshape((count, *row_shape))
+
+
+def _check_layout(fortran: bool, dtype: np.dtype, name: str, key: str) -> None:
+    if fortran:
+        raise DataError(f"{name}: array {key!r} is stored in Fortran order; save it in C order to read it by rows")
+    if dtype.hasobject:
+        raise DataError(f"{name}: array {key!r} holds Python objects; MedMNIST arrays are plain numbers")
+
+
+def _unpacked_member(path: str, mtime: int, size: int, zf: zipfile.ZipFile, info: zipfile.ZipInfo) -> str:
+    """A local, uncompressed ``.npy`` copy of a compressed npz member, made once per node (a file lock keeps the
+    node's other workers waiting instead of unpacking it again) by streaming it in 256 KiB pieces."""
+    key = hashlib.sha1(f"{path}\x1f{size}\x1f{mtime}\x1f{info.filename}".encode()).hexdigest()[:24]
+    folder = cache_dir() / "npz-members"
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"{key}.npy"
+    if target.exists():
+        return str(target)
+    with open(folder / f"{key}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.exists():  # another worker may have made it while this one waited
+            tmp = folder / f"{key}.npy.tmp-{os.getpid()}"
+            with zf.open(info) as src, open(tmp, "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 18)
+            os.replace(tmp, target)
+    return str(target)
+
+
+def read_rows(path: str, key: str, start: int, end: int, mtime: Optional[int] = None) -> np.ndarray:
+    """Rows ``start:end`` of the array ``key`` of an npz, reading only those rows (see the module docstring)."""
+    name = os.path.basename(path)
+    mtime = _mtime(path) if mtime is None else mtime
+    try:
+        with _open(path) as f, zipfile.ZipFile(f) as zf:
+            info = _member(zf, key, name)
+            if info.compress_type == zipfile.ZIP_STORED:
+                with zf.open(info) as fp:
+                    shape, fortran, dtype = _read_header(fp)
+                    header_len = fp.tell()
+                _check_layout(fortran, dtype, name, key)
                 f.seek(info.header_offset)
-                name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])  # the local file header
-                offset = info.header_offset + 30 + name_len + extra_len + fp.tell()
-                return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset, order="F" if fortran else "C")
-            return np.lib.format.read_array(fp, allow_pickle=False)
+                name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])  # the member's local file header
+                offset = info.header_offset + 30 + name_len + extra_len + header_len
+                return _rows_at(f, offset, shape, dtype, start, end, f"{name}: {key}")
+            size = f.size() if hasattr(f, "size") else os.fstat(f.fileno()).st_size
+            local = _unpacked_member(path, mtime, size, zf, info)
+        with open(local, "rb") as fp:
+            shape, fortran, dtype = _read_header(fp)
+            _check_layout(fortran, dtype, name, key)
+            return _rows_at(fp, fp.tell(), shape, dtype, start, end, f"{name}: {key}")
+    except (zipfile.BadZipFile, ValueError, OSError) as exc:
+        raise DataError(f"{name}: cannot read rows {start}..{end} of {key!r} ({exc})") from None
 
 
 # ------------------------------------------------------------------------------------------- rows
@@ -183,8 +240,8 @@ def _chunk_rows(batch, *, path, mtime, src_name, names, multi, modality, task, o
     out = []
     for chunk in batch.to_pylist():
         split, start, end = chunk["split"], chunk["start"], chunk["end"]
-        images = np.asarray(_array(path, mtime, f"{split}_images")[start:end])
-        labels = np.asarray(_array(path, mtime, f"{split}_labels")[start:end])
+        images = read_rows(path, f"{split}_images", start, end, mtime)
+        labels = read_rows(path, f"{split}_labels", start, end, mtime)
         for k, index in enumerate(range(start, end)):
             row = make_row(
                 id=sample_id(src_name, split, index),
@@ -207,7 +264,23 @@ def _chunk_rows(batch, *, path, mtime, src_name, names, multi, modality, task, o
     return rows_to_table(out)
 
 
-def read_medmnist(src: SourceConfig, data_cfg: DataConfig):
+def _todo_runs(count: int, is_done: Callable[[int], bool]) -> Iterator[Tuple[int, int]]:
+    """``(start, end)`` runs of consecutive indices in ``range(count)`` that are not done."""
+    start = None
+    for index in range(count):
+        if is_done(index):
+            if start is not None:
+                yield start, index
+            start = None
+        elif start is None:
+            start = index
+    if start is not None:
+        yield start, count
+
+
+def read_medmnist(src: SourceConfig, data_cfg: DataConfig, *, skip: Optional[Callable[[str], bool]] = None):
+    """Ray Dataset of an npz's splits; rows whose id ``skip`` is true for are left out of the chunks, so their
+    pixels are never read (the driver computes the ids of every row: a hash each, no array is opened)."""
     import ray
 
     on_error = check_on_error(data_cfg)
@@ -234,7 +307,9 @@ def read_medmnist(src: SourceConfig, data_cfg: DataConfig):
         count = image_shape[0] if remaining is None else min(image_shape[0], max(0, remaining))
         remaining = None if remaining is None else remaining - count
         step = max(1, data_cfg.rows_per_block)
-        chunks += [{"split": split, "start": a, "end": min(a + step, count)} for a in range(0, count, step)]
+        done = (lambda i, split=split: skip(sample_id(src.name, split, i))) if skip else (lambda i: False)
+        for first, stop in _todo_runs(count, done):
+            chunks += [{"split": split, "start": a, "end": min(a + step, stop)} for a in range(first, stop, step)]
 
     if not chunks:
         return ray.data.from_arrow(SAMPLE_SCHEMA.empty_table())

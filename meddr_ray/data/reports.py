@@ -6,17 +6,20 @@ Fields per record:
   ``findings`` and ``impression`` joined with a space (MIMIC-CXR sections, R2Gen style);
 - ``split``: filtered by ``src.splits``; without it every row is in the first configured split;
 - modality: ``src.modality`` or a ``modality`` column; otherwise none (the report prompt then names none).
+Row ids: the ``id_column`` value, else the image path and a hash of the fields above (stable under inserts).
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from meddr_ray.config import DataConfig, SourceConfig
 from meddr_ray.data.common import (
     IMAGE_REF,
     WHERE,
+    RowIds,
     check_on_error,
+    confine_image_ref,
     default_split,
     default_task,
     fail,
@@ -26,7 +29,7 @@ from meddr_ray.data.common import (
     row_where,
 )
 from meddr_ray.data.errors import DataError
-from meddr_ray.data.schema import make_row, sample_id
+from meddr_ray.data.schema import make_row
 
 
 def _text(value: Any) -> Optional[str]:
@@ -42,10 +45,13 @@ def report_text(rec: Dict[str, Any], text_column: str) -> Optional[str]:
     return " ".join(sections) or None
 
 
-def read_reports(src: SourceConfig, data_cfg: DataConfig):
+def report_rows(src: SourceConfig, data_cfg: DataConfig) -> List[Dict[str, Any]]:
+    """Metadata rows of a reports file (driver side: no image is read)."""
     on_error = check_on_error(data_cfg)
     records = read_records(src.path)
     task, fallback_split = default_task(src), default_split(src)
+    content = (src.image_column, src.text_column, "report", "findings", "impression", "split", "modality")
+    row_id = RowIds(src, content)
     rows = []
     for index, rec in enumerate(records):
         if limit_reached(rows, src):
@@ -55,8 +61,9 @@ def read_reports(src: SourceConfig, data_cfg: DataConfig):
             continue
         where = row_where(src.path, index)
         image = rec.get(src.image_column)
+        image = (image[0] if image else None) if isinstance(image, list) else _text(image)
         row = make_row(
-            id=sample_id(src.name, split, index),
+            id=row_id(rec, split, image, where),
             dataset=src.name,
             split=split,
             source_index=index,
@@ -65,9 +72,9 @@ def read_reports(src: SourceConfig, data_cfg: DataConfig):
             task=task,
             report=report_text(rec, src.text_column),
         )
-        row[IMAGE_REF] = (image[0] if image else None) if isinstance(image, list) else _text(image)
-        row[WHERE] = where
+        row[IMAGE_REF], row[WHERE] = None, where
         try:
+            row[IMAGE_REF] = confine_image_ref(image, src.image_column, src, where)
             if row["report"] is None:
                 looked = f"{src.text_column!r}, 'report', 'findings'/'impression'"
                 raise DataError(f"{where}: no report text (looked for {looked})")
@@ -76,4 +83,9 @@ def read_reports(src: SourceConfig, data_cfg: DataConfig):
         except DataError as exc:
             fail(row, str(exc), on_error)
         rows.append(row)
-    return metadata_dataset(rows, src, data_cfg)
+    return rows
+
+
+def read_reports(src: SourceConfig, data_cfg: DataConfig, *, skip: Optional[Callable[[str], bool]] = None):
+    """Ray Dataset of a reports file; rows whose id ``skip`` is true for are left out before any image is read."""
+    return metadata_dataset(report_rows(src, data_cfg), src, data_cfg, skip=skip)

@@ -13,10 +13,10 @@ import pyarrow as pa
 
 SAMPLE_SCHEMA = pa.schema(
     [
-        pa.field("id", pa.string(), nullable=False),  # stable: hash of dataset + split + source index
+        pa.field("id", pa.string(), nullable=False),  # stable under inserts: see sample_id / keyed_id
         pa.field("dataset", pa.string(), nullable=False),  # source name (breastmnist, slake, ...)
         pa.field("split", pa.string()),  # train / val / test
-        pa.field("source_index", pa.int64()),  # row number inside the source file, for error messages
+        pa.field("source_index", pa.int64()),  # row number inside the source file, for error messages (not the id)
         pa.field("source_file", pa.string()),  # the file the row (or its image) came from
         pa.field("modality", pa.string()),  # "breast ultrasound", "chest X-ray", "CT", ...
         pa.field("task", pa.string()),  # diagnosis | vqa | report
@@ -36,8 +36,15 @@ COLUMNS: List[str] = SAMPLE_SCHEMA.names
 
 
 def sample_id(dataset: str, split: str, index: int) -> str:
-    """Stable id of a source row: the same input always gets the same id, on every machine and re-run."""
+    """Id of row ``index`` of a fixed array release (MedMNIST's npz): there the position is the official index,
+    so it never shifts. Not for folders or tables, which grow: one inserted file would shift every later id."""
     return hashlib.sha1(f"{dataset}\x1f{split}\x1f{index}".encode()).hexdigest()[:20]
+
+
+def keyed_id(dataset: str, split: str, key: str) -> str:
+    """Readable id of a row named by a key of its own (a file's relative path, an id column, an image path plus a
+    hash of the row): ``dataset/split/key``, the same however many files or rows are inserted before it."""
+    return f"{dataset}/{split}/{key}"
 
 
 def make_row(**values: Any) -> Dict[str, Optional[Any]]:

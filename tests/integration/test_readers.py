@@ -24,7 +24,6 @@ from meddr_ray.data import (
     split_errors,
     unwrap_data_error,
 )
-from meddr_ray.data import medmnist as mm
 
 pytestmark = pytest.mark.integration
 
@@ -101,7 +100,6 @@ def csv_source(tmp_path, text: str, **kw) -> SourceConfig:
 
 
 def test_breastmnist_all_splits(ray_cluster, shared_data):
-    mm._array.cache_clear()
     src = npz_source(shared_data / "medmnist/breastmnist.npz", splits=["train", "val", "test"])
     ds = read_source(src, DataConfig(rows_per_block=200))
     rows = ds.take_all()
@@ -114,8 +112,6 @@ def test_breastmnist_all_splits(ray_cluster, shared_data):
     assert (first["modality"], first["task"], first["error"]) == ("breast ultrasound", "diagnosis", None)
     assert len({r["id"] for r in rows}) == len(rows)
     assert decoded(first["image"]).size == (28, 28)
-    # Streaming: image arrays were only ever opened inside Ray tasks, never on the driver.
-    assert mm._array.cache_info().currsize == 0
 
 
 def test_pneumoniamnist_n1_labels(ray_cluster, shared_data):
@@ -328,6 +324,34 @@ def test_dicom_labels_csv(ray_cluster, tmp_path):
     rows = read(src)
     assert [(r["label"], r["modality"]) for r in rows] == [("nodule", "CT"), ("normal", "CT")]
     assert all(decoded(r["image"]).format == "PNG" for r in rows)
+
+
+def test_dicom_folder_ids_survive_a_file_inserted_between_reads(ray_cluster, tmp_path):
+    root = tmp_path / "study"
+    root.mkdir()
+    for name in ("a.dcm", "c.dcm"):
+        (root / name).write_bytes(dicom_bytes(RAMP))
+    src = SourceConfig(name="scans", format="dicom", path=str(root))
+    before = {r["source_file"]: r["id"] for r in read(src)}
+    (root / "b.dcm").write_bytes(dicom_bytes(RAMP))  # sorts between the two
+    after = {r["source_file"]: r["id"] for r in read(src)}
+    assert {f: after[f] for f in before} == before and len(set(after.values())) == 3
+    assert after[str(root / "b.dcm")] == "scans/train/b.dcm"
+
+
+def test_skipped_ids_are_left_out_before_their_images_are_read(ray_cluster, tmp_path):
+    (tmp_path / "a.png").write_bytes(png_bytes(np.zeros((8, 8), np.uint8)))
+    (tmp_path / "gone.png").write_bytes(b"damaged after the first run")
+    src = csv_source(tmp_path, "image,label\na.png,x\ngone.png,y\n")
+    gone = [r["id"] for r in read(src, on_error="skip") if r["error"]]
+    rows = read_source(src, DataConfig(on_error="raise"), skip=set(gone).__contains__).take_all()
+    assert [r["source_index"] for r in rows] == [0]  # the damaged image was never opened: no error raised
+
+    npz = npz_source(tmp_path / "m.npz", limit=7)
+    np.savez_compressed(tmp_path / "m.npz", train_images=np.zeros((9, 4, 4), np.uint8), train_labels=np.zeros((9, 1)))
+    done = {sample_id("breastmnist", "train", i) for i in (0, 1, 4)}
+    rows = read_source(npz, DataConfig(rows_per_block=2), skip=done.__contains__).take_all()
+    assert sorted(r["source_index"] for r in rows) == [2, 3, 5, 6]
 
 
 def test_empty_sources_keep_the_schema(ray_cluster, tmp_path, shared_data):
