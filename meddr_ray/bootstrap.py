@@ -7,8 +7,10 @@ section 3.1 prompt (its modality and diagnosis, every label of a multi-label sam
 Exactly once, resumable. Each actor call writes its own Parquet file, atomically (temporary name, then a
 rename), named by a hash of the ids in it: a killed driver or actor leaves only complete files, and a batch
 that Ray retries rewrites the same file instead of adding a second one. A re-run first reads the ``id``
-column of the files already there and the actors skip those ids, so in the end every input id is written
-exactly once. Ids that failed before (in ``failed/``) are skipped too; delete ``failed/`` to retry them.
+column of the files already there, and the readers leave those ids out on the driver, before any image is read
+(:class:`FinishedIds`), so in the end every input id is written exactly once and a resume costs nothing for the
+rows already done. Ids that failed before (in ``failed/``) are skipped too; delete ``failed/`` to retry them.
+Row ids survive files inserted into a source between runs (see :mod:`meddr_ray.data.schema`).
 
 Layout of ``<stage_dir>`` (default ``<run_dir>/bootstrap``):
 - ``part-<hash>.parquet``: reports (:data:`REPORT_SCHEMA`);
@@ -43,7 +45,7 @@ DEFAULT_MODALITY = "medical"  # a source with no modality: "a medical image"
 
 REPORT_SCHEMA = pa.schema(
     [
-        pa.field("id", pa.string(), nullable=False),  # the sample's stable id (dataset + split + index)
+        pa.field("id", pa.string(), nullable=False),  # the sample's id, stable under inserts (data.schema)
         pa.field("dataset", pa.string()),
         pa.field("split", pa.string()),
         pa.field("source_index", pa.int64()),
@@ -76,10 +78,8 @@ FAILED_SCHEMA = pa.schema(
     ]
 )
 
-# One row per actor call: what it did. The driver sums these; images never come back to it.
-_STAT_KEYS = ("rows_in", "written", "skipped", "skipped_failed", "failed", "tokens") + tuple(
-    f"quality_{q}" for q in QUALITIES
-)
+# One row per actor call: what it did. The driver sums these (a missing key counts 0); images never come back.
+_STAT_KEYS = ("rows_in", "written", "failed", "tokens") + tuple(f"quality_{q}" for q in QUALITIES)
 
 
 # --------------------------------------------------------------------------------------------- pure helpers
@@ -253,12 +253,33 @@ def trim_continuation(text: str) -> str:
 # ------------------------------------------------------------------------------------------- the actor
 
 
+class FinishedIds:
+    """The ids a resumed run leaves out: reported before, or set aside in ``failed/`` before. Called by the
+    readers on the driver for every row (``read_source(..., skip=finished)``) before any image is read, and
+    counts what it left out; the actors never see those rows."""
+
+    def __init__(self, done: Iterable[str], failed_before: Iterable[str]):
+        self.done: Set[str] = set(done)
+        self.failed_before: Set[str] = set(failed_before) - self.done
+        self.skipped = 0
+        self.skipped_failed = 0
+
+    def __call__(self, row_id: str) -> bool:
+        if row_id in self.done:
+            self.skipped += 1
+            return True
+        if row_id in self.failed_before:
+            self.skipped_failed += 1
+            return True
+        return False
+
+
 class TeacherWriter:
     """Ray Data callable class: one teacher model per actor, loaded in ``__init__`` and kept for its life.
 
-    Each call takes a batch of samples, skips ids already done, sets aside bad rows, generates the reports
-    of the rest in one batched ``generate``, writes both kinds of rows to their own files and returns one
-    row of counts.
+    Each call takes a batch of samples still to do, sets aside bad rows (``on_error: skip``) or stops on the
+    first one (``raise``), generates the reports of the rest in one batched ``generate``, writes both kinds of
+    rows to their own files and returns one row of counts.
     """
 
     def __init__(
@@ -267,22 +288,19 @@ class TeacherWriter:
         teacher: ModelConfig,
         generation: GenerationConfig,
         out_dir: str,
-        done_ref: List[Any],
         prompt_version: str,
         impression_prefix: Optional[str],
         impression_max_new_tokens: int,
         seed: int,
         max_image_bytes: int,
         max_image_pixels: int,
+        on_error: str,
     ):
-        import ray
         from ray.util.metrics import Counter
 
         from meddr_ray.model import load_model
 
-        done, failed = ray.get(done_ref[0])  # wrapped in a list so Ray hands the ref over unresolved
-        self.done: Set[str] = set(done.to_pylist())
-        self.failed_before: Set[str] = set(failed.to_pylist())
+        self.on_error = on_error
         self.model = load_model(teacher)
         self.teacher = teacher
         self.gen = generation
@@ -316,17 +334,15 @@ class TeacherWriter:
             return None, str(exc)
 
     def __call__(self, batch: pa.Table) -> Dict[str, List[Any]]:
+        from meddr_ray.data import DataError
+
         stats = dict.fromkeys(_STAT_KEYS, 0)
         todo, images, bad = [], [], []
         for row in batch.to_pylist():
             stats["rows_in"] += 1
-            if row["id"] in self.done:
-                stats["skipped"] += 1
-                continue
-            if row["id"] in self.failed_before:
-                stats["skipped_failed"] += 1
-                continue
             image, error = self._decode(row)
+            if error is not None and self.on_error == "raise":
+                raise DataError(error)  # data.on_error=raise: the job stops, naming the file and row
             if error is not None:
                 bad.append(failed_row(row, error))
             else:
@@ -371,7 +387,7 @@ def _check_sources(cfg: Config) -> None:
     seen: Dict[Tuple[str, str], int] = {}
     for i, src in enumerate(cfg.bootstrap.sources):
         for split in src.splits:
-            # ids are hash(name, split, index): two sources with the same name and split would share ids
+            # ids start with name/split (data.schema): two sources with the same name and split could share ids
             if (src.name, split) in seen:
                 raise ConfigError(
                     f"key 'bootstrap.sources[{i}]': source {src.name!r} split {split!r} is already "
@@ -402,6 +418,40 @@ def format_summary(s: Dict[str, Any]) -> str:
     )
 
 
+def _samples_to_do(cfg: Config, finished: FinishedIds):
+    """Every ``bootstrap.sources`` row not in ``finished``, as one Dataset; the readers leave finished rows out on
+    the driver, so their images are never read, checked or re-encoded."""
+    from meddr_ray.data import read_source
+
+    # One block per teacher batch: the pool hands whole blocks to its actors, so blocks of the readers' default
+    # size (256 rows) would keep a second actor idle and make a retry after a lost actor redo 256 reports.
+    batch = cfg.bootstrap.pool.batch_size
+    read_cfg = dataclasses.replace(cfg.data, rows_per_block=max(1, min(cfg.data.rows_per_block, batch)))
+    datasets = [read_source(src, read_cfg, skip=finished) for src in cfg.bootstrap.sources]
+    return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
+
+
+def _teacher_stats(cfg: Config, ds, out_dir: str):
+    """The teacher over ``ds`` (samples still to do): a Dataset of count rows (:data:`_STAT_KEYS`), one per batch."""
+    from meddr_ray.runtime import map_with_actor_pool
+
+    return map_with_actor_pool(
+        ds,
+        TeacherWriter,
+        cfg.bootstrap.pool,
+        teacher=cfg.teacher,
+        generation=cfg.bootstrap.generation,
+        out_dir=out_dir,
+        prompt_version=cfg.bootstrap.prompt_version,
+        impression_prefix=cfg.bootstrap.impression_prefix,
+        impression_max_new_tokens=cfg.bootstrap.impression_max_new_tokens,
+        seed=cfg.seed,
+        max_image_bytes=cfg.data.max_image_bytes,
+        max_image_pixels=cfg.data.max_image_pixels,
+        on_error=cfg.data.on_error,
+    )
+
+
 def run_bootstrap(cfg: Config) -> str:
     """Bootstrap reports for every sample of ``cfg.bootstrap.sources``; returns the output folder."""
     from meddr_ray.model import ensure_model
@@ -423,49 +473,32 @@ def run_bootstrap(cfg: Config) -> str:
     done = existing.column("id")
     save_config(cfg, out_dir)
 
-    from meddr_ray.runtime import init_ray, map_with_actor_pool
+    from meddr_ray.runtime import init_ray
 
-    ray = init_ray(cfg)
-    pool = cfg.bootstrap.pool
-    from meddr_ray.data import read_source
-
-    # One block per teacher batch: the pool hands whole blocks to its actors, so blocks of the readers' default
-    # size (256 rows) would keep a second actor idle and make a retry after a lost actor redo 256 reports.
-    read_cfg = dataclasses.replace(cfg.data, rows_per_block=max(1, min(cfg.data.rows_per_block, pool.batch_size)))
-    datasets = [read_source(src, read_cfg) for src in cfg.bootstrap.sources]
-    ds = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
-    done_ref = ray.put((done.combine_chunks(), failed_before.combine_chunks()))
-    stats_ds = map_with_actor_pool(
-        ds,
-        TeacherWriter,
-        pool,
-        teacher=cfg.teacher,
-        generation=cfg.bootstrap.generation,
-        out_dir=out_dir,
-        done_ref=[done_ref],
-        prompt_version=cfg.bootstrap.prompt_version,
-        impression_prefix=cfg.bootstrap.impression_prefix,
-        impression_max_new_tokens=cfg.bootstrap.impression_max_new_tokens,
-        seed=cfg.seed,
-        max_image_bytes=cfg.data.max_image_bytes,
-        max_image_pixels=cfg.data.max_image_pixels,
-    )
+    init_ray(cfg)
+    finished = FinishedIds(done.to_pylist(), failed_before.to_pylist())
+    ds = _samples_to_do(cfg, finished)
+    stats_ds = _teacher_stats(cfg, ds, out_dir)
 
     started = time.perf_counter()
     totals: Dict[str, float] = dict.fromkeys(_STAT_KEYS + ("generate_seconds",), 0)
     for batch in stats_ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for key in totals:
-            totals[key] += sum(batch.column(key).to_pylist())
+            if key in batch.column_names:
+                totals[key] += sum(batch.column(key).to_pylist())
     seconds = time.perf_counter() - started
 
     summary: Dict[str, Any] = {k: int(v) for k, v in totals.items() if k != "generate_seconds"}
+    pool = cfg.bootstrap.pool
+    summary["skipped"], summary["skipped_failed"] = finished.skipped, finished.skipped_failed
+    summary["rows_in"] += finished.skipped + finished.skipped_failed  # every source row, done before or not
     summary["quality"] = {q: summary.pop(f"quality_{q}") for q in QUALITIES}
     summary["quality_flagged"] = sum(summary["quality"][q] for q in FLAGGED)
     summary["seconds"] = round(seconds, 3)
     summary["generate_seconds"] = round(float(totals["generate_seconds"]), 3)
     summary["tokens_per_s"] = summary["tokens"] / seconds if seconds > 0 else 0.0
     summary["total_reports"] = len(done) + summary["written"]
-    summary["total_failed"] = len(failed_before) + summary["failed"]
+    summary["total_failed"] = len(finished.failed_before) + summary["failed"]
     summary.update(
         output_dir=out_dir,
         teacher=cfg.teacher.name,

@@ -1,4 +1,5 @@
-"""Kill the bootstrap driver with SIGKILL midway, run it again: every input id is written exactly once.
+"""Kill the bootstrap driver with SIGKILL midway, run it again: every input id is written exactly once. And a
+file inserted into a source between two runs: the second run writes that file's report and nothing else.
 
 The job runs as `python -m meddr_ray.cli bootstrap` in its own session (``start_new_session``), so the driver
 and the local Ray cluster its ``ray.init`` starts (GCS, raylet, workers, dashboard) form one process group
@@ -16,10 +17,13 @@ import time
 from pathlib import Path
 from typing import Dict, Set
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from PIL import Image
 
-from meddr_ray.bootstrap import SUMMARY_FILE, part_files
+from meddr_ray.bootstrap import SUMMARY_FILE, part_files, run_bootstrap
+from meddr_ray.config import SourceConfig, load_config
 from meddr_ray.data import sample_id
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -135,3 +139,33 @@ def test_sigkill_midway_then_resume_writes_every_id_exactly_once(tmp_path):
     assert summary["skipped"] == len(partial)
     assert summary["written"] == LIMIT - len(partial)
     assert "bootstrap: rows in 256" in (tmp_path / "run2.log").read_text()
+
+
+def _write_png(path: Path, seed: int) -> None:
+    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (20, 20), dtype=np.uint8)).save(path, "PNG")
+
+
+def test_a_file_inserted_between_runs_regenerates_nothing_already_done(ray_cluster, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i, name in enumerate(("case_a.png", "case_c.png", "case_d.png")):
+        _write_png(data / name, i)
+    csv = data / "labels.csv"
+    csv.write_text("image,label\ncase_a.png,benign\ncase_c.png,malignant\ncase_d.png,benign\n")
+    cfg = load_config("tiny", [f"run_dir={tmp_path / 'run'}", "bootstrap.generation.max_new_tokens=8",
+                               "bootstrap.pool.batch_size=2"])  # fmt: skip
+    cfg.bootstrap.sources = [SourceConfig(name="folder", format="image_folder", path=str(csv), modality="ultrasound")]
+    out = Path(run_bootstrap(cfg))
+    first = {f: pq.read_table(f, columns=["id"]).column("id").to_pylist() for f in part_files(str(out))}
+
+    _write_png(data / "case_b.png", 9)  # a new file, listed between the first two
+    csv.write_text("image,label\ncase_a.png,benign\ncase_b.png,benign\ncase_c.png,malignant\ncase_d.png,benign\n")
+    run_bootstrap(cfg)
+
+    summary = json.loads((out / SUMMARY_FILE).read_text())
+    assert (summary["rows_in"], summary["skipped"], summary["written"]) == (4, 3, 1)
+    ids = _ids(out)
+    assert len(ids) == len(set(ids)) == 4, "a report was written twice"
+    assert sorted(i.split("#")[0] for i in ids) == [f"folder/train/case_{c}.png" for c in "abcd"]
+    for f, before in first.items():  # the first run's files are untouched
+        assert pq.read_table(f, columns=["id"]).column("id").to_pylist() == before

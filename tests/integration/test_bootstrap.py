@@ -19,7 +19,7 @@ from PIL import Image
 
 from meddr_ray.bootstrap import FAILED_DIR, SUMMARY_FILE, TeacherWriter, part_files, run_bootstrap
 from meddr_ray.config import SourceConfig, load_config
-from meddr_ray.data import sample_id
+from meddr_ray.data import DataError, sample_id, unwrap_data_error
 from meddr_ray.model import ModelNotFoundError
 
 pytestmark = pytest.mark.integration
@@ -110,6 +110,50 @@ def test_bad_images_are_written_to_failed_and_the_job_goes_on(ray_cluster, tmp_p
     summary = json.loads(Path(out, SUMMARY_FILE).read_text())
     assert (summary["written"], summary["skipped"], summary["skipped_failed"], summary["failed"]) == (0, 2, 2, 0)
     assert len(pq.read_table(part_files(os.path.join(out, FAILED_DIR)))) == 2
+
+
+def _folder_source(data: Path, names) -> SourceConfig:
+    (data / "labels.csv").write_text("image,label\n" + "".join(f"{n},benign\n" for n in names))
+    return SourceConfig(name="folder", format="image_folder", path=str(data / "labels.csv"), modality="ultrasound")
+
+
+def test_a_resume_never_reads_the_images_of_finished_rows(ray_cluster, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(3):
+        (data / f"done{i}.png").write_bytes(_png(i))
+    cfg = _cfg(tmp_path / "run", "bootstrap.pool.batch_size=2")  # on_error: raise
+    cfg.bootstrap.sources = [_folder_source(data, [f"done{i}.png" for i in range(3)])]
+    out = run_bootstrap(cfg)
+
+    for i in range(3):  # damaged after they were done: a resume that read them would stop on the first
+        (data / f"done{i}.png").write_bytes(b"no longer an image")
+    (data / "new.png").write_bytes(_png(7))
+    cfg.bootstrap.sources = [_folder_source(data, ["new.png"] + [f"done{i}.png" for i in range(3)])]
+    run_bootstrap(cfg)
+    summary = json.loads(Path(out, SUMMARY_FILE).read_text())
+    assert (summary["rows_in"], summary["skipped"], summary["written"], summary["failed"]) == (4, 3, 1, 0)
+    assert len(_ids(out)) == 4 and not part_files(os.path.join(out, FAILED_DIR))
+
+
+def test_on_error_raise_stops_at_a_row_the_teacher_cannot_use(ray_cluster, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.png").write_bytes(_png(1))
+    cfg = _cfg(tmp_path / "run")  # on_error: raise
+    src = _folder_source(data, ["a.png", "missing.png"])
+    src.require_images = False  # the reader lets the row through with no image; the teacher cannot use it
+    cfg.bootstrap.sources = [src]
+    with pytest.raises(Exception) as info:
+        run_bootstrap(cfg)
+    err = unwrap_data_error(info.value)
+    assert isinstance(err, DataError), info.value
+    assert str(err) == f"{data / 'labels.csv'} row 1: no image"
+    assert not part_files(str(tmp_path / "run" / "bootstrap" / FAILED_DIR))  # raised, not set aside
+
+    cfg.data.on_error = "skip"  # the same row with skip: set aside and counted
+    out = run_bootstrap(cfg)
+    assert len(part_files(os.path.join(out, FAILED_DIR))) == 1
 
 
 def test_an_image_that_does_not_decode_in_the_actor_is_a_failed_row():
