@@ -209,12 +209,14 @@ def _input_dataset(cfg: Config) -> Tuple[Any, List[Dict[str, Any]]]:
 
 
 class Encoder:
-    """Ray Data actor: loads the student once, embeds a batch of images, returns values + embedding rows."""
+    """Ray Data actor: loads the student's vision tower once (not the whole model: the key needs only the tower,
+    :func:`meddr_ray.model.vision_encoder.load_vision_encoder`), embeds a batch of images, returns values +
+    embedding rows."""
 
     def __init__(self, model_cfg: ModelConfig, adapter_dir: Optional[str], data_cfg: DataConfig):
-        from meddr_ray.model import load_model
+        from meddr_ray.model.vision_encoder import load_vision_encoder
 
-        self.model = load_model(model_cfg, adapter_dir=adapter_dir)
+        self.model = load_vision_encoder(model_cfg, adapter_dir=adapter_dir)
         self.fingerprint = self.model.encoder_fingerprint()
         self.dim = self.model.embed_dim
         self.data_cfg = data_cfg

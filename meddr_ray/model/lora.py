@@ -8,8 +8,9 @@ from typing import Tuple
 from meddr_ray.config import LoraConfig
 
 
-# Module names of the vision tower and the vision-language projector in LLaVA / InternVL / Qwen2-VL-style models.
-_VISION_TOWERS = ("vision_tower", "vision_model", "visual")
+# Module names of the vision tower and the vision-language projector in LLaVA / InternVL / Qwen2-VL-style models
+# (native InternVL: model.vision_tower and model.multi_modal_projector; remote-code InternVL-Chat: vision_model, mlp1).
+VISION_TOWER_NAMES = ("vision_tower", "vision_model", "visual")
 _PROJECTORS = ("multi_modal_projector", "mlp1")
 
 
@@ -25,7 +26,7 @@ def apply_lora(model, cfg: LoraConfig):
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     modules_to_save = []
     if cfg.train_vision_tower:
-        modules_to_save += [n for n in _VISION_TOWERS if n in names]
+        modules_to_save += [n for n in VISION_TOWER_NAMES if n in names]
     if cfg.train_projector:
         modules_to_save += [n for n in _PROJECTORS if n in names]
     modules_to_save += [n for n in cfg.modules_to_save if n not in modules_to_save]
@@ -38,7 +39,20 @@ def apply_lora(model, cfg: LoraConfig):
         modules_to_save=modules_to_save or None,
     )
     peft_model = get_peft_model(model, peft_cfg)
+    _check_tower_has_no_lora(peft_model)
     return peft_model
+
+
+def _check_tower_has_no_lora(peft_model) -> None:
+    """The vision tower gets no LoRA factors (the index encoder relies on it: a frozen tower's keys do not depend
+    on the adapter). Only ``train_vision_tower`` changes the tower, through ``modules_to_save``."""
+    adapted = [
+        name
+        for name, module in peft_model.named_modules()
+        if hasattr(module, "lora_A") and any(part in VISION_TOWER_NAMES for part in name.split("."))
+    ]
+    if adapted:
+        raise ValueError(f"LoRA targets reached the vision tower ({adapted[0]}, ...): only the language model is adapted")
 
 
 def trainable_parameters(model) -> Tuple[int, int, float]:
