@@ -9,7 +9,7 @@ Fields per record (the first one present wins):
 - ``q_lang``: rows of another language than ``src.language`` are left out (SLAKE is English + Chinese);
 - ``split``: filtered by ``src.splits``; without it every row is in the first configured split.
 ``.jsonl`` files (one record per line) are read as well.
-Row ids: the ``id_column`` value (set ``id_column: qid`` for SLAKE / VQA-RAD), else the image path and a hash of
+Row ids: the ``id_column`` value (set ``id_column: qid`` for SLAKE), else the image path and a hash of
 the fields above, so questions added to the file leave every other id as it was.
 """
 
