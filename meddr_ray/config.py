@@ -80,7 +80,7 @@ class SourceConfig:
     """CSV/JSON image paths must stay inside ``image_root``: an absolute path, one that leaves it with ``..`` or a
     URI (``s3://...``) is a bad row. True accepts them as they are (a table you trust that names files elsewhere)."""
     id_column: Optional[str] = "id"
-    """CSV/JSON column holding a unique id per row (SLAKE/VQA-RAD: ``qid``); the row id is then
+    """CSV/JSON column holding a unique id per row (SLAKE: ``qid``); the row id is then
     ``<name>/<split>/<value>``. Rows without it get ``<name>/<split>/<image path>#<hash of the row's fields>``. Either
     way an id survives rows inserted before it, so a resume or ``index --add`` regenerates nothing."""
     language: Optional[str] = "en"
