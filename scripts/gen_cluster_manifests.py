@@ -196,6 +196,7 @@ class Metric:
     meaning: str  # what it says, for the panel's description (and docs/operations.md)
     unit: str  # Grafana unit of the panel
     by: str = ""  # labels to split the series by
+    gauge_agg: str = "sum"  # how a gauge's series are combined per `by` group (max: a value, not a count)
 
 
 # One list: every metric the project's code defines, then the Ray Serve metrics the dashboard shows beside them.
@@ -229,7 +230,7 @@ METRICS: Tuple[Metric, ...] = (
            "Tokens the student generated for API requests, by task.", "ops", "task"),
     Metric("meddr_serve_index_version", "gauge", "Serve", "Index version served",
            "The index version each retriever replica searches (v0003 -> 3): all equal once a rollout is done.",
-           "none", "replica"),
+           "none", "replica", gauge_agg="max"),
     Metric("serve_deployment_request_counter", "counter", "Ray Serve", "Replica requests / s",
            "Requests each deployment's replicas processed (Ray Serve's own metric).", "reqps", "deployment"),
     Metric("serve_deployment_processing_latency_ms", "histogram", "Ray Serve", "Replica processing latency",
@@ -258,7 +259,7 @@ def _targets(m: Metric) -> List[Dict[str, Any]]:
     if m.kind == "counter":
         return [{"refId": "A", "expr": f"sum(rate({series}[$__rate_interval])){by}", "legendFormat": legend}]
     if m.kind == "gauge":
-        return [{"refId": "A", "expr": f"max({series}){by}", "legendFormat": legend}]
+        return [{"refId": "A", "expr": f"{m.gauge_agg}({series}){by}", "legendFormat": legend}]
     labels = f"le, {m.by}" if m.by else "le"
     return [
         {"refId": ref, "legendFormat": f"p{q} {legend}",
