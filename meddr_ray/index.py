@@ -183,14 +183,15 @@ def _read_sources(sources: Sequence[SourceConfig], data_cfg: DataConfig):
 
 
 def _instruct_parquet_files(folder: str) -> List[str]:
-    """The instruction Parquet files of the run (``failed/`` and other sub-folders are not cases)."""
-    files = storage.list_files(folder, ".parquet")
-    if not files:
+    """The instruction Parquet files of the mix published at ``folder`` (:func:`meddr_ray.instruct.published_mix`)."""
+    from meddr_ray.instruct import MixNotFoundError, published_mix_files
+
+    try:
+        return published_mix_files(folder)
+    except MixNotFoundError as exc:
         raise FileNotFoundError(
-            f"no instruction data at {folder}: run `meddr-ray instruct` first, or list the training images "
-            f"under index.sources"
-        )
-    return files
+            f"{exc}: run `meddr-ray instruct` first, or list the training images under index.sources"
+        ) from None
 
 
 def _input_dataset(cfg: Config) -> Tuple[Any, List[Dict[str, Any]]]:
@@ -199,10 +200,13 @@ def _input_dataset(cfg: Config) -> Tuple[Any, List[Dict[str, Any]]]:
 
     if cfg.index.sources:
         return _read_sources(cfg.index.sources, cfg.data), [asdict(s) for s in cfg.index.sources]
+    from meddr_ray.instruct import current_version
+
     folder = cfg.stage_dir("instruct")
     files = _instruct_parquet_files(folder)
     ds = ray.data.read_parquet(files).map_batches(_instruct_rows, batch_format="pyarrow")
-    return ds, [{"name": "instruct", "format": "parquet", "path": folder, "splits": ["train"]}]
+    return ds, [{"name": "instruct", "format": "parquet", "path": folder, "splits": ["train"],
+                 "version": current_version(folder)}]  # fmt: skip  (version: the mix it was built from)
 
 
 # ---------------------------------------------------------------------------------------------- encoder

@@ -27,14 +27,16 @@ import logging
 import math
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
 from meddr_ray import prompts, storage
-from meddr_ray.config import Config, ConfigError, join_path, save_config
+from meddr_ray.config import Config, ConfigError, is_uri, join_path, save_config
 from meddr_ray.data import NO_FINDING, medmnist_info
 from meddr_ray.reports import split_report
 
@@ -234,22 +236,31 @@ def _bad(ds):
     return ds.filter(expr=col("error").is_not_null())
 
 
-def _apply_cap(ds, cap: Optional[int], name: str) -> Tuple[Any, int]:
-    """Keep at most ``cap`` good rows (those of lowest rank) and every set-aside row; returns (ds, dropped)."""
+def cap_threshold(ds, cap: Optional[int], name: str) -> Tuple[Optional[float], int]:
+    """The rank at or below which ``cap`` good rows of ``ds`` lie, and how many rows the cap drops (None, 0: no
+    cap, or fewer rows than the cap). Streams the good rows' ``rank`` column alone (the render step fuses with
+    the projection, so no image leaves it); the driver keeps the ``cap`` lowest ranks seen so far, never the rows."""
     if cap is None:
-        return ds, 0
-    ranks = np.concatenate(
-        [b["rank"] for b in _good(ds).select_columns(["rank"]).iter_batches(batch_size=None, batch_format="numpy")]
-        or [np.zeros(0)]
-    )
-    if len(ranks) <= cap:
-        return ds, 0
-    threshold = float(np.partition(ranks, cap - 1)[cap - 1]) if cap > 0 else -1.0
+        return None, 0
+    lowest, total = np.zeros(0), 0
+    for batch in _good(ds).select_columns(["rank"]).iter_batches(batch_size=65536, batch_format="numpy"):
+        total += len(batch["rank"])
+        lowest = np.concatenate([lowest, batch["rank"]])
+        if len(lowest) > cap:
+            lowest = np.partition(lowest, cap - 1)[:cap] if cap > 0 else np.zeros(0)
+    if total <= cap:
+        return None, 0
+    log.info("instruct: source %s capped at %d of %d rows", name, cap, total)
+    return (float(lowest.max()) if cap > 0 else -1.0), total - cap
+
+
+def _within_cap(ds, threshold: Optional[float]):
+    """Every set-aside row, and the good rows at or below the cap's rank."""
+    if threshold is None:
+        return ds
     from ray.data.expressions import col
 
-    log.info("instruct: source %s capped at %d of %d rows", name, cap, len(ranks))
-    kept = ds.filter(expr=col("error").is_not_null() | (col("rank") <= threshold))
-    return kept.materialize(), len(ranks) - cap
+    return ds.filter(expr=col("error").is_not_null() | (col("rank") <= threshold))
 
 
 def _bootstrap_dataset(cfg: Config):
@@ -265,21 +276,6 @@ def _bootstrap_dataset(cfg: Config):
         )
     columns = ["id", "dataset", "split", "source_index", "modality", "label", "image", "report", "quality"]
     return ray.data.read_parquet(files, columns=columns)
-
-
-def _small_columns(ds, columns: List[str]) -> pa.Table:
-    """A few short text columns of every row, on the driver (never the images), for the counts."""
-    import ray
-
-    tables = ray.get(ds.select_columns(columns).to_arrow_refs())
-    return pa.concat_tables(tables) if tables else pa.table({c: pa.array([], pa.string()) for c in columns})
-
-
-def _counts(table: pa.Table, keys: List[str]) -> List[Dict[str, Any]]:
-    if table.num_rows == 0:
-        return []
-    grouped = table.group_by(keys).aggregate([([], "count_all")]).rename_columns(keys + ["count()"])
-    return sorted(grouped.to_pylist(), key=lambda r: [str(r[k]) for k in keys])
 
 
 def summary_table(by_group: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -302,49 +298,247 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _remove_leftovers(out_dir: str) -> None:
-    """Folders a killed earlier run left next to the output (``<out>.tmp-*``, ``<out>.old-*``)."""
-    import pyarrow.fs as pafs
 
-    fs, p = storage.resolve(out_dir)
-    parent, name = p.rstrip("/").rsplit("/", 1)
-    if fs.get_file_info(parent).type != pafs.FileType.Directory:
+# ------------------------------------------------------------------------------------------------ writing
+
+
+def mix_sink(version_dir: str):
+    """A Ray Data sink of rendered rows into ``version_dir``: each write task streams its blocks into one Parquet
+    file of instructions (:data:`MIX_SCHEMA`) and, if it has set-aside rows, one under ``failed/``, and returns
+    its files and its counts per group (``sink.results`` once written): the driver sums counts, never reads rows.
+    File names are ``part-<write id>-<task index>``: a retried task rewrites its own file, never adds one."""
+    from ray.data import Datasink
+
+    class _MixSink(Datasink):
+        def __init__(self):
+            self.version_dir = version_dir
+            self.write_id = uuid.uuid4().hex[:8]
+            self.results: List[Dict[str, Any]] = []
+
+        def write(self, blocks, ctx) -> Dict[str, Any]:
+            return _write_blocks(blocks, self.version_dir, f"part-{self.write_id}-{ctx.task_idx:06d}.parquet")
+
+        def on_write_complete(self, write_result) -> None:
+            self.results = [r for r in write_result.write_returns if r]
+
+        def get_name(self) -> str:
+            return "InstructionMix"
+
+    return _MixSink()
+
+
+def _write_blocks(blocks, version_dir: str, name: str) -> Dict[str, Any]:
+    """One write task: good rows -> ``<version>/<name>``, set-aside rows -> ``<version>/failed/<name>``, block by
+    block (memory bounded by a block); returns the files written and the counts by group."""
+    import pyarrow.parquet as pq
+    from ray.data.block import BlockAccessor
+
+    fs, root = storage.resolve(version_dir)
+    writers: Dict[str, Any] = {}
+    rows = {"mix": 0, "failed": 0}
+    good_counts: Dict[Tuple[str, str, str], int] = {}
+    bad_counts: Dict[Tuple[str, str], int] = {}
+    try:
+        for block in blocks:
+            table = BlockAccessor.for_block(block).to_arrow()
+            is_bad = table.column("error").is_valid()
+            for kind, part, columns, schema in (
+                ("mix", table.filter(pc.invert(is_bad)), MIX_SCHEMA.names, MIX_SCHEMA),
+                ("failed", table.filter(is_bad), FAILED_COLUMNS, None),
+            ):
+                if part.num_rows == 0:
+                    continue
+                part = part.select(columns)
+                part = part.cast(schema) if schema is not None else part
+                if kind not in writers:
+                    path = f"{root}/{name}" if kind == "mix" else f"{root}/{FAILED_DIR}/{name}"
+                    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+                    writers[kind] = (path, pq.ParquetWriter(fs.open_output_stream(path), part.schema))
+                writers[kind][1].write_table(part)
+                rows[kind] += part.num_rows
+                keys = ["task", "dataset", "split"] if kind == "mix" else ["task", "dataset"]
+                counts = good_counts if kind == "mix" else bad_counts
+                for r in part.select(keys).group_by(keys).aggregate([([], "count_all")]).to_pylist():
+                    key = tuple(r[k] for k in keys)
+                    counts[key] = counts.get(key, 0) + r["count_all"]
+    finally:
+        for _, writer in writers.values():
+            writer.close()
+    files = {}
+    for kind, (path, _) in writers.items():
+        files[kind] = {"file": path[len(root) + 1:], "rows": rows[kind], "bytes": fs.get_file_info(path).size}
+    return {"files": files, "counts": [[*k, n] for k, n in good_counts.items()],
+            "set_aside": [[*k, n] for k, n in bad_counts.items()]}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------- publishing
+#
+# <stage_dir>/CURRENT names the published version (<stage_dir>/mix-<time>-<random>/: part-*.parquet, failed/,
+# summary.json, config.yaml, manifest.json). A build writes a new version folder and switches CURRENT last (a
+# local temporary file renamed over it; on an object store one PUT, which is atomic there): no folder is ever
+# renamed, and a crash at any step leaves CURRENT naming a whole version. A version no CURRENT names is a
+# leftover of a killed build and the only thing ever deleted.
+
+CURRENT_FILE = "CURRENT"
+MANIFEST_FILE = "manifest.json"
+VERSION_PREFIX = "mix-"
+_OLD_LAYOUT = (SUMMARY_FILE, "config.yaml", FAILED_DIR)  # what earlier versions wrote next to the Parquet files
+
+
+class MixNotFoundError(FileNotFoundError):
+    """No published instruction mix where one is needed; the message names the folder."""
+
+
+@dataclass
+class PublishedMix:
+    """The instruction mix a reader uses: the version ``CURRENT`` names (or a plain folder of Parquet files)."""
+
+    folder: str  # the stage folder (instruct.output_dir)
+    version: Optional[str]  # None: a plain folder of Parquet files (written by hand or by an earlier release)
+    path: str  # the folder holding the files
+    files: List[str]  # the Parquet files of instructions, in reading order
+    sizes: List[int]  # their sizes in bytes
+    rows: Dict[str, int]  # rows per split ({} when not recorded: a plain folder)
+    fingerprint: str  # changes whenever a file is added, removed or changed in size
+
+
+def _fingerprint(names: List[str], sizes: List[int]) -> str:
+    return hashlib.sha256(json.dumps([[n, s] for n, s in zip(names, sizes)]).encode()).hexdigest()[:16]
+
+
+def current_version(folder: str) -> Optional[str]:
+    """The version ``CURRENT`` names, or None when nothing has been published there."""
+    path = join_path(folder, CURRENT_FILE)
+    if not storage.exists(path):
+        return None
+    return storage.read_text(path).strip() or None
+
+
+def published_mix(folder: str) -> PublishedMix:
+    """The published mix at ``folder`` (``instruct.output_dir``): the version ``CURRENT`` names, each file
+    checked against its manifest; without ``CURRENT``, the ``*.parquet`` files directly in ``folder``.
+    :class:`MixNotFoundError` naming the folder when there is none."""
+    version = current_version(folder)
+    if version is None:
+        files = storage.list_files(folder, ".parquet")
+        if not files:
+            raise MixNotFoundError(f"no instruction mix at {folder} (no {CURRENT_FILE}, no .parquet files)")
+        sizes = [_size(f) for f in files]
+        return PublishedMix(folder, None, folder, files, sizes, {}, _fingerprint([_base_name(f) for f in files], sizes))
+    path = join_path(folder, version)
+    manifest_path = join_path(path, MANIFEST_FILE)
+    if not storage.exists(manifest_path):
+        raise MixNotFoundError(f"{join_path(folder, CURRENT_FILE)} names {version}, which has no {MANIFEST_FILE}: "
+                               "rebuild the mix with `meddr-ray instruct`")  # fmt: skip
+    manifest = json.loads(storage.read_text(manifest_path))
+    files, sizes = [], []
+    for entry in manifest["files"]:
+        f = join_path(path, entry["file"])
+        size = _size(f)
+        if size != entry["bytes"]:
+            raise MixNotFoundError(f"{f}: {'missing' if size is None else f'{size} bytes'}, but {manifest_path} "
+                                   f"lists {entry['bytes']} bytes: rebuild the mix with `meddr-ray instruct`")  # fmt: skip
+        files.append(f)
+        sizes.append(size)
+    return PublishedMix(folder, version, path, files, sizes, dict(manifest["rows"]), manifest["fingerprint"])
+
+
+def published_mix_files(folder: str) -> List[str]:
+    """The Parquet files of the published mix at ``folder`` (see :func:`published_mix`)."""
+    return published_mix(folder).files
+
+
+def _size(path: str) -> Optional[int]:
+    fs, p = storage.resolve(path)
+    info = fs.get_file_info(p)
+    return info.size if info.type == pafs.FileType.File else None
+
+
+def _base_name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _write_pointer(path: str, text: str) -> None:
+    """Replace a small file in one step: a local temporary file renamed over it; on an object store a single
+    PUT (atomic there: a reader gets the old object or the new one; a rename would be a copy and a delete)."""
+    if not is_uri(path):
+        storage.write_text(path, text)
         return
-    for info in fs.get_file_info(pafs.FileSelector(parent)):
-        if info.type == pafs.FileType.Directory and (
-            info.base_name.startswith(f"{name}.tmp-") or info.base_name.startswith(f"{name}.old-")
-        ):
-            fs.delete_dir(info.path)
+    fs, p = storage.resolve(path)
+    with fs.open_output_stream(p) as f:
+        f.write(text.encode("utf-8"))
 
 
-def _publish(tmp: str, out_dir: str) -> None:
-    """Swap the finished mix into place: the old folder moves aside, the new one moves in, the old is deleted."""
-    old = None
-    if storage.exists(out_dir):
-        old = f"{out_dir.rstrip('/')}.old-{uuid.uuid4().hex[:8]}"
-        storage.move(out_dir, old)
-    storage.move(tmp, out_dir)
-    if old:
-        fs, p = storage.resolve(old)
-        fs.delete_dir(p)
+def remove_unpublished(folder: str) -> List[str]:
+    """Delete what no ``CURRENT`` names: version folders of killed or replaced builds, a pointer's temporary
+    files, and (once a version is published) the files of the old one-folder layout. Returns what it removed."""
+    fs, root = storage.resolve(folder)
+    if fs.get_file_info(root).type != pafs.FileType.Directory:
+        return []
+    named = current_version(folder)
+    removed = []
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=False)):
+        name = info.base_name
+        unnamed_version = info.type == pafs.FileType.Directory and name.startswith(VERSION_PREFIX) and name != named
+        stale_pointer = name.startswith(f"{CURRENT_FILE}.tmp-")
+        old_layout = named is not None and (name in _OLD_LAYOUT or (name.endswith(".parquet") and
+                                                                   info.type == pafs.FileType.File))  # fmt: skip
+        if unnamed_version or stale_pointer or old_layout:
+            if info.type == pafs.FileType.Directory:
+                fs.delete_dir(info.path)
+            else:
+                fs.delete_file(info.path)
+            removed.append(name)
+    return removed
+
+
+def _publish(folder: str, version: str, results: List[Dict[str, Any]], summary: Dict[str, Any]) -> None:
+    """Write the version's manifest, then switch ``CURRENT`` to it, then remove what nothing names."""
+    path = join_path(folder, version)
+    entries = sorted((r["files"]["mix"] for r in results if "mix" in r["files"]), key=lambda e: e["file"])
+    rows: Dict[str, int] = {}
+    for r in results:
+        for _, _, split, n in r["counts"]:
+            rows[split] = rows.get(split, 0) + n
+    manifest = {
+        "version": version,
+        "files": entries,
+        "rows": rows,
+        "fingerprint": _fingerprint([e["file"] for e in entries], [e["bytes"] for e in entries]),
+        "created": summary["finished"],
+    }
+    storage.write_text(join_path(path, MANIFEST_FILE), json.dumps(manifest, indent=2, sort_keys=True))
+    _write_pointer(join_path(folder, CURRENT_FILE), version + "\n")
+    removed = remove_unpublished(folder)
+    if removed:
+        log.info("instruct: removed %s from %s (no longer published)", removed, folder)
+
+
+# ---------------------------------------------------------------------------------------------- the stage
 
 
 def run_instruct(cfg: Config) -> str:
-    """Build the instruction mix of ``cfg.instruct``; returns the output folder."""
-    from meddr_ray.runtime import init_ray
-
+    """Build the instruction mix of ``cfg.instruct`` and publish it; returns the stage folder."""
     ic = cfg.instruct
     if not ic.sources and not ic.use_bootstrap:
         raise ConfigError("key 'instruct.sources': nothing to mix (no sources and instruct.use_bootstrap is false)")
     if not 0.0 <= ic.val_fraction < 1.0:
         raise ConfigError(f"key 'instruct.val_fraction': {ic.val_fraction} is not in [0, 1)")
     out_dir = cfg.stage_dir("instruct")
-    started = time.perf_counter()
-    _remove_leftovers(out_dir)
-    init_ray(cfg)
-    from meddr_ray.data import read_source
+    storage.makedirs(out_dir)
+    with storage.run_lock(out_dir):  # a second build in this folder would delete this one's version as a leftover
+        return _build(cfg, out_dir)
 
-    parts, capped = [], {}
+
+def _build(cfg: Config, out_dir: str) -> str:
+    from meddr_ray.data import read_source
+    from meddr_ray.runtime import init_ray
+
+    ic = cfg.instruct
+    started = time.perf_counter()
+    remove_unpublished(out_dir)
+    init_ray(cfg)
+    parts = []
     # The bootstrap input is checked first: a missing one fails before any source is read.
     if ic.use_bootstrap:
         ds = _bootstrap_dataset(cfg).map_batches(
@@ -362,57 +556,55 @@ def run_instruct(cfg: Config) -> str:
         )
         parts.append((src.name, ds, src.cap))
 
-    rendered = []
-    for name, ds, cap in parts:
-        ds, dropped = _apply_cap(ds.materialize(), cap, name)  # materialized once: counted, capped, written
-        capped[name] = dropped
-        rendered.append(ds)
-    mix = rendered[0].union(*rendered[1:]) if len(rendered) > 1 else rendered[0]
-    good, bad = _good(mix), _bad(mix)
-    meta = _small_columns(mix, ["task", "dataset", "split", "error"])
-    is_bad = meta.column("error").is_valid()
-    good_meta, bad_meta = meta.filter(pc.invert(is_bad)), meta.filter(is_bad)
-    n_bad = bad_meta.num_rows
+    capped, streams = {}, []
+    for name, ds, cap in parts:  # a capped source is rendered twice: once for its ranks, once to write
+        threshold, capped[name] = cap_threshold(ds, cap, name)
+        streams.append(_within_cap(ds, threshold))
+    mix = streams[0].union(*streams[1:]) if len(streams) > 1 else streams[0]
 
-    parent = out_dir.rstrip("/").rsplit("/", 1)[0]
-    storage.makedirs(parent)
-    tmp = f"{out_dir.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
-    storage.makedirs(tmp)
-    if good_meta.num_rows:
-        good.drop_columns(["error", "rank"]).write_parquet(tmp)
-    if n_bad:
-        bad.select_columns(FAILED_COLUMNS).write_parquet(join_path(tmp, FAILED_DIR))
-    table = summary_table(_counts(good_meta, ["task", "dataset", "split"]))
-    set_aside_by = [
-        {"task": r["task"], "dataset": r["dataset"], "count": r["count()"]} for r in _counts(bad_meta, ["task", "dataset"])
-    ]
+    version = f"{VERSION_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+    version_dir = join_path(out_dir, version)
+    storage.makedirs(version_dir)
+    sink = mix_sink(version_dir)
+    mix.write_datasink(sink)
+
+    good = [{"task": t, "dataset": d, "split": s, "count()": n} for r in sink.results for t, d, s, n in r["counts"]]
+    table = summary_table(good)
+    set_aside: Dict[Tuple[str, str], int] = {}
+    for r in sink.results:
+        for t, d, n in r["set_aside"]:
+            set_aside[(t, d)] = set_aside.get((t, d), 0) + n
+    n_bad = sum(set_aside.values())
+    failed_dir = join_path(version_dir, FAILED_DIR)
     totals = {s: sum(r[s] for r in table) for s in ("train", "val", "total")}
     summary = {
         "output_dir": out_dir,
+        "version": version,
         "rows": totals["total"],
         "train": totals["train"],
         "val": totals["val"],
         "set_aside": n_bad,
-        "set_aside_by": set_aside_by,
+        "set_aside_by": [{"task": t, "dataset": d, "count": n}
+                         for (t, d), n in sorted(set_aside.items(), key=lambda kv: [str(k) for k in kv[0]])],
         "capped": capped,
         "by_task_dataset": table,
         "val_fraction": ic.val_fraction,
         "seconds": round(time.perf_counter() - started, 3),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    storage.write_text(join_path(tmp, SUMMARY_FILE), json.dumps(summary, indent=2, sort_keys=True))
-    save_config(cfg, tmp)
-    _publish(tmp, out_dir)
+    }  # fmt: skip
+    storage.write_text(join_path(version_dir, SUMMARY_FILE), json.dumps(summary, indent=2, sort_keys=True))
+    save_config(cfg, version_dir)
+    _publish(out_dir, version, sink.results, summary)
 
     text = format_table(table)
     line = (
         f"instruct: {totals['total']} instructions ({totals['train']} train, {totals['val']} val), "
-        f"{n_bad} rows set aside{f' (see {join_path(out_dir, FAILED_DIR)})' if n_bad else ''}, "
+        f"{n_bad} rows set aside{f' (see {failed_dir})' if n_bad else ''}, "
         f"capped {sum(capped.values())}, "
-        f"in {summary['seconds']:.1f} s -> {out_dir}"
+        f"in {summary['seconds']:.1f} s -> {version_dir}"
     )
     print(text + "\n" + line, flush=True)
     log.info(line)
     if totals["total"] == 0:
-        raise ValueError(f"the instruction mix is empty: every row was set aside; see {join_path(out_dir, FAILED_DIR)}")
+        raise ValueError(f"the instruction mix is empty: every row was set aside; see {failed_dir}")
     return out_dir

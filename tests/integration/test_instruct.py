@@ -1,5 +1,5 @@
 """The instruction mix on the shared local Ray cluster: templates per task, set-aside rows, weights, caps and a
-deterministic split; the rebuild is swapped in whole."""
+deterministic split; a rebuild is published whole (see also test_instruct_publish.py); counts and caps stream."""
 
 from __future__ import annotations
 
@@ -16,14 +16,19 @@ from PIL import Image
 from meddr_ray import prompts
 from meddr_ray.bootstrap import run_bootstrap
 from meddr_ray.config import SourceConfig, load_config
-from meddr_ray.instruct import FAILED_DIR, SUMMARY_FILE, run_instruct
+from meddr_ray.instruct import FAILED_DIR, SUMMARY_FILE, published_mix, run_instruct
 from meddr_ray.storage import list_files
 
 pytestmark = pytest.mark.integration
 
 
 def _mix(folder: Path):
-    return pq.read_table(list_files(str(folder), ".parquet")).to_pylist()
+    return pq.read_table(published_mix(str(folder)).files).to_pylist()
+
+
+def _version(folder: Path) -> Path:
+    """The folder of the published version (its summary, set-aside rows, config)."""
+    return Path(published_mix(str(folder)).path)
 
 
 def _png(seed: int) -> bytes:
@@ -90,13 +95,13 @@ def test_the_mix_has_every_task_with_its_template(ray_cluster, tmp_path):
         by_source.setdefault(r["source_id"], set()).add(r["split"])
     assert all(len(s) == 1 for s in by_source.values())
 
-    failed = pq.read_table(list_files(str(out / FAILED_DIR), ".parquet")).to_pylist()
+    failed = pq.read_table(list_files(str(_version(out) / FAILED_DIR), ".parquet")).to_pylist()
     reasons = sorted((r["dataset"], r["error"]) for r in failed)
     assert [d for d, _ in reasons] == ["myreports", "myvqa"]
     assert "reports.jsonl row 1: no report text" in reasons[0][1]
     assert "vqa.json row 2" in reasons[1][1]
 
-    summary = json.loads((out / SUMMARY_FILE).read_text())
+    summary = json.loads((_version(out) / SUMMARY_FILE).read_text())
     assert summary["rows"] == len(rows) and summary["set_aside"] == 2
     assert summary["train"] + summary["val"] == len(rows) and summary["val"] > 0
     table = {(t["task"], t["dataset"]): t["total"] for t in summary["by_task_dataset"]}
@@ -116,6 +121,7 @@ def test_rebuild_is_deterministic_and_weights_and_caps_apply(ray_cluster, tmp_pa
     again = {r["id"]: (r["split"], r["prompt"], r["answer"]) for r in _mix(Path(run_instruct(cfg)))}
     assert again == first  # the same config gives the same mix, same split
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bootstrap", "instruct"]  # no temporary folder left
+    assert len(list(out.glob("mix-*"))) == 1  # the version it replaced is removed once nothing names it
 
     weighted = load_config("tiny", over + ["instruct.sources.0.weight=2.0", "instruct.bootstrap_cap=5"])
     rows = _mix(Path(run_instruct(weighted)))
@@ -126,5 +132,46 @@ def test_rebuild_is_deterministic_and_weights_and_caps_apply(ray_cluster, tmp_pa
         if r["id"] in first:
             assert first[r["id"]][0] == r["split"]
     assert sum(r["id"] in first for r in rows if r["task"] == "diagnosis") == 30
-    summary = json.loads((out / SUMMARY_FILE).read_text())
+    summary = json.loads((_version(out) / SUMMARY_FILE).read_text())
     assert summary["capped"]["bootstrap"] == 11
+
+
+def test_counts_and_caps_without_holding_the_rendered_rows(ray_cluster, tmp_path, monkeypatch):
+    """The rendered rows (images included) are streamed from the readers to the files: never materialized in
+    the object store nor pulled to the driver, which sees the caps' rank numbers only (one batch at a time)."""
+    import ray.data
+
+    def refused(name):
+        real = getattr(ray.data.Dataset, name)
+
+        def call(self, *args, **kwargs):
+            if type(self._logical_plan.dag).__name__ == "Write":  # Ray keeps the write tasks' small results
+                return real(self, *args, **kwargs)
+            raise AssertionError(f"Dataset.{name} holds every row of a dataset at once")
+
+        return call
+
+    for name in ("materialize", "to_arrow_refs", "to_pandas_refs", "to_numpy_refs", "take_all", "to_pandas"):
+        monkeypatch.setattr(ray.data.Dataset, name, refused(name))
+    seen = set()
+    iter_batches = ray.data.Dataset.iter_batches
+
+    def watched(self, *args, **kwargs):
+        for batch in iter_batches(self, *args, **kwargs):
+            seen.update(batch.keys() if isinstance(batch, dict) else batch.column_names)
+            yield batch
+
+    monkeypatch.setattr(ray.data.Dataset, "iter_batches", watched)
+    extra = _vqa_and_reports(tmp_path / "data")
+    cfg = load_config("tiny", [f"run_dir={tmp_path}", "instruct.use_bootstrap=false", "instruct.sources.0.limit=40",
+                               "instruct.sources.0.weight=1.5", "instruct.sources.0.cap=25", "data.on_error=skip"])
+    cfg.instruct.sources = cfg.instruct.sources + extra
+    out = Path(run_instruct(cfg))
+    assert "image" not in seen
+
+    mix = published_mix(str(out))
+    rows = pq.read_table(mix.files, columns=["id", "task", "dataset"]).to_pylist()
+    diagnosis = [r["id"] for r in rows if r["task"] == "diagnosis"]
+    assert len(diagnosis) == 25 and Counter(r["task"] for r in rows)["vqa"] == 2
+    summary = json.loads((Path(mix.path) / SUMMARY_FILE).read_text())
+    assert summary["capped"]["breastmnist"] > 0 and summary["set_aside"] == 2 and summary["rows"] == len(rows)
