@@ -130,3 +130,38 @@ def test_bad_and_missing_images_name_the_row(collate):
     batch["image"][1] = None
     with pytest.raises(DataError, match="row1.*no image"):
         collate(batch)
+
+
+@pytest.fixture(scope="module")
+def internvl(tmp_path_factory):
+    """The tiny native InternVL (``build_options.architecture: internvl``), the paper preset's format."""
+    cfg = load_config("tiny", [f"student.path={tmp_path_factory.mktemp('m') / 'internvl'}",
+                               "student.build_options.architecture=internvl"]).student
+    return load_model(cfg)
+
+
+def test_internvl_image_tokens_are_expanded_per_tile_and_masked(internvl):
+    """InternVL's placeholder becomes <img> + 4 context tokens per tile + </img>: the collate trains on none of them,
+    and a wide image's tiles (3 + a thumbnail) reach the model in order with its 4 x 4 context tokens."""
+    tok = internvl.processor.tokenizer
+    collate = InstructionCollator(internvl.processor, max_length=128)
+    wide = io.BytesIO()
+    Image.fromarray(np.zeros((28, 90), dtype=np.uint8)).save(wide, format="PNG")
+    batch = _batch(["malignant", "normal, benign"])
+    batch["image"][1] = wide.getvalue()
+    out = collate(batch)
+    context = tok.convert_tokens_to_ids("<IMG_CONTEXT>")
+    start, end = tok.convert_tokens_to_ids("<img>"), tok.convert_tokens_to_ids("</img>")
+    ids, labels = out["input_ids"], out["labels"]
+    assert (ids[0] == context).sum() == 4 and (ids[1] == context).sum() == 16
+    assert out["pixel_values"].shape[0] == 1 + 4
+    for special in (context, start, end):
+        assert torch.all(labels[ids == special] == IGNORE_INDEX)
+    kept = labels[0][labels[0] != IGNORE_INDEX].tolist()
+    assert tok.decode(kept) == "malignant<|im_end|>"
+    # the prompt is what the model sees at inference, and the batch trains: a finite loss with gradients
+    image = Image.open(io.BytesIO(batch["image"][0])).convert("RGB")
+    seen = internvl.processor(images=[image], text=[internvl.chat_prompt(batch["prompt"][0])])["input_ids"][0]
+    assert ids[0][: len(seen)].tolist() == list(seen)
+    loss = internvl.model(**out).loss
+    assert torch.isfinite(loss)
