@@ -374,7 +374,9 @@ class IndexConfig:
     sources: List[SourceConfig] = field(default_factory=list)
     """Training sources whose images become keys; empty: the instruction Parquet."""
     type: str = "auto"
-    """auto | flat | ivf | hnsw. auto: flat below ``auto_ivf_threshold`` vectors, IVF above."""
+    """auto | flat | ivf | ivfpq | hnsw. auto: flat below ``auto_ivf_threshold`` vectors, IVF above. ivfpq: IVF
+    with product-quantized codes (``pq_m`` bytes per vector at 8 bits), for collections whose vectors do not fit
+    in memory."""
     auto_ivf_threshold: int = 100_000
     """Vector count from which ``auto`` picks IVF."""
     nlist: int = 1024
@@ -387,6 +389,13 @@ class IndexConfig:
     """HNSW: build-time beam."""
     ef_search: int = 64
     """HNSW: query-time beam."""
+    pq_m: int = 64
+    """IVF-PQ: sub-quantizers per vector (must divide the embedding dimension); code size pq_m * pq_nbits / 8 bytes."""
+    pq_nbits: int = 8
+    """IVF-PQ: bits per sub-quantizer code (8: 256 centroids per sub-space)."""
+    max_in_memory_gb: float = 4.0
+    """flat and HNSW hold every vector in one task (HNSW cannot be merged); a build whose float32 vectors exceed
+    this many GB is refused with a pointer to ivf/ivfpq, which merge on disk shard by shard."""
     num_shards: int = 2
     """Embedding Parquet shards, each indexed by its own Ray task before the merge."""
     pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
@@ -720,7 +729,7 @@ def _absolute(path: Optional[str], base: Path) -> Optional[str]:
 
 _CHOICES: Dict[str, Sequence[Any]] = {
     "data.on_error": ("raise", "skip"),
-    "index.type": ("auto", "flat", "ivf", "hnsw"),
+    "index.type": ("auto", "flat", "ivf", "ivfpq", "hnsw"),
     "index.device": ("cpu", "gpu"),
     "train.precision": ("fp32", "bf16", "fp16"),
     "train.lr_scheduler": ("cosine", "linear", "constant"),
