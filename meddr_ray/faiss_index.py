@@ -7,25 +7,37 @@ returns unit rows. Three kinds:
 - ``ivf``: ``IndexIVFFlat``. One template is trained on a sample (the coarse quantizer), every shard is a
   ``faiss.clone_index`` of it, and the shards' inverted lists are merged with ``merge_from`` -- so every shard
   shares the same cells and the merge is exact. Adding later uses the trained quantizer: no retraining.
+- ``ivfpq``: ``IndexIVFPQ``, the compressed IVF (``pq_m`` sub-quantizers of ``pq_nbits`` bits per vector instead
+  of ``4 * dim`` bytes): trained, sharded and merged like ``ivf``.
 - ``hnsw``: ``IndexHNSWFlat``. A graph cannot be merged (HNSW has no ``merge_from``), so it is built from the
-  gathered vectors in one place; adding later inserts into the graph.
+  gathered vectors in one place; adding later inserts into the graph. Flat and HNSW hold every vector in one
+  process, so they are refused above ``index.max_in_memory_gb`` (:func:`check_in_memory`).
 
-A published version is a folder ``<index_dir>/<version>/`` with ``manifest.json``, ``index.faiss`` and
-``values.parquet`` (row i = FAISS id i). It is written under a temporary name, renamed into place, and only then
-named by ``<index_dir>/CURRENT`` (itself replaced atomically), so a reader never sees a half-written version.
+IVF merges never hold the collection: every shard is an index file, and :func:`merge_ivf_on_disk` copies the
+shards' inverted lists, one shard at a time, into one ``index.ivfdata`` file (FAISS ``OnDiskInvertedLists``);
+``index.faiss`` keeps only the trained quantizers and names that file, which readers map into memory.
+
+A published version is a folder ``<index_dir>/<version>/`` with ``manifest.json``, ``index.faiss`` (+
+``index.ivfdata`` for IVF) and ``values.parquet`` (row i = FAISS id i). It is written under a temporary name,
+renamed into place, and only then named by ``<index_dir>/CURRENT`` (itself replaced atomically), so a reader
+never sees a half-written version. Publishing is a compare-and-swap on the parent version (``parent=``) and
+idempotent per ``build_id`` (:func:`publish_staged`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -35,9 +47,11 @@ from meddr_ray.config import IndexConfig, is_uri, join_path
 
 log = logging.getLogger("meddr_ray.index")
 
-KINDS = ("flat", "ivf", "hnsw")
+KINDS = ("flat", "ivf", "ivfpq", "hnsw")
+IVF_KINDS = ("ivf", "ivfpq")
 METRIC = "inner_product"
 INDEX_FILE = "index.faiss"
+IVFDATA_FILE = "index.ivfdata"  # the inverted lists of an IVF version, mapped into memory by readers
 VALUES_FILE = "values.parquet"
 MANIFEST_FILE = "manifest.json"
 CURRENT_FILE = "CURRENT"
@@ -73,6 +87,10 @@ class IndexArtifactError(ValueError):
     """A published index that cannot be used (missing, corrupt, or built with another encoder); says why."""
 
 
+class PublishConflict(IndexArtifactError):
+    """``CURRENT`` no longer names the version a build was made on: another publisher won; nothing was published."""
+
+
 def case_key(dataset: Optional[str], image: Optional[bytes], sample_id: str) -> str:
     """The case an annotation belongs to: one image of one dataset, named by its content, so the key is the same
     on every machine and run, and every question, label and report of an image lands in one case. A row without
@@ -101,15 +119,19 @@ class IndexParams:
     hnsw_m: int = 32
     ef_construction: int = 80
     ef_search: int = 64
+    pq_m: int = 64
+    pq_nbits: int = 8
 
     @classmethod
     def from_config(cls, cfg: IndexConfig, kind: str) -> "IndexParams":
-        return cls(kind, cfg.nlist, cfg.nprobe, cfg.hnsw_m, cfg.ef_construction, cfg.ef_search)
+        return cls(kind, cfg.nlist, cfg.nprobe, cfg.hnsw_m, cfg.ef_construction, cfg.ef_search, cfg.pq_m, cfg.pq_nbits)
 
     def as_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"kind": self.kind}
-        if self.kind == "ivf":
+        if self.kind in IVF_KINDS:
             out.update(nlist=self.nlist, nprobe=self.nprobe)
+        if self.kind == "ivfpq":
+            out.update(pq_m=self.pq_m, pq_nbits=self.pq_nbits)
         elif self.kind == "hnsw":
             out.update(hnsw_m=self.hnsw_m, ef_construction=self.ef_construction, ef_search=self.ef_search)
         return out
@@ -122,6 +144,20 @@ def resolve_kind(requested: str, count: int, auto_ivf_threshold: int) -> str:
     if requested not in KINDS:
         raise ValueError(f"index type {requested!r} is not one of {['auto', *KINDS]}")
     return requested
+
+
+def check_in_memory(kind: str, count: int, dim: int, limit_gb: float) -> None:
+    """Flat and HNSW indexes hold every vector in one process (to build, merge and search); refuse a collection
+    whose vectors alone exceed ``limit_gb`` rather than run a task out of memory."""
+    if kind not in ("flat", "hnsw"):
+        return
+    need = count * dim * 4 / 2**30
+    if need > limit_gb:
+        raise ValueError(
+            f"index type {kind!r} holds every vector in one process: {count} x {dim} float32 = {need:.1f} GB, above "
+            f"index.max_in_memory_gb={limit_gb:g}; use index.type=ivf or ivfpq (merged on disk, shard by shard), or "
+            f"raise index.max_in_memory_gb"
+        )
 
 
 def effective_nlist(requested: int, count: int) -> int:
@@ -203,12 +239,23 @@ def new_hnsw(dim: int, params: IndexParams):
     return index
 
 
-def train_ivf(sample: np.ndarray, params: IndexParams, nlist: int, device: str = "cpu"):
-    """The IVF template: an empty ``IndexIVFFlat`` whose coarse quantizer is trained on ``sample``."""
+def new_ivf(dim: int, params: IndexParams, nlist: int):
+    """An untrained ``IndexIVFFlat`` (``ivf``) or ``IndexIVFPQ`` (``ivfpq``: ``pq_m`` codes of ``pq_nbits`` bits)."""
     faiss = _faiss()
+    if params.kind == "ivfpq":
+        if dim % params.pq_m:
+            raise ValueError(f"index.pq_m={params.pq_m} must divide the embedding dimension {dim}")
+        quantizer = faiss.IndexFlatIP(dim)
+        return faiss.IndexIVFPQ(quantizer, dim, nlist, params.pq_m, params.pq_nbits, faiss.METRIC_INNER_PRODUCT)
+    return faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+
+
+def train_ivf(sample: np.ndarray, params: IndexParams, nlist: int, device: str = "cpu"):
+    """The IVF template: an empty ``IndexIVFFlat`` / ``IndexIVFPQ`` trained on ``sample`` (coarse quantizer, and
+    for IVF-PQ the product quantizer of the residuals)."""
     sample = check_vectors(sample, where="IVF training sample")
     dim = sample.shape[1]
-    template = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+    template = new_ivf(dim, params, nlist)
     if use_gpu(device):
         # k-means is the expensive part; train on the GPU, keep the template on the CPU for cloning
         gpu = to_gpu(template)
@@ -226,7 +273,7 @@ def build_shard(vectors: np.ndarray, params: IndexParams, template=None):
     vectors = check_vectors(vectors)
     if params.kind == "flat":
         index = new_flat(vectors.shape[1])
-    elif params.kind == "ivf":
+    elif params.kind in IVF_KINDS:
         if template is None:
             raise ValueError("an IVF shard needs the trained template")
         index = faiss.clone_index(template)
@@ -289,6 +336,8 @@ def kind_of(index) -> str:
     faiss = _faiss()
     if isinstance(index, faiss.IndexHNSW):
         return "hnsw"
+    if isinstance(index, faiss.IndexIVFPQ):
+        return "ivfpq"
     if isinstance(index, faiss.IndexIVF):
         return "ivf"
     return "flat"
@@ -336,17 +385,151 @@ def _size(path: str) -> int:
     return int(fs.get_file_info(p).size)
 
 
-def _write_index(index, path: str) -> None:
+def save_index(index, path: str) -> None:
+    """Write an index file (a shard, a template) to a local path or URI; a reader never sees half of it."""
     if is_uri(path):
         storage.write_bytes(path, index_to_bytes(index).tobytes())
-    else:
-        _faiss().write_index(to_cpu(index), path)
+        return
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    _faiss().write_index(to_cpu(index), tmp)
+    os.replace(tmp, path)
 
 
-def _read_index(path: str):
+def read_index_file(path: str):
+    """An index file written by :func:`save_index` (a shard or template: in-memory inverted lists)."""
     if is_uri(path):
         return index_from_bytes(np.frombuffer(storage.read_bytes(path), dtype=np.uint8))
     return _faiss().read_index(path)
+
+
+def _read_index(path: str, on_disk: bool = False):
+    """A published ``index.faiss``; ``on_disk``: its inverted lists are ``index.ivfdata`` in the same folder,
+    mapped into memory (a local path: :func:`load_index` fetches an object-store version first)."""
+    if on_disk:
+        return _faiss().read_index(path, _faiss().IO_FLAG_ONDISK_SAME_DIR)
+    if is_uri(path):
+        return index_from_bytes(np.frombuffer(storage.read_bytes(path), dtype=np.uint8))
+    return _faiss().read_index(path)
+
+
+# ----------------------------------------------------------------------------------- merging on disk
+
+
+def ivf_list_sizes(index) -> np.ndarray:
+    """Entries per inverted list of an IVF index (``nlist`` int64): what the merge pre-sizes its lists with."""
+    ivf = _faiss().extract_index_ivf(index)
+    return np.array([ivf.invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
+
+
+def empty_like(index):
+    """The trained structure of an IVF index without its vectors (in-memory, empty inverted lists)."""
+    faiss = _faiss()
+    ivf = faiss.extract_index_ivf(index)
+    empty = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    clone = _clone_skipping_lists(index)  # never copies the vectors, in memory or on disk
+    cl = faiss.extract_index_ivf(clone)
+    cl.replace_invlists(empty, True)
+    empty.this.disown()
+    cl.ntotal = 0
+    clone.ntotal = 0
+    return clone
+
+
+def _clone_skipping_lists(index):
+    """Serialise ``index`` without touching its (on-disk) list contents: swap in empty lists for the copy."""
+    faiss = _faiss()
+    ivf = faiss.extract_index_ivf(index)
+    own, saved, ntotal = ivf.own_invlists, ivf.invlists, ivf.ntotal
+    placeholder = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    ivf.own_invlists = False
+    ivf.invlists = placeholder
+    try:
+        return index_from_bytes(index_to_bytes(index))
+    finally:
+        ivf.invlists, ivf.own_invlists, ivf.ntotal = saved, own, ntotal
+
+
+def merge_ivf_on_disk(template, sources: Sequence[str], out_dir: str, sizes: Optional[Sequence] = None) -> Dict[str, Any]:
+    """Merge IVF shard files into ``out_dir/index.faiss`` + ``out_dir/index.ivfdata`` (a local folder), holding
+    one shard at a time: the inverted lists are first sized from ``sizes`` (each source's :func:`ivf_list_sizes`;
+    read in a first pass where not given), then each shard is read, its entries copied to their offsets in the
+    on-disk lists with ids shifted past the shards before it, and dropped. ``template``: the trained, empty IVF
+    index every shard was cloned from (the same coarse cells, so the merge is exact). ``sources``: index files
+    (:func:`save_index`), or published version folders' ``index.faiss`` (their lists are mapped, not loaded).
+    Returns :func:`describe` of the result."""
+    faiss = _faiss()
+    if not sources:
+        raise ValueError("no shards to merge")
+    tivf = faiss.extract_index_ivf(template)
+    nlist, code_size = tivf.nlist, tivf.code_size
+    sizes = [
+        np.asarray(ivf_list_sizes(open_index_file(path)) if known is None else known, dtype=np.int64)
+        for path, known in zip(sources, sizes or [None] * len(sources))
+    ]  # a first pass, one source at a time, for sources whose sizes were not given
+    total = np.sum(sizes, axis=0)
+    os.makedirs(out_dir, exist_ok=True)
+    ivfdata = os.path.join(out_dir, IVFDATA_FILE)
+    lists = faiss.OnDiskInvertedLists(nlist, code_size, ivfdata)
+    for i in np.flatnonzero(total):
+        lists.resize(int(i), int(total[i]))  # every list once, to its final size: laid out without gaps
+    filled = np.zeros(nlist, dtype=np.int64)
+    offset = 0
+    for path, expected in zip(sources, sizes):
+        shard = open_index_file(path)
+        sivf = faiss.extract_index_ivf(shard)
+        if sivf.nlist != nlist or sivf.code_size != code_size:
+            raise IndexArtifactError(f"{path}: nlist {sivf.nlist} / code size {sivf.code_size}, the template has "
+                                     f"{nlist} / {code_size}; it was not cloned from this template")
+        if not np.array_equal(ivf_list_sizes(shard), expected):
+            raise IndexArtifactError(f"{path}: its list sizes differ from the ones it was planned with")
+        inv = sivf.invlists
+        for i in np.flatnonzero(expected):
+            n = int(expected[i])
+            ids = faiss.rev_swig_ptr(inv.get_ids(int(i)), n).astype(np.int64) + offset
+            codes = np.array(faiss.rev_swig_ptr(inv.get_codes(int(i)), n * code_size), dtype=np.uint8)
+            lists.update_entries(int(i), int(filled[i]), n, faiss.swig_ptr(ids), faiss.swig_ptr(codes))
+            filled[i] += n
+        offset += int(shard.ntotal)
+        del shard, sivf, inv  # one shard at a time
+    merged = empty_like(template)
+    mivf = faiss.extract_index_ivf(merged)
+    mivf.replace_invlists(lists, True)
+    lists.this.disown()  # the index owns the lists now (else Python frees them twice)
+    mivf.ntotal = offset
+    merged.ntotal = offset
+    faiss.write_index(merged, os.path.join(out_dir, INDEX_FILE))
+    info = describe(merged)
+    del merged
+    return info
+
+
+def open_index_file(path: str):
+    """A shard file, or a published ``index.faiss`` whose lists live beside it in ``index.ivfdata``."""
+    sibling = os.path.join(os.path.dirname(path), IVFDATA_FILE)
+    if not is_uri(path) and os.path.basename(path) == INDEX_FILE and os.path.exists(sibling):
+        return _read_index(path, on_disk=True)
+    return read_index_file(path)
+
+
+def merge_flat_files(paths: Sequence[str]):
+    """Flat shard files concatenated in order (the result is the whole flat index: bounded by
+    ``index.max_in_memory_gb`` through :func:`check_in_memory`); one shard file read at a time."""
+    merged = None
+    for path in paths:
+        shard = read_index_file(path)
+        if merged is None:
+            merged = shard
+        else:
+            merged.merge_from(shard)
+    if merged is None:
+        raise ValueError("no shards to merge")
+    return merged
+
+
+def describe(index) -> Dict[str, Any]:
+    """The manifest fields an index gives: dimension, count, FAISS class, kind."""
+    return {"dim": int(index.d), "count": int(index.ntotal), "faiss_type": type(index).__name__,
+            "index_type": kind_of(index)}  # fmt: skip
 
 
 def _write_parquet(table: pa.Table, path: str) -> None:
@@ -397,17 +580,6 @@ def _claim_and_rename(tmp: str, final: str) -> None:
     os.rename(tmp, final)  # replaces the empty claimed folder in one step
 
 
-def _claim_uri(index_dir: str) -> str:
-    """Object stores cannot rename a folder: claim the next free version name and write into it directly.
-    Readers still never see it before ``CURRENT`` names it (the manifest is written last)."""
-    for _ in range(1000):
-        final = join_path(index_dir, _next_version(index_dir))
-        if not storage.exists(final):
-            storage.makedirs(final)
-            return final
-    raise IndexArtifactError(f"{index_dir}: could not claim a version name")
-
-
 def _switch_current(index_dir: str, version: str) -> None:
     storage.write_text(join_path(index_dir, CURRENT_FILE), version + "\n")  # temp file + rename
 
@@ -423,68 +595,235 @@ def _remove_stale_tmp(index_dir: str) -> None:
             storage.remove(path)
 
 
+class _Unchecked:
+    def __repr__(self) -> str:
+        return "UNCHECKED"
+
+
+UNCHECKED: Any = _Unchecked()  # publish(parent=UNCHECKED): no compare-and-swap on CURRENT (tools, tests)
+LOCK_FILE = ".publish.lock"
+
+
+@contextlib.contextmanager
+def _publish_lock(index_dir: str) -> Iterator[None]:
+    """Exclusive ``flock`` on ``<index_dir>/.publish.lock``: the check of CURRENT, the claim of a version name
+    and the switch happen as one step among publishers of this folder (threads or processes, on one machine or
+    over a filesystem whose locks are shared, e.g. NFSv4). The kernel drops it if the holder dies."""
+    import fcntl
+
+    with open(os.path.join(index_dir, LOCK_FILE), "a+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+
+def find_build(index_dir: str, build_id: Optional[str]) -> Optional[Dict[str, Any]]:
+    """The manifest of the version published by ``build_id`` (newest first), or None: what makes a retried
+    publish return the version its first attempt made instead of a second one."""
+    if not build_id:
+        return None
+    for version in reversed(list_versions(index_dir)):
+        path = join_path(index_dir, version, MANIFEST_FILE)
+        if not storage.exists(path):
+            continue  # a claimed version still being written (object stores)
+        try:
+            manifest = json.loads(storage.read_text(path))
+        except (ValueError, UnicodeDecodeError):
+            continue
+        if manifest.get("build_id") == build_id:
+            manifest["path"] = join_path(index_dir, version)
+            return manifest
+    return None
+
+
+def _conflict(index_dir: str, parent: Optional[str], current: Optional[str]) -> PublishConflict:
+    return PublishConflict(
+        f"{join_path(index_dir, CURRENT_FILE)} names {current or 'nothing'}, but this build was made on "
+        f"{parent or 'an empty index folder'}: another publisher moved it in between; nothing was published. Run "
+        f"the build (or the --add) again to make it on {current or 'an empty folder'}"
+    )
+
+
+def new_stage(index_dir: str) -> str:
+    """A private local folder to write a version's files into before :func:`publish_staged`: a hidden sibling of
+    the versions (local ``index_dir``: renamed into place), or a local temporary folder (object stores)."""
+    if is_uri(index_dir):
+        return tempfile.mkdtemp(prefix="meddr-index-stage-")
+    storage.makedirs(index_dir)
+    _remove_stale_tmp(index_dir)
+    stage = join_path(index_dir, f".tmp-{uuid.uuid4().hex[:12]}")
+    os.makedirs(stage)
+    return stage
+
+
+def stage_index(index, values: pa.Table, stage: str) -> Dict[str, Any]:
+    """Write an in-memory index and its values into ``stage``; returns :func:`describe` of the index."""
+    index = to_cpu(index)
+    values = conform_values(values)
+    if values.num_rows != index.ntotal:
+        raise IndexArtifactError(f"refusing to publish: {values.num_rows} value rows for {index.ntotal} vectors")
+    _faiss().write_index(index, os.path.join(stage, INDEX_FILE))
+    _write_parquet(values, os.path.join(stage, VALUES_FILE))
+    return describe(index)
+
+
 def publish(
     index_dir: str,
     index,
     values: pa.Table,
     manifest: Dict[str, Any],
     extra_files: Optional[Dict[str, str]] = None,
+    parent: Any = UNCHECKED,
+    build_id: Optional[str] = None,
 ) -> Dict[str, Any]:
-    """Write a new version and make it current. Returns the manifest as written (with ``version``, ``path``).
-
-    ``manifest`` carries the caller's fields (encoder fingerprint, model, parent, summary...); this adds the
-    version, dimension, count, FAISS type, file sizes and sha256 checksums. ``extra_files``: name -> text.
-    """
+    """Write an in-memory index as a new version and make it current (see :func:`publish_staged`)."""
     index = to_cpu(index)
     values = conform_values(values)
     if values.num_rows != index.ntotal:
         raise IndexArtifactError(f"refusing to publish: {values.num_rows} value rows for {index.ntotal} vectors")
-    storage.makedirs(index_dir)
-    _remove_stale_tmp(index_dir)
-    uri = is_uri(index_dir)
-    folder = _claim_uri(index_dir) if uri else join_path(index_dir, f".tmp-{uuid.uuid4().hex[:12]}")
-    storage.makedirs(folder)
-    _write_index(index, join_path(folder, INDEX_FILE))
-    _write_parquet(values, join_path(folder, VALUES_FILE))
-    for name, text in (extra_files or {}).items():
-        storage.write_text(join_path(folder, name), text)
-    files = {
-        name: {"bytes": _size(join_path(folder, name)), "sha256": _sha256_file(join_path(folder, name))}
-        for name in (INDEX_FILE, VALUES_FILE)
-    }
-    full = dict(manifest)
-    full.update(
-        format=FORMAT_VERSION,
-        dim=int(index.d),
-        metric=METRIC,
-        count=int(index.ntotal),
-        faiss_type=type(index).__name__,
-        index_type=kind_of(index),
-        files=files,
-    )
-    full.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-
-    def write_manifest(version: str, where: str) -> None:
-        full["version"] = version
-        storage.write_text(join_path(where, MANIFEST_FILE), json.dumps(full, indent=2, sort_keys=True) + "\n")
-
-    if uri:
-        final = folder
-        version = final.rstrip("/").rsplit("/", 1)[-1]
-        write_manifest(version, final)
+    if find_build(index_dir, build_id) is None:
+        stage = new_stage(index_dir)
+        info = stage_index(index, values, stage)
     else:
-        for _ in range(1000):  # another publisher may take the same number between our scan and our claim
+        stage, info = None, describe(index)
+    return publish_staged(index_dir, stage, info, manifest, extra_files, parent=parent, build_id=build_id)
+
+
+def publish_staged(
+    index_dir: str,
+    stage: Optional[str],
+    info: Dict[str, Any],
+    manifest: Dict[str, Any],
+    extra_files: Optional[Dict[str, str]] = None,
+    parent: Any = UNCHECKED,
+    build_id: Optional[str] = None,
+) -> Dict[str, Any]:
+    """Publish the files in the local folder ``stage`` (``index.faiss``, optionally ``index.ivfdata``,
+    ``values.parquet``) as a new version and make it current. Returns the manifest as written (with ``version``
+    and ``path``); ``stage`` is consumed.
+
+    ``manifest`` carries the caller's fields (encoder fingerprint, model, parent, summary...); this adds the
+    version, ``info`` (:func:`describe`), file sizes and sha256 checksums. ``extra_files``: name -> text.
+
+    - ``parent``: compare-and-swap. The version ``CURRENT`` must still name (None: nothing published yet), else
+      :class:`PublishConflict` and nothing is published -- a build made on a stale parent never moves ``CURRENT``
+      backwards or drops a version published in between. ``UNCHECKED``: no check.
+    - ``build_id``: idempotence. If a version with this build id exists (an earlier attempt of the same build
+      that got as far as publishing), it is returned and no new version is made.
+
+    Local folders: the checks, the claim of the version name and the switch run under an exclusive lock
+    (:func:`_publish_lock`). Object stores (pyarrow: no lock, no conditional write) get the best that is
+    available: the checks, a version folder claimed with a ``CLAIM`` object naming this build and read back, the
+    files, the manifest, the check of ``CURRENT`` again just before it is written, and a read-back after it; two
+    publishers that pass the last check within the same moment can still both write ``CURRENT`` (the later one
+    wins). Run one publisher per index folder there, or publish to a local/NFS folder.
+    """
+    if stage is not None:
+        count = _values_rows(os.path.join(stage, VALUES_FILE))
+        if count != info["count"]:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise IndexArtifactError(f"refusing to publish: {count} value rows for {info['count']} vectors")
+        for name, text in (extra_files or {}).items():
+            with open(os.path.join(stage, name), "w", encoding="utf-8") as f:
+                f.write(text)
+    names = [n for n in (INDEX_FILE, IVFDATA_FILE, VALUES_FILE) if stage and os.path.exists(os.path.join(stage, n))]
+    full = dict(manifest)
+    full.update(format=FORMAT_VERSION, metric=METRIC, **info)
+    if stage is not None:
+        full["files"] = {n: {"bytes": _size(os.path.join(stage, n)), "sha256": _sha256_file(os.path.join(stage, n))}
+                         for n in names}  # fmt: skip
+    if build_id:
+        full["build_id"] = build_id
+    full.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    storage.makedirs(index_dir)
+    if is_uri(index_dir):
+        return _publish_uri(index_dir, stage, full, parent, build_id)
+    with _publish_lock(index_dir):
+        done = find_build(index_dir, build_id)
+        if done is not None:
+            if stage is not None:
+                shutil.rmtree(stage, ignore_errors=True)
+            log.info("publish: build %s is already version %s", build_id, done["version"])
+            return done
+        if stage is None:
+            raise IndexArtifactError(f"{index_dir}: build {build_id} was expected to be published but is not")
+        current = current_version(index_dir)
+        if parent is not UNCHECKED and current != parent:
+            shutil.rmtree(stage, ignore_errors=True)
+            raise _conflict(index_dir, parent, current)
+        for _ in range(1000):  # a publisher without the lock (an older meddr-ray) may hold the next number
             version = _next_version(index_dir)
-            write_manifest(version, folder)
+            _write_manifest(full, version, stage)
             final = join_path(index_dir, version)
             try:
-                _claim_and_rename(folder, final)
+                _claim_and_rename(stage, final)
                 break
             except FileExistsError:
                 continue
         else:
             raise IndexArtifactError(f"{index_dir}: could not claim a version name")
-    _switch_current(index_dir, version)
+        _switch_current(index_dir, version)
+    full["path"] = final
+    return full
+
+
+def _write_manifest(full: Dict[str, Any], version: str, where: str) -> None:
+    full["version"] = version
+    storage.write_text(join_path(where, MANIFEST_FILE), json.dumps(full, indent=2, sort_keys=True) + "\n")
+
+
+def _values_rows(path: str) -> int:
+    import pyarrow.parquet as pq
+
+    return int(pq.read_metadata(path).num_rows)
+
+
+def _publish_uri(index_dir: str, stage: Optional[str], full: Dict[str, Any], parent: Any, build_id) -> Dict[str, Any]:
+    """Object stores: no folder rename, no lock, no conditional write (see :func:`publish_staged`)."""
+    import pyarrow.fs as pafs
+
+    done = find_build(index_dir, build_id)
+    if done is not None:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+        return done
+    if stage is None:
+        raise IndexArtifactError(f"{index_dir}: build {build_id} was expected to be published but is not")
+    try:
+        current = current_version(index_dir)
+        if parent is not UNCHECKED and current != parent:
+            raise _conflict(index_dir, parent, current)
+        token = build_id or uuid.uuid4().hex
+        final = version = None
+        for _ in range(1000):
+            version = _next_version(index_dir)
+            final = join_path(index_dir, version)
+            if storage.exists(final):
+                continue
+            storage.write_text(join_path(final, "CLAIM"), token)
+            if storage.read_text(join_path(final, "CLAIM")) == token:  # another claimer's write would show here
+                break
+        else:
+            raise IndexArtifactError(f"{index_dir}: could not claim a version name")
+        fs, remote = storage.resolve(final)
+        for name in os.listdir(stage):
+            pafs.copy_files(os.path.join(stage, name), f"{remote}/{name}", source_filesystem=pafs.LocalFileSystem(),
+                            destination_filesystem=fs)  # fmt: skip
+        _write_manifest(full, version, final)  # written last: a version without it is incomplete
+        current = current_version(index_dir)
+        if parent is not UNCHECKED and current != parent:
+            storage.remove(final)
+            raise _conflict(index_dir, parent, current)
+        _switch_current(index_dir, version)
+        if current_version(index_dir) != version:
+            raise PublishConflict(
+                f"{join_path(index_dir, CURRENT_FILE)}: another publisher wrote it at the same moment (object "
+                f"stores have no conditional write); {version} is complete but not current"
+            )
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     full["path"] = final
     return full
 
@@ -590,6 +929,27 @@ def _check_file(vdir: str, name: str, expected: Dict[str, Any], verify: bool) ->
     return path
 
 
+def _fetch_on_disk_version(vdir: str, files: Dict[str, Any]) -> str:
+    """FAISS maps ``index.ivfdata`` from a local file: copy an object-store version's index files into a local
+    cache folder named by their checksums (fetched once per machine), and return the local ``index.faiss``."""
+    import pyarrow.fs as pafs
+
+    key = hashlib.sha256("".join(files[n]["sha256"] for n in (INDEX_FILE, IVFDATA_FILE)).encode()).hexdigest()[:16]
+    local = os.path.join(tempfile.gettempdir(), f"meddr-index-{key}")
+    if not os.path.exists(os.path.join(local, INDEX_FILE)):
+        tmp = f"{local}.tmp-{uuid.uuid4().hex[:8]}"
+        os.makedirs(tmp)
+        fs, remote = storage.resolve(vdir)
+        for name in (IVFDATA_FILE, INDEX_FILE):
+            pafs.copy_files(f"{remote}/{name}", os.path.join(tmp, name), source_filesystem=fs,
+                            destination_filesystem=pafs.LocalFileSystem())  # fmt: skip
+        try:
+            os.rename(tmp, local)
+        except OSError:  # another loader on this machine fetched it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return os.path.join(local, INDEX_FILE)
+
+
 def load_index(
     index_dir: str,
     expect_dim: Optional[int] = None,
@@ -597,7 +957,8 @@ def load_index(
     version: Optional[str] = None,
     verify: bool = True,
 ) -> LoadedIndex:
-    """Load a published version (default: ``CURRENT``) after checking it end to end.
+    """Load a published version (default: ``CURRENT``) after checking it end to end. An IVF version's inverted
+    lists (``index.ivfdata``) are mapped into memory, not read: pages come from disk as searches touch them.
 
     Raises :class:`IndexArtifactError` with the reason when: nothing is published or the version is missing; the
     manifest's dimension or encoder fingerprint differs from ``expect_*``; ``index.faiss`` or ``values.parquet``
@@ -607,10 +968,16 @@ def load_index(
     version, vdir = manifest["version"], manifest["path"]
     check_compatible(manifest, expect_dim, expect_fingerprint)
     files = manifest["files"]
-    ipath = _check_file(vdir, INDEX_FILE, files[INDEX_FILE], verify)
-    vpath = _check_file(vdir, VALUES_FILE, files[VALUES_FILE], verify)
+    for name in (INDEX_FILE, VALUES_FILE):
+        if name not in files:
+            raise IndexArtifactError(f"{join_path(vdir, MANIFEST_FILE)}: lists no {name}")
+    checked = {name: _check_file(vdir, name, expected, verify) for name, expected in files.items()}
+    ipath, vpath = checked[INDEX_FILE], checked[VALUES_FILE]
+    on_disk = IVFDATA_FILE in files
+    if on_disk and is_uri(ipath):
+        ipath = _fetch_on_disk_version(vdir, files)
     try:
-        index = _read_index(ipath)
+        index = _read_index(ipath, on_disk=on_disk)
     except RuntimeError as exc:
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise IndexArtifactError(f"{ipath}: not a readable FAISS index ({reason})") from None

@@ -204,3 +204,101 @@ def test_publish_and_load_through_a_filesystem_uri(tmp_path):
     assert (loaded.version, loaded.count, loaded.values.num_rows) == ("v0002", 35, 35)
     assert load_index(root, version="v0001").count == 30
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+
+
+# ------------------------------------------------------------------------ compare-and-swap, idempotence
+
+
+def make_on(index_dir, parent, n: int = 30, seed: int = 0, build_id=None):
+    index = fi.build_shard(unit(n, seed=seed), fi.IndexParams("flat"))
+    manifest = {"encoder_fingerprint": FP, "model_name": "toy"}
+    return publish(str(index_dir), index, values(n), manifest, parent=parent, build_id=build_id)
+
+
+def test_a_build_on_a_stale_parent_never_moves_current_backwards(tmp_path):
+    """An --add made on v0001 after v0002 was published is refused; CURRENT stays v0002, nothing is written."""
+    make_on(tmp_path, None)
+    make_on(tmp_path, "v0001", n=40)
+    with pytest.raises(fi.PublishConflict, match=r"CURRENT names v0002, but this build was made on v0001"):
+        make_on(tmp_path, "v0001", n=50)
+    assert fi.current_version(str(tmp_path)) == "v0002" and fi.list_versions(str(tmp_path)) == ["v0001", "v0002"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
+    with pytest.raises(fi.PublishConflict, match="this build was made on an empty index folder"):
+        make_on(tmp_path, None)  # a first build that finds a version already published
+
+
+def test_a_retried_publish_returns_the_same_version(tmp_path):
+    first = make_on(tmp_path, None, build_id="build-1")
+    again = make_on(tmp_path, None, build_id="build-1")  # the parent check is not what stops it: the build id is
+    assert again["version"] == first["version"] == "v0001" and fi.list_versions(str(tmp_path)) == ["v0001"]
+    assert load_index(str(tmp_path)).manifest["build_id"] == "build-1"
+    assert make_on(tmp_path, "v0001", build_id="build-2")["version"] == "v0002"
+
+
+def test_concurrent_publishers_on_one_parent_exactly_one_wins(tmp_path):
+    make_on(tmp_path, None)
+    barrier = threading.Barrier(6)
+    wins, conflicts, other = [], [], []
+
+    def publisher(i):
+        barrier.wait()
+        try:
+            wins.append(make_on(tmp_path, "v0001", n=31 + i, seed=i)["version"])
+        except fi.PublishConflict as exc:
+            conflicts.append(str(exc))
+        except Exception as exc:  # noqa: BLE001 - reported below
+            other.append(repr(exc))
+
+    threads = [threading.Thread(target=publisher, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not other, other
+    assert wins == ["v0002"] and len(conflicts) == 5
+    assert fi.list_versions(str(tmp_path)) == ["v0001", "v0002"] and fi.current_version(str(tmp_path)) == "v0002"
+
+
+def test_concurrent_publisher_processes_on_one_parent_exactly_one_wins(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    make_on(tmp_path, None)
+    go = tmp_path / "go"
+    code = textwrap.dedent(
+        f"""
+        import os, sys, time
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        from test_faiss_publish import make_on
+        from meddr_ray import faiss_index as fi
+        while not os.path.exists({str(go)!r}):
+            time.sleep(0.005)
+        try:
+            print("won", make_on({str(tmp_path)!r}, "v0001", n=40, seed=int(sys.argv[1]))["version"])
+        except fi.PublishConflict:
+            print("conflict")
+        """
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(i)], stdout=subprocess.PIPE, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))  # fmt: skip
+        for i in range(4)
+    ]
+    import time
+
+    time.sleep(3)  # every process imported faiss and waits
+    go.write_text("go")
+    outs = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
+    assert outs == ["conflict", "conflict", "conflict", "won v0002"], outs
+    assert fi.list_versions(str(tmp_path)) == ["v0001", "v0002"] and fi.current_version(str(tmp_path)) == "v0002"
+
+
+def test_the_object_store_path_checks_the_parent_and_the_build_id(tmp_path):
+    root = f"file://{tmp_path}"
+    make_on(root, None, build_id="a")
+    assert make_on(root, None, build_id="a")["version"] == "v0001"  # retried: same version
+    make_on(root, "v0001", build_id="b")
+    with pytest.raises(fi.PublishConflict, match="names v0002, but this build was made on v0001"):
+        make_on(root, "v0001", build_id="c")
+    assert fi.list_versions(root) == ["v0001", "v0002"] and fi.current_version(root) == "v0002"
