@@ -171,14 +171,13 @@ def _copy_tree(src: str, dst: str) -> None:
 
 def _merge_task(cfg: Config, adapter: str, target: str) -> str:
     """Base model + LoRA merged into one full checkpoint (runs as a Ray task: it loads the whole model)."""
-    from transformers import AutoProcessor
-
     from meddr_ray.model import load_model
+    from meddr_ray.model.internvl import load_processor
 
     vlm = load_model(cfg.student, adapter_dir=adapter)  # loads the adapter and merges it into the weights
     with tempfile.TemporaryDirectory() as tmp:
         vlm.model.save_pretrained(tmp)
-        AutoProcessor.from_pretrained(vlm.path, trust_remote_code=cfg.student.trust_remote_code).save_pretrained(tmp)
+        load_processor(vlm.path, cfg.student.trust_remote_code).save_pretrained(tmp)
         _copy_tree(tmp, target)
     return target
 

@@ -452,9 +452,9 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
 
     import deepspeed
     import torch
-    from transformers import AutoProcessor
 
     from meddr_ray.model.collate import InstructionCollator
+    from meddr_ray.model.internvl import load_processor
 
     device = torch.device("cuda", torch.cuda.current_device()) if t.use_gpu else torch.device("cpu")
     # Ray Train already set up torch.distributed (gloo/nccl); DeepSpeed's comm layer adopts that process group.
@@ -467,7 +467,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
             f"[train] trainable parameters: {counts['trainable']:,} of {counts['total']:,} "
             f"({counts['share_pct']:.3f} %; the paper's 40B InternVL with its LoRA: 0.4 %)"
         )
-    processor = AutoProcessor.from_pretrained(loop_config["model_path"], trust_remote_code=cfg.student.trust_remote_code)
+    processor = load_processor(loop_config["model_path"], cfg.student.trust_remote_code)  # InternVL: image-only
     collate = _collate_fn(
         InstructionCollator(
             processor, t.max_length, max_image_bytes=cfg.data.max_image_bytes, max_image_pixels=cfg.data.max_image_pixels
