@@ -435,6 +435,11 @@ def _teacher_stats(cfg: Config, ds, out_dir: str):
     """The teacher over ``ds`` (samples still to do): a Dataset of count rows (:data:`_STAT_KEYS`), one per batch."""
     from meddr_ray.runtime import map_with_actor_pool
 
+    if cfg.bootstrap.backend == "vllm":  # a paper-scale teacher on GPUs: ray.data.llm's engine, same files
+        from meddr_ray.bootstrap_vllm import vllm_report_stats
+        from meddr_ray.model import ensure_model
+
+        return vllm_report_stats(cfg, ds, out_dir, str(ensure_model(cfg.teacher)))
     return map_with_actor_pool(
         ds,
         TeacherWriter,
@@ -457,6 +462,10 @@ def run_bootstrap(cfg: Config) -> str:
     from meddr_ray.model import ensure_model
 
     _check_sources(cfg)
+    if cfg.bootstrap.backend == "vllm":
+        from meddr_ray.bootstrap_vllm import check_vllm_config
+
+        check_vllm_config(cfg)  # before any Ray work: settings vLLM cannot honour, vLLM not installed
     # Fail fast, before any Ray work, on a missing checkpoint; and build tiny/smol here once, so that the
     # actors find it ready instead of racing to build it.
     teacher_path = ensure_model(cfg.teacher)
@@ -487,6 +496,9 @@ def run_bootstrap(cfg: Config) -> str:
             if key in batch.column_names:
                 totals[key] += sum(batch.column(key).to_pylist())
     seconds = time.perf_counter() - started
+    if cfg.bootstrap.backend == "vllm":  # its bad rows are set aside before the engine, which counts only reports
+        totals["failed"] = read_columns(failed_dir, ["id"]).num_rows - len(failed_before)
+        totals["rows_in"] = totals["written"] + totals["failed"]
 
     summary: Dict[str, Any] = {k: int(v) for k, v in totals.items() if k != "generate_seconds"}
     pool = cfg.bootstrap.pool

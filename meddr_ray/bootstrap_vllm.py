@@ -79,9 +79,17 @@ def teacher_messages(prompt: str, png: bytes) -> List[Dict[str, Any]]:
 
 
 def engine_inputs(
-    batch: pa.Table, *, generation: GenerationConfig, out_dir: str, seed: int, max_image_bytes, max_image_pixels
+    batch: pa.Table,
+    *,
+    generation: GenerationConfig,
+    out_dir: str,
+    seed: int,
+    max_image_bytes,
+    max_image_pixels,
+    on_error: str = "skip",
 ) -> List[Dict[str, Any]]:
-    """A batch of samples -> engine rows (Ray Data tasks); bad images go to ``failed/`` with their error."""
+    """A batch of samples -> engine rows (Ray Data tasks); bad images go to ``failed/`` with their error, or,
+    with ``on_error="raise"``, stop the job naming the file and row (as the transformers actor does)."""
     from meddr_ray import bootstrap
     from meddr_ray.config import join_path
     from meddr_ray.data import DataError, decode_image, encode_png
@@ -96,6 +104,8 @@ def engine_inputs(
                 raise DataError(f"{where}: no image")
             image = decode_image(row["image"], where=where, max_bytes=max_image_bytes, max_pixels=max_image_pixels)
         except DataError as exc:
+            if on_error == "raise":
+                raise
             bad.append(bootstrap.failed_row(row, str(exc)))
             continue
         prompt = bootstrap.teacher_prompt(row)
@@ -178,6 +188,7 @@ def vllm_report_stats(cfg: Config, ds, out_dir: str, model_path: str):
             seed=cfg.seed,
             max_image_bytes=cfg.data.max_image_bytes,
             max_image_pixels=cfg.data.max_image_pixels,
+            on_error=cfg.data.on_error,
         ),
         batch_size=pool.batch_size,
         batch_format="pyarrow",

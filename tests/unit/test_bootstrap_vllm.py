@@ -126,3 +126,22 @@ def test_the_processor_runs_the_multimodal_stages_on_the_configured_gpus(ray_clu
     engine = processor.get_stage_by_name("vLLMEngineStage")
     kwargs = engine.fn_constructor_kwargs["engine_kwargs"]
     assert kwargs["tensor_parallel_size"] == 4 and kwargs["max_model_len"] == 4096
+
+
+def test_with_on_error_raise_a_bad_image_stops_the_job_naming_its_row(tmp_path):
+    from meddr_ray.data import DataError
+
+    batch = pa.Table.from_pylist([_sample(0, _png()), _sample(7, b"not an image")])
+    with pytest.raises(DataError, match=r"breastmnist\.npz row 7"):
+        bootstrap_vllm.engine_inputs(
+            batch, generation=GenerationConfig(), out_dir=str(tmp_path), seed=0, max_image_bytes=None,
+            max_image_pixels=None, on_error="raise",
+        )
+    assert not (tmp_path / bootstrap.FAILED_DIR).exists()  # nothing set aside: the row stopped the job
+
+
+def test_the_job_refuses_the_vllm_backend_before_any_work(tmp_path):
+    cfg = load_config("tiny", [f"run_dir={tmp_path / 'run'}", "bootstrap.backend=vllm"])  # tiny: response_prefix
+    with pytest.raises(ConfigError, match=r"bootstrap\.generation\.response_prefix"):
+        bootstrap.run_bootstrap(cfg)
+    assert not (tmp_path / "run").exists()
