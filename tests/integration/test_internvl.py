@@ -22,7 +22,7 @@ from meddr_ray.model import load_model
 from meddr_ray.model.vision_encoder import VisionEncoder, load_vision_encoder
 from meddr_ray.train import run_train
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # ~1.5-3 min on 2 cores: four stages
 
 NPZ = PACKAGE_DIR / "assets" / "breastmnist.npz"
 

@@ -81,3 +81,14 @@ def test_checkpoint_size_is_read_from_the_safetensors_headers(tmp_path):
     assert text_kv_cache_bytes(text, 2, 10, 4) == 2 * text.num_hidden_layers * text.num_key_value_heads * (
         text.hidden_size // text.num_attention_heads
     ) * 4 * 2 * 10
+
+
+def test_the_cpu_path_is_unchanged(tmp_path):
+    from meddr_ray.config import ModelConfig
+    from meddr_ray.model import load_model
+    from meddr_ray.model.loading import gpu_placement
+
+    cfg = ModelConfig(name="tiny", path=str(build_tiny(tmp_path / "m")), device="cpu")
+    assert gpu_placement(tmp_path / "m", cfg, "cpu") == {}
+    model = load_model(cfg)
+    assert model.placement == {} and model.device == "cpu" and not hasattr(model.model, "hf_device_map")
