@@ -345,6 +345,10 @@ class TrainConfig:
     """Ray Train storage (checkpoints); default ``<run_dir>/train``. Shared storage on a cluster."""
     name: str = "finetune"
     """Run name under storage_path; re-running the same name resumes."""
+    restart: bool = False
+    """Start this run from step 0: the checkpoints under ``name`` are moved aside (kept, renamed
+    ``<name>.replaced-<time>``). False resumes them, and refuses, naming what changed, checkpoints made from
+    other instruction data, another student or other training settings."""
     merge_lora: bool = False
     """Also save the base model with LoRA merged in, at ``<run_dir>/merged``."""
     log_every: int = 1

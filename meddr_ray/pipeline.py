@@ -197,7 +197,12 @@ def _run_steps(cfg: Config, steps: Optional[List[str]], fresh: bool) -> str:
         _write_summary(cfg, records, missing)
         print(f"[pipeline] {position}/{total} {step}: starting", flush=True)
         start = time.time()
-        output = func(cfg)
+        step_cfg = cfg
+        if step == "train" and (rerun_downstream or (done and done.get("fingerprint") != fingerprints[step])):
+            # its input or settings changed since its checkpoints were made: start over (they are moved aside)
+            # instead of being refused (train.restart)
+            step_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, restart=True))
+        output = func(step_cfg)
         records[step] = {
             "output": output,
             "seconds": round(time.time() - start, 1),

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional
 
 from meddr_ray import storage
 from meddr_ray.config import Config, ConfigError, is_uri, join_path, save_config
+from meddr_ray.instruct import MixNotFoundError, PublishedMix, published_mix
 from meddr_ray.train_loop import ADAPTER_SUBDIR, STATE_FILE, Plan, make_plan, train_loop_per_worker
 
 log = logging.getLogger("meddr_ray.train")
@@ -47,24 +48,31 @@ def adapter_dir(cfg: Config) -> str:
     return cfg.train.adapter_dir or join_path(cfg.run_dir, "adapter")
 
 
-def instruction_files(cfg: Config) -> List[str]:
-    folder = cfg.stage_dir("instruct")
-    files = storage.list_files(folder, ".parquet")
-    if not files:
+def instruction_mix(cfg: Config) -> PublishedMix:
+    """The published instruction mix the run trains on (:func:`meddr_ray.instruct.published_mix`)."""
+    try:
+        return published_mix(cfg.stage_dir("instruct"))
+    except MixNotFoundError as exc:
         raise TrainDataError(
-            f"no instruction data: {folder} has no .parquet files. Run `meddr-ray instruct --config {cfg.preset}` "
-            "first (or point instruct.output_dir at the folder)"
-        )
-    return files
+            f"no instruction data: {exc}. Run `meddr-ray instruct --config {cfg.preset}` first (or point "
+            "instruct.output_dir at the folder)"
+        ) from None
 
 
-def _split_counts(files: List[str]) -> Dict[str, int]:
-    """Rows per split, from the ``split`` column only (the driver never reads the images)."""
+def instruction_files(cfg: Config) -> List[str]:
+    return instruction_mix(cfg).files
+
+
+def _split_counts(mix: PublishedMix) -> Dict[str, int]:
+    """Rows per split: from the mix's manifest, or (a plain folder of Parquet files) from the ``split`` column
+    alone, one file at a time (the driver never reads the images)."""
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
+    if mix.rows:
+        return dict(mix.rows)
     counts: Dict[str, int] = {}
-    for path in files:
+    for path in mix.files:
         fs, p = storage.resolve(path)
         table = pq.read_table(p, columns=["split"], filesystem=fs)
         for item in pc.value_counts(table.column("split")).to_pylist():
@@ -186,34 +194,99 @@ def _merge_task(cfg: Config, adapter: str, target: str) -> str:
 # run); max_steps and epochs too: a longer run continues the one it extends.
 _OPERATIONAL = ("name", "storage_path", "adapter_dir", "max_failures", "keep_checkpoints", "log_every",
                 "checkpoint_every", "merge_lora", "cache_data", "cpus_per_worker", "max_steps", "epochs",
-                "num_workers")  # fmt: skip  (another worker count is refused by name below)
+                "num_workers", "restart")  # fmt: skip  (another worker count is refused by name below)
 
 
-def run_identity(cfg: Config, files: List[str]) -> str:
-    """What a training run computes from: the student, the training settings and the instruction files (names and
-    sizes). Its checkpoints carry it, so a later run that differs in any of these starts over instead of resuming
-    (or, when finished, exporting) checkpoints of another model or other data."""
+class TrainResumeError(ConfigError):
+    """Checkpoints under ``train.name`` were made from other data, another student or other settings."""
+
+
+def run_description(cfg: Config, mix: PublishedMix) -> Dict[str, Any]:
+    """What a training run computes from: the student, the training settings that shape it, and the instruction
+    mix (its version, files with sizes, rows per split, fingerprint). Checkpoints carry it, so a later run can
+    name what differs."""
     from dataclasses import asdict as plain
 
-    train = {k: v for k, v in plain(cfg.train).items() if k not in _OPERATIONAL}
-    data = []
-    for path in files:
-        fs, p = storage.resolve(path)
-        data.append([os.path.basename(p), fs.get_file_info(p).size])
-    blob = json.dumps({"student": plain(cfg.student), "train": train, "data": data}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+    root = mix.path.rstrip("/")
+    return {
+        "student": plain(cfg.student),
+        "train": {k: v for k, v in plain(cfg.train).items() if k not in _OPERATIONAL},
+        "data": {
+            "version": mix.version,
+            "files": [[f[len(root):].lstrip("/"), size] for f, size in zip(mix.files, mix.sizes)],
+            "rows": mix.rows,
+            "fingerprint": mix.fingerprint,
+        },
+    }
 
 
-def _set_aside_other_run(experiment: str, previous: Optional[dict], identity: str) -> None:
-    """Checkpoints of another student, data or settings under this train.name: moved aside (kept, never
-    deleted), so this run starts from step 0 instead of resuming them."""
-    if not previous or previous.get("identity") == identity:
+def run_identity(description: Dict[str, Any]) -> str:
+    """A short hash of :func:`run_description` (the student, the shaping settings and the data's fingerprint)."""
+    key = {"student": description["student"], "train": description["train"],
+           "data": description["data"]["fingerprint"]}  # fmt: skip
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _changed_keys(section: str, old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    keys = sorted(set(old) | set(new))
+    return [f"{section}.{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys
+            if json.dumps(old.get(k), sort_keys=True, default=str) != json.dumps(new.get(k), sort_keys=True,
+                                                                                  default=str)]  # fmt: skip
+
+
+def _data_changes(old: Dict[str, Any], new: Dict[str, Any]) -> List[str]:
+    out = []
+    if old.get("version") != new.get("version"):
+        out.append(f"instruction mix version {old.get('version')} -> {new.get('version')}")
+    before, after = dict(map(tuple, old.get("files", []))), dict(map(tuple, new.get("files", [])))
+    for what, names in (("files removed", sorted(set(before) - set(after))),
+                        ("files added", sorted(set(after) - set(before))),
+                        ("files changed in size", sorted(n for n in set(before) & set(after) if before[n] != after[n]))):
+        if names:
+            out.append(f"{what}: {', '.join(names[:5])}{f' and {len(names) - 5} more' if len(names) > 5 else ''}")
+    if old.get("rows") != new.get("rows"):
+        out.append(f"rows per split {old.get('rows')} -> {new.get('rows')}")
+    out.append(f"fingerprint {old.get('fingerprint')} -> {new.get('fingerprint')}")
+    return out
+
+
+def what_changed(previous: Dict[str, Any], description: Dict[str, Any]) -> List[str]:
+    """What differs between the run that wrote ``previous`` (a checkpoint's state) and this one, one item each."""
+    old = previous.get("description")
+    if not old:
+        return [f"the checkpoints record no description (run {previous.get('identity') or 'unrecorded'}, written "
+                "by an earlier release); this run is " + run_identity(description)]  # fmt: skip
+    out = _changed_keys("student", old["student"], description["student"])
+    out += _changed_keys("train", old["train"], description["train"])
+    if old["data"].get("fingerprint") != description["data"]["fingerprint"]:
+        out += _data_changes(old["data"], description["data"])
+    return out
+
+
+def check_resume(experiment: str, previous: Optional[dict], description: Dict[str, Any], restart: bool) -> None:
+    """Before any Ray work: resume checkpoints of this same run; with ``restart`` move them aside (kept, never
+    deleted) so the run starts from step 0; otherwise refuse checkpoints of other data, student or settings,
+    naming what changed."""
+    if restart:
+        if storage.exists(experiment) and is_uri(experiment):
+            raise TrainResumeError(
+                f"key 'train.restart': {experiment} is on an object store, which cannot move a folder aside: delete "
+                "it, or use another train.name, to start over"
+            )
+        if storage.exists(experiment):
+            aside = f"{experiment}.replaced-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
+            storage.move(experiment, aside)
+            print(f"[train] train.restart: the checkpoints in {experiment} moved to {aside}; training starts from "
+                  "step 0", flush=True)  # fmt: skip
         return
-    aside = f"{experiment}.replaced-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
-    print(f"[train] the checkpoints in {experiment} were made for another student, data or settings "
-          f"(run {previous.get('identity') or 'unrecorded'}, this one {identity}): moved to {aside}; training "
-          "starts from step 0", flush=True)  # fmt: skip
-    storage.move(experiment, aside)
+    if not previous or previous.get("identity") == run_identity(description):
+        return
+    changes = "\n  - ".join(what_changed(previous, description))
+    raise TrainResumeError(
+        f"key 'train.restart': the checkpoints in {experiment} (step {previous.get('step')}) were made from other "
+        f"data, student or settings, so this run cannot resume them:\n  - {changes}\nSet train.restart=true to "
+        "start over (they are moved aside, not deleted), use another train.name, or restore what changed"
+    )
 
 
 def run_train(cfg: Config) -> str:
@@ -226,9 +299,10 @@ def run_train(cfg: Config) -> str:
     from meddr_ray.runtime import init_ray
 
     t = cfg.train
-    files = instruction_files(cfg)
+    mix = instruction_mix(cfg)
+    files = mix.files
     _check_columns(files)
-    counts = _split_counts(files)
+    counts = _split_counts(mix)
     if not counts.get("train"):
         raise TrainDataError(f"{cfg.stage_dir('instruct')}: no rows with split == 'train' (splits: {counts})")
     plan = make_plan(t, counts["train"])
@@ -236,9 +310,9 @@ def run_train(cfg: Config) -> str:
 
     context = _retrieval_context(cfg)  # the index it needs checked before any Ray work
     root = storage_root(cfg)
-    identity = run_identity(cfg, files)
-    previous = _latest_checkpoint_state(join_path(root, t.name))
-    _set_aside_other_run(join_path(root, t.name), previous, identity)
+    description = run_description(cfg, mix)
+    identity = run_identity(description)
+    check_resume(join_path(root, t.name), _latest_checkpoint_state(join_path(root, t.name)), description, t.restart)
     previous = _latest_checkpoint_state(join_path(root, t.name))
     if previous and previous.get("world_size", t.num_workers) != t.num_workers:
         raise ConfigError(
@@ -266,6 +340,7 @@ def run_train(cfg: Config) -> str:
             "plan": asdict(plan),
             "model_path": model_path,
             "identity": identity,
+            "description": description,
             "status_dir": status_dir,
             "has_val": bool(counts.get("val")),
         },
@@ -293,7 +368,8 @@ def run_train(cfg: Config) -> str:
     final = _final_metrics(state["history"])
     meta = {
         "base_model": {"name": cfg.student.name, "path": model_path},
-        "data": {"path": cfg.stage_dir("instruct"), "files": files, "rows": counts},
+        "data": {"path": cfg.stage_dir("instruct"), "version": mix.version, "fingerprint": mix.fingerprint,
+                 "files": files, "rows": counts},
         "config_fingerprint": cfg.fingerprint(),
         "preset": cfg.preset,
         "plan": asdict(plan),
@@ -360,4 +436,5 @@ def read_adapter_meta(folder: str) -> Optional[dict]:
     return json.loads(storage.read_text(path)) if storage.exists(path) else None
 
 
-__all__ = ["TrainDataError", "adapter_dir", "instruction_files", "read_adapter_meta", "run_train", "storage_root"]
+__all__ = ["TrainDataError", "TrainResumeError", "adapter_dir", "instruction_files", "instruction_mix", "read_adapter_meta",
+           "run_train", "storage_root"]

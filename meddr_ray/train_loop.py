@@ -198,17 +198,6 @@ def save_adapter(engine, rank: int, folder: str) -> None:
         model.save_pretrained(folder, state_dict=state, safe_serialization=True)
 
 
-def _collate_fn(collator):
-    """The model-layer collator as a Ray ``NumpyBatchCollateFn`` (Ray runs it in its prefetch threads)."""
-    from ray.data.collate_fn import NumpyBatchCollateFn
-
-    class InstructionCollateFn(NumpyBatchCollateFn):
-        def __call__(self, batch):
-            return collator(batch)
-
-    return InstructionCollateFn()
-
-
 def worker_memory(engine) -> Dict[str, float]:
     """This rank's memory: peak resident set, and the bytes of model parameters and optimizer state it holds.
 
@@ -272,11 +261,12 @@ class _Reducer:
 
 
 class _DataPosition:
-    """Fingerprint of the micro-batches a rank has consumed in the current epoch.
+    """Fingerprint of the rows a rank has consumed in the current epoch: a hash of their ids, in order.
 
-    Saved with every checkpoint; a resumed run skips the same number of batches and compares the fingerprint of
-    what it skipped, so it knows (and records in the run's events) that it continues exactly where the
-    checkpoint left off rather than trusting that the data order repeated.
+    Saved with every checkpoint; a resumed run passes over the same number of micro-batches (their ids only, no
+    image decoded: :func:`epoch_batches`) and compares the fingerprint of what it passed over, so it knows (and
+    records in the run's events) that it continues exactly where the checkpoint left off rather than trusting
+    that the data order repeated. (The driver has already refused a resume on other data: this checks the order.)
     """
 
     def __init__(self, rank: int):
@@ -288,11 +278,9 @@ class _DataPosition:
     def new_epoch(self, epoch: int) -> None:
         self.epoch, self._hash, self.consumed = epoch, hashlib.sha1(), 0
 
-    def add(self, batch) -> None:
-        self._hash.update(batch["input_ids"].detach().cpu().numpy().tobytes())
-        if "pixel_values" in batch:  # a strided sample of the pixels identifies the images cheaply
-            flat = batch["pixel_values"].detach().reshape(-1)
-            self._hash.update(flat[:: max(1, flat.numel() // 8192)].float().cpu().numpy().tobytes())
+    def add(self, ids) -> None:
+        """One micro-batch consumed: its row ids, in order."""
+        self._hash.update("\x1f".join(str(i) for i in ids).encode() + b"\x1e")
         self.consumed += 1
 
     def snapshot(self, state: Dict[str, Any]) -> Dict[str, Any]:
@@ -310,11 +298,52 @@ class _DataPosition:
         if bad:
             _say(
                 f"[train] warning: rank {self.rank} skipped {skipped} batches of epoch {epoch} that differ from the "
-                "ones its checkpoint consumed (data changed, or its order is not reproducible)"
+                "ones its checkpoint consumed (the data order is not reproducible)"
                 if not ok
                 else f"[train] warning: {bad} rank(s) resumed at a different data position"
             )
         return "verified" if not bad else f"mismatch on {bad} rank(s)"
+
+
+def epoch_batches(shard, t: TrainConfig, epoch: int, rank: int, skip: int, collate, position: _DataPosition):
+    """This rank's micro-batches of ``epoch`` as ``(ids, collated batch)``, from micro-batch ``skip`` on.
+
+    The rows come from Ray Data as plain arrays (image bytes undecoded); the first ``skip`` micro-batches, which
+    a checkpoint already trained on, are passed over by their ids alone (hashed into ``position``): no image is
+    decoded and nothing collated to seek the position. The order is deterministic (``preserve_order`` ingest, a
+    local shuffle seeded by seed, epoch and rank), so the position is a count of micro-batches. The others are
+    collated one batch ahead in a background thread, while the current one trains.
+    """
+    rows = iter(
+        shard.iter_batches(
+            batch_size=t.micro_batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=t.shuffle_buffer_size or None,
+            local_shuffle_seed=(t.seed * 1_000_003 + epoch * 7919 + rank) if t.shuffle_buffer_size else None,
+        )
+    )
+    for _ in range(skip):  # now, not on the first next(): the caller checks the position before training
+        batch = next(rows, None)
+        if batch is None:
+            return iter(())
+        position.add(batch["id"])
+    return _collated_ahead(rows, collate)
+
+
+def _collated_ahead(rows, collate):
+    """``(ids, collate(batch))`` for each batch of ``rows``, the next one collated in a thread meanwhile."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="collate") as pool:
+        batch = next(rows, None)
+        pending = pool.submit(collate, batch) if batch is not None else None
+        while pending is not None:
+            ids = batch["id"]
+            batch = next(rows, None)
+            ready = pending.result()
+            pending = pool.submit(collate, batch) if batch is not None else None
+            yield ids, ready
 
 
 class _Window:
@@ -355,8 +384,8 @@ def evaluate(engine, shard, collate, micro_batch_size: int, reducer: _Reducer, d
     engine.eval()
     loss_sum, tokens = 0.0, 0
     with torch.no_grad():
-        for batch in shard.iter_torch_batches(batch_size=micro_batch_size, collate_fn=collate):
-            batch = {k: v.to(device) for k, v in batch.items()}
+        for batch in shard.iter_batches(batch_size=micro_batch_size, batch_format="numpy"):
+            batch = {k: v.to(device) for k, v in collate(batch).items()}
             n = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
             out = engine(**batch)
             loss_sum += float(out.loss) * n
@@ -468,14 +497,13 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
             f"({counts['share_pct']:.3f} %; the paper's 40B InternVL with its LoRA: 0.4 %)"
         )
     processor = load_processor(loop_config["model_path"], cfg.student.trust_remote_code)  # InternVL: image-only
-    collate = _collate_fn(
-        InstructionCollator(
-            processor, t.max_length, max_image_bytes=cfg.data.max_image_bytes, max_image_pixels=cfg.data.max_image_pixels
-        )
+    collate = InstructionCollator(
+        processor, t.max_length, max_image_bytes=cfg.data.max_image_bytes, max_image_pixels=cfg.data.max_image_pixels
     )
     checkpoint = ray.train.get_checkpoint()
     state, saved_position = _restore(engine, checkpoint, t, plan, schedule, rank)
     state["identity"] = loop_config.get("identity")  # what the run computes from (meddr_ray.train.run_identity)
+    state["description"] = loop_config.get("description")  # its parts, to name what changed on a refused resume
     event = {"start_step": state["step"], "resumed": checkpoint is not None, "time": time.time()}
     state["events"].append(event)
     _write_worker_info(loop_config.get("status_dir"), rank, {"attempt": len(state["events"]), **event})
@@ -525,28 +553,18 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     while state["step"] < plan.total_steps:
         epoch = state["epoch"]
         skip = state["batch_in_epoch"]
-        batches = train_shard.iter_torch_batches(
-            batch_size=t.micro_batch_size,
-            collate_fn=collate,
-            drop_last=True,
-            local_shuffle_buffer_size=t.shuffle_buffer_size or None,
-            local_shuffle_seed=(t.seed * 1_000_003 + epoch * 7919 + rank) if t.shuffle_buffer_size else None,
-        )
-        consumed = 0
-        micro = 0
         position.new_epoch(epoch)
+        batches = epoch_batches(train_shard, t, epoch, rank, skip, collate, position)
+        consumed = skip  # the micro-batches a checkpoint already trained on were passed over, not decoded
+        micro = 0
+        if skip:
+            event["data_position"] = position.verify(saved_position, epoch, skip, reducer)
+            event["skipped_batches"] = skip
         step_start = time.perf_counter()
-        for batch in batches:
-            if consumed < skip:  # already trained on before the checkpoint this run resumed from
-                position.add(batch)
-                consumed += 1
-                continue
-            if skip and consumed == skip:
-                event["data_position"] = position.verify(saved_position, epoch, skip, reducer)
-                skip = 0
+        for ids, batch in batches:
             if consumed >= plan.micro_per_epoch or state["step"] >= plan.total_steps:
                 break
-            position.add(batch)
+            position.add(ids)
             batch = {k: v.to(device) for k, v in batch.items()}
             lr = engine.get_lr()[0]
             out = engine(**batch)

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from meddr_ray.config import load_config
+from meddr_ray.instruct import published_mix_files
 from meddr_ray.pipeline import run_pipeline
 
 
@@ -37,7 +38,7 @@ def test_pipeline_writes_every_stage_and_resumes(ray_cluster, tmp_path):
 
     reports = _read(run / "bootstrap", ["id", "report"])
     assert reports.num_rows == 24 and len(set(reports.column("id").to_pylist())) == 24
-    mix = _read(run / "instruct", ["task", "split"]).to_pylist()
+    mix = pq.read_table(published_mix_files(str(run / "instruct")), columns=["task", "split"]).to_pylist()
     assert {r["task"] for r in mix} >= {"diagnosis", "guided_report"}
     assert (run / "adapter" / "adapter_config.json").is_file() and (run / "adapter" / "meddr.json").is_file()
     version = (run / "index" / "CURRENT").read_text().strip()

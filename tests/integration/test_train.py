@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from meddr_ray.config import load_config
-from meddr_ray.instruct import run_instruct
+from meddr_ray.instruct import published_mix_files, run_instruct
 from meddr_ray.model.collate import IGNORE_INDEX, InstructionCollator
 from meddr_ray.train import run_train
 
@@ -68,7 +68,7 @@ def _adapter_val_loss(model_path: str, adapter: str, instruct: str) -> tuple:
     from peft import PeftModel
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    files = sorted(Path(instruct).glob("*.parquet"))
+    files = published_mix_files(instruct)
     table = pq.read_table(files, columns=["id", "image", "prompt", "answer", "split"]).to_pydict()
     rows = [i for i, split in enumerate(table["split"]) if split == "val"]
     processor = AutoProcessor.from_pretrained(model_path)

@@ -6,7 +6,6 @@ import math
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import torch
 
 from meddr_ray.config import TrainConfig, load_config
 from meddr_ray.train import TrainDataError, run_train
@@ -72,29 +71,25 @@ class _LocalReducer:
         return list(values)
 
 
-def _batches(seed, n=3):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        {"input_ids": torch.randint(0, 100, (4, 10), generator=g), "pixel_values": torch.rand(4, 3, 8, 8, generator=g)}
-        for _ in range(n)
-    ]
+def _ids(seed, n=3):
+    return [[f"row-{seed}-{b}-{i}" for i in range(4)] for b in range(n)]
 
 
 def test_data_position_verifies_the_skipped_batches():
     before = _DataPosition(0)
     before.new_epoch(2)
-    for b in _batches(0):
-        before.add(b)
+    for ids in _ids(0):
+        before.add(ids)
     saved = before.snapshot({})
     again = _DataPosition(0)
     again.new_epoch(2)
-    for b in _batches(0):
-        again.add(b)
+    for ids in _ids(0):
+        again.add(ids)
     assert again.verify(saved, epoch=2, skipped=3, reducer=_LocalReducer()) == "verified"
     other = _DataPosition(0)
     other.new_epoch(2)
-    for b in _batches(1):  # another order of the data
-        other.add(b)
+    for ids in _ids(1):  # another order of the data
+        other.add(ids)
     assert other.verify(saved, epoch=2, skipped=3, reducer=_LocalReducer()).startswith("mismatch")
     assert again.verify(saved, epoch=3, skipped=3, reducer=_LocalReducer()).startswith("mismatch")
     assert again.verify(None, epoch=2, skipped=3, reducer=_LocalReducer()).startswith("mismatch")
@@ -137,10 +132,11 @@ def test_a_run_checkpointed_by_other_worker_count_is_refused_before_starting(tmp
     pq.write_table(table, folder / "part-0.parquet")
     checkpoint = tmp_path / "train" / "finetune" / "checkpoint_step0000005"
     checkpoint.mkdir(parents=True)
-    from meddr_ray.train import run_identity
+    from meddr_ray.instruct import published_mix
+    from meddr_ray.train import run_description, run_identity
 
     cfg = load_config("tiny", [f"run_dir={tmp_path}"])
-    identity = run_identity(cfg, [str(folder / "part-0.parquet")])  # the same run, with another worker count
+    identity = run_identity(run_description(cfg, published_mix(str(folder))))  # the same run, other worker count
     (checkpoint / "state.json").write_text(json.dumps({"step": 5, "world_size": 1, "identity": identity}))
     with pytest.raises(ConfigError, match=r"checkpointed by 1 workers.*train.num_workers=1"):
         run_train(cfg)
@@ -159,31 +155,86 @@ def test_training_with_retrieved_labels_needs_the_runs_index_and_says_so(tmp_pat
         run_train(cfg)
 
 
+def _plain_mix(folder, rows=40, split="train"):
+    folder.mkdir(exist_ok=True)
+    table = pa.table({"id": [str(i) for i in range(rows)], "image": [b"x"] * rows, "prompt": ["p"] * rows,
+                      "answer": ["y"] * rows, "split": [split] * rows})  # fmt: skip
+    pq.write_table(table, folder / "part-0.parquet")
+
+
 def test_run_identity_changes_with_the_student_data_and_settings_not_with_operational_keys(tmp_path):
     """A run's checkpoints are only resumed by a run of the same student, data and settings."""
-    from meddr_ray.train import run_identity
+    from meddr_ray.instruct import published_mix
+    from meddr_ray.train import run_description, run_identity
 
-    data = tmp_path / "part-0.parquet"
-    data.write_bytes(b"x" * 100)
-    base = load_config("tiny")
-    same = run_identity(base, [str(data)])
-    assert run_identity(load_config("tiny", ["train.keep_checkpoints=5", "train.max_steps=99"]), [str(data)]) == same
-    assert run_identity(load_config("tiny", ["train.learning_rate=0.5"]), [str(data)]) != same
-    assert run_identity(load_config("tiny", ["student.build_options.vision_tower=efficientnet_lite0"]),
-                        [str(data)]) != same  # fmt: skip
-    data.write_bytes(b"x" * 101)  # another instruction mix
-    assert run_identity(base, [str(data)]) != same
+    _plain_mix(tmp_path / "mix")
+
+    def identity(*overrides):
+        return run_identity(run_description(load_config("tiny", list(overrides)), published_mix(str(tmp_path / "mix"))))
+
+    same = identity()
+    assert identity("train.keep_checkpoints=5", "train.max_steps=99", "train.restart=true") == same
+    assert identity("train.learning_rate=0.5") != same
+    assert identity("student.build_options.vision_tower=efficientnet_lite0") != same
+    _plain_mix(tmp_path / "mix", rows=41)  # another instruction mix
+    assert identity() != same
 
 
-def test_checkpoints_of_another_run_are_moved_aside_not_resumed(tmp_path, capsys):
-    from meddr_ray.train import _set_aside_other_run
+def _checkpoint(tmp_path, cfg, **state):
+    from meddr_ray.instruct import published_mix
+    from meddr_ray.train import run_description, run_identity
 
-    experiment = tmp_path / "meddr-lora"
-    (experiment / "checkpoint_step0000010").mkdir(parents=True)
-    _set_aside_other_run(str(experiment), {"identity": "aaaa"}, "aaaa")  # the same run: resumed
-    assert experiment.exists()
-    _set_aside_other_run(str(experiment), {"identity": "aaaa"}, "bbbb")
-    assert not experiment.exists()
-    (aside,) = tmp_path.glob("meddr-lora.replaced-*")
-    assert (aside / "checkpoint_step0000010").is_dir()  # kept, not deleted
+    description = run_description(cfg, published_mix(str(tmp_path / "instruct")))
+    folder = tmp_path / "train" / cfg.train.name / "checkpoint_step0000005"
+    folder.mkdir(parents=True)
+    full = {"step": 5, "world_size": 2, "identity": run_identity(description), "description": description, **state}
+    (folder / "state.json").write_text(json.dumps(full))
+    return folder
+
+
+class _ReachedRay(Exception):
+    pass
+
+
+def _no_ray(monkeypatch):
+    def refuse(cfg):
+        raise _ReachedRay("the run went on to start Ray")
+
+    monkeypatch.setattr("meddr_ray.runtime.init_ray", refuse)
+
+
+def test_a_resume_on_changed_instruction_data_is_refused_naming_what_changed(tmp_path, monkeypatch):
+    from meddr_ray.config import ConfigError
+
+    _no_ray(monkeypatch)
+    _plain_mix(tmp_path / "instruct", rows=40)
+    cfg = load_config("tiny", [f"run_dir={tmp_path}"])
+    checkpoint = _checkpoint(tmp_path, cfg)
+    _plain_mix(tmp_path / "instruct", rows=48)  # the mix was rebuilt with more rows since
+    with pytest.raises(ConfigError) as err:
+        run_train(cfg)
+    message = str(err.value)
+    assert "train.restart" in message and str(tmp_path / "train" / "finetune") in message
+    assert "files changed in size: part-0.parquet" in message and "fingerprint" in message
+    assert checkpoint.is_dir()  # nothing moved or deleted
+
+    # other settings: named too
+    with pytest.raises(ConfigError, match=r"train.learning_rate: 0.002 -> 0.5"):
+        run_train(load_config("tiny", [f"run_dir={tmp_path}", "train.learning_rate=0.5"]))
+
+
+def test_the_same_run_resumes_and_restart_moves_the_checkpoints_aside(tmp_path, monkeypatch, capsys):
+    _no_ray(monkeypatch)
+    _plain_mix(tmp_path / "instruct")
+    cfg = load_config("tiny", [f"run_dir={tmp_path}"])
+    checkpoint = _checkpoint(tmp_path, cfg)
+    with pytest.raises(_ReachedRay):  # the same data and settings: on to Ray, resuming
+        run_train(cfg)
+    assert checkpoint.is_dir()
+    _plain_mix(tmp_path / "instruct", rows=48)
+    with pytest.raises(_ReachedRay):  # told to start over: the checkpoints move aside, the run goes on
+        run_train(load_config("tiny", [f"run_dir={tmp_path}", "train.restart=true"]))
+    assert not checkpoint.exists()
+    (aside,) = (tmp_path / "train").glob("finetune.replaced-*")
+    assert (aside / "checkpoint_step0000005" / "state.json").is_file()  # kept, not deleted
     assert "starts from step 0" in capsys.readouterr().out
