@@ -11,12 +11,16 @@ question-answer pairs), so the top five neighbours are five different images, as
    hidden state, mean-pooled and L2-normalised (the paper names no layer or pooling: this project's choice) --
    and writes ``(values..., embedding)`` Parquet files to a work folder. Only embeddings and text leave the
    actors; images never pass through the driver.
-3. The driver reads just the ``id``/``dataset``/``error`` columns, sets failed rows aside, and cuts the good rows
-   into ``index.num_shards`` contiguous shards. Ray tasks build one FAISS index per shard in parallel (IVF: each
-   a clone of one template trained on a sample), and a last task merges them and publishes a new version
-   (:func:`meddr_ray.faiss_index.publish`: temporary folder, rename, then ``CURRENT``). HNSW cannot be merged,
-   so it is built in that last task from the gathered vectors. The manifest counts the cases of each dataset,
-   which retrieval can be scoped to (``rag.same_dataset``, ``rag.datasets``).
+3. The driver reads just the ``id``/``dataset``/``error``/``fingerprint`` columns, sets failed rows aside, and cuts
+   the good rows into ``index.num_shards`` contiguous shards (:func:`build_from_embeddings`, the build half, also
+   run by ``benchmarks/index_scale.py`` on a folder of embedding files). Ray tasks build one FAISS index per shard
+   in parallel, row group by row group (IVF / IVF-PQ: each a copy of one template trained on a sample that is
+   read row group by row group), and write it to a file; a last task merges the shard files -- IVF on disk, one
+   shard at a time (:func:`meddr_ray.faiss_index.merge_ivf_on_disk`) -- and publishes a new version
+   (:func:`meddr_ray.faiss_index.publish_staged`: temporary folder, rename, then ``CURRENT``, compare-and-swap
+   on the version the build started from, idempotent per build id). HNSW cannot be merged, so it is built in
+   that last task from the gathered vectors (refused above ``index.max_in_memory_gb``). The manifest counts the
+   cases of each dataset, which retrieval can be scoped to (``rag.same_dataset``, ``rag.datasets``).
 
 ``run_index(cfg, add_source=path)`` (``meddr-ray index --add source.yaml``) appends the cases of a source as a
 new version: only images whose case key is not in the current version are embedded, and they are added to a copy
@@ -33,6 +37,7 @@ import json
 import logging
 import os
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -50,6 +55,8 @@ from meddr_ray.config import (
     load_source_file,
 )
 from meddr_ray.faiss_index import (  # noqa: F401  (case_key: the stage's own name for it)
+    IVF_KINDS,
+    PublishConflict,
     QA_TYPE,
     VALUE_COLUMNS,
     case_key,
@@ -453,23 +460,52 @@ def make_plan(files: List[str], known_ids: pa.Array) -> Plan:
 # ---------------------------------------------------------------------------------- build tasks (Ray)
 
 
-def read_entries(entries: Sequence[Tuple[str, np.ndarray]], dim: int, with_values: bool = True):
-    """``(vectors (n, dim) float32, values table)`` of the given rows of embedding files, in order."""
+def _row_groups(path: str, rows: np.ndarray, columns: List[str]):
+    """``(row group table, rows of it)`` for the row groups of ``path`` that hold any of ``rows`` (sorted file
+    row numbers), one row group at a time: the rows of a sample or a shard are read without the rest of the
+    file's vectors (memory: one row group of ``columns``)."""
+    import pyarrow.parquet as pq
+
+    fs, p = storage.resolve(path)
+    with fs.open_input_file(p) as f:
+        pf = pq.ParquetFile(f)
+        md = pf.metadata
+        starts = np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)])
+        rows = np.asarray(rows, dtype=np.int64)
+        if len(rows) and (rows.min() < 0 or rows.max() >= starts[-1]):
+            raise IndexArtifactError(f"{path}: row {int(rows.max())} asked for, the file has {int(starts[-1])} rows")
+        which = np.searchsorted(starts, rows, side="right") - 1
+        for g in np.unique(which):
+            local = rows[which == g] - starts[g]
+            yield pf.read_row_group(int(g), columns=columns).take(pa.array(local)), local
+
+
+def iter_entries(entries: Sequence[Tuple[str, np.ndarray]], dim: int, with_values: bool = True):
+    """``(vectors (n, dim) float32, values table or None)`` of the given rows of embedding files, in order, one
+    row group at a time (a shard task adds each to its index and writes its values before reading the next)."""
     import pyarrow.parquet as pq
 
     from meddr_ray.faiss_index import conform_values
 
-    vectors, values = [], []
     for path, rows in entries:
         columns = ["embedding"]
         if with_values:  # the value columns the file has (embeddings of an older version lack the image location)
             fs, p = storage.resolve(path)
             columns += [c for c in VALUE_COLUMNS if c in pq.read_schema(p, filesystem=fs).names]
-        t = _read_columns(path, columns).take(pa.array(rows))
-        emb = t.column("embedding").combine_chunks()
-        vectors.append(emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, dim))
+        for t, _ in _row_groups(path, rows, columns):
+            emb = t.column("embedding").combine_chunks()
+            x = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+            yield x, (conform_values(t.drop_columns(["embedding"])) if with_values else None)
+
+
+def read_entries(entries: Sequence[Tuple[str, np.ndarray]], dim: int, with_values: bool = True):
+    """``(vectors (n, dim) float32, values table)`` of the given rows of embedding files, in order (all at once:
+    a sample, or the vectors of an index that holds them all anyway)."""
+    vectors, values = [], []
+    for x, v in iter_entries(entries, dim, with_values):
+        vectors.append(x)
         if with_values:
-            values.append(conform_values(t.drop_columns(["embedding"])))
+            values.append(v)
     x = np.concatenate(vectors) if vectors else np.zeros((0, dim), np.float32)
     return x, (pa.concat_tables(values) if with_values and values else None)
 
@@ -480,42 +516,157 @@ def _threads(n: float) -> None:
     faiss.omp_set_num_threads(max(1, int(n)))
 
 
-def _train_ivf_task(entries, dim: int, params: IndexParams, nlist: int, device: str, cpus: float):
+def peak_rss_mb() -> float:
+    """This process's peak resident memory (MB). Build tasks run one per worker process (``max_calls=1``), so it
+    is the task's own peak; it includes pages of memory-mapped files the task touched."""
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def _train_ivf_task(entries, dim: int, params: IndexParams, nlist: int, device: str, cpus: float, out: str):
+    """Train the IVF template on the sampled rows only (read row group by row group) and write it to ``out``."""
     from meddr_ray import faiss_index as fi
 
     _threads(cpus)
     sample, _ = read_entries(entries, dim, with_values=False)
-    return fi.index_to_bytes(fi.train_ivf(sample, params, nlist, device))
+    fi.save_index(fi.train_ivf(sample, params, nlist, device), out)
+    return {"template": out, "peak_rss_mb": peak_rss_mb()}
 
 
-def _shard_task(entries, dim: int, params: IndexParams, template, cpus: float):
+def _template_from_parent_task(parent: Dict[str, Any], out: str):
+    """The trained structure of an IVF parent version, without its vectors, as a template file."""
+    from meddr_ray import faiss_index as fi
+
+    index = fi.open_index_file(_local_index_file(parent))
+    fi.save_index(fi.empty_like(index), out)
+    return {"template": out, "peak_rss_mb": peak_rss_mb()}
+
+
+def _local_index_file(manifest: Dict[str, Any]) -> str:
+    """A published version's ``index.faiss`` as a path FAISS can read with its on-disk lists beside it."""
+    from meddr_ray import faiss_index as fi
+
+    path = join_path(manifest["path"], fi.INDEX_FILE)
+    if is_uri(path) and fi.IVFDATA_FILE in manifest["files"]:
+        return fi._fetch_on_disk_version(manifest["path"], manifest["files"])
+    return path
+
+
+def _write_values(parts, path: str) -> int:
+    """Stream value tables into one Parquet file (a temporary name, then renamed: a retried task never leaves
+    half a file); returns the rows written."""
+    import pyarrow.parquet as pq
+
+    from meddr_ray.faiss_index import VALUES_SCHEMA
+
+    fs, p = storage.resolve(path)
+    tmp = p if is_uri(path) else f"{p}.tmp-{os.getpid()}"
+    rows = 0
+    with pq.ParquetWriter(tmp, VALUES_SCHEMA, filesystem=fs) as writer:
+        for t in parts:
+            writer.write_table(t)
+            rows += t.num_rows
+    if tmp != p:
+        os.replace(tmp, p)
+    return rows
+
+
+def _shard_task(entries, dim: int, params: IndexParams, template: Optional[str], cpus: float, out: str):
+    """Build one shard's index row group by row group and write it and its values to ``out`` + ``.faiss`` /
+    ``.values.parquet``; returns their paths (never the index itself: it does not travel through the object
+    store), its count and, for IVF, its list sizes (what the merge pre-sizes the on-disk lists with)."""
+    from meddr_ray import faiss_index as fi
+
+    _threads(cpus)
+    if params.kind in fi.IVF_KINDS:
+        if template is None:
+            raise ValueError("an IVF shard needs the trained template")
+        index = fi.read_index_file(template)
+    else:
+        index = fi.new_flat(dim)
+
+    def values():
+        for x, v in iter_entries(entries, dim):
+            index.add(fi.check_vectors(x, dim))
+            yield v
+
+    rows = _write_values(values(), out + ".values.parquet")
+    fi.save_index(index, out + ".faiss")
+    return {
+        "index": out + ".faiss",
+        "values": out + ".values.parquet",
+        "count": rows,
+        "sizes": fi.ivf_list_sizes(index) if params.kind in fi.IVF_KINDS else None,
+        "peak_rss_mb": peak_rss_mb(),
+    }
+
+
+def _read_value_files(paths: Sequence[str]):
+    """The value rows of shard / version files, one row group at a time."""
+    import pyarrow.parquet as pq
+
+    from meddr_ray.faiss_index import conform_values
+
+    for path in paths:
+        fs, p = storage.resolve(path)
+        with fs.open_input_file(p) as f:
+            pf = pq.ParquetFile(f)
+            for g in range(pf.metadata.num_row_groups):
+                yield conform_values(pf.read_row_group(g))
+
+
+def _merge_publish_task(
+    index_dir: str, manifest: dict, extra: dict, cpus: float, kind: str, template: Optional[str],
+    sources: List[Dict[str, Any]], parent: Optional[str], build_id: str,
+):  # fmt: skip
+    """Merge shard (and parent version) files into a new version and publish it. ``sources``: paths and list
+    sizes, never index bytes. IVF: the lists are copied one shard at a time into an on-disk ``index.ivfdata``
+    (the task holds one shard); flat: the shards are concatenated in memory (bounded by
+    ``index.max_in_memory_gb``)."""
+    from meddr_ray import faiss_index as fi
+
+    _threads(cpus)
+    done = fi.find_build(index_dir, build_id)  # a retry of a merge that already published
+    if done is not None:
+        return done
+    for source in sources:  # the parent version of an add: its index file, fetched here if it is remote
+        if "parent" in source:
+            source["index"], source["sizes"] = _local_index_file(source.pop("parent")), None
+    stage = fi.new_stage(index_dir)
+    try:
+        if kind in fi.IVF_KINDS:
+            info = fi.merge_ivf_on_disk(
+                fi.read_index_file(template), [s["index"] for s in sources], stage, [s["sizes"] for s in sources]
+            )
+        else:
+            index = fi.merge_flat_files([s["index"] for s in sources])
+            fi.save_index(index, os.path.join(stage, fi.INDEX_FILE))
+            info = fi.describe(index)
+            del index
+        _write_values(_read_value_files([s["values"] for s in sources]), os.path.join(stage, fi.VALUES_FILE))
+    except BaseException:
+        storage.remove(stage)
+        raise
+    summary = dict(manifest.get("summary", {}))
+    peaks = dict(summary.get("task_peak_rss_mb", {}), merge=peak_rss_mb())
+    manifest = dict(manifest, summary=dict(summary, task_peak_rss_mb=peaks))
+    return fi.publish_staged(index_dir, stage, info, manifest, extra, parent=parent, build_id=build_id)
+
+
+def _hnsw_publish_task(index_dir: str, manifest: dict, extra: dict, entries, dim: int, params, cpus: float,
+                       parent: Optional[str], build_id: str):  # fmt: skip
     from meddr_ray import faiss_index as fi
 
     _threads(cpus)
     vectors, values = read_entries(entries, dim)
-    index = fi.build_shard(vectors, params, fi.index_from_bytes(template) if template is not None else None)
-    return fi.index_to_bytes(index), values
+    index = fi.build_hnsw(vectors, params)
+    return fi.publish(index_dir, index, values, manifest, extra, parent=parent, build_id=build_id)
 
 
-def _merge_publish_task(index_dir: str, manifest: dict, extra: dict, cpus: float, *shards):
-    from meddr_ray import faiss_index as fi
-
-    _threads(cpus)
-    index = fi.merge_shards([fi.index_from_bytes(buf) for buf, _ in shards])
-    values = pa.concat_tables([v for _, v in shards])
-    return fi.publish(index_dir, index, values, manifest, extra)
-
-
-def _hnsw_publish_task(index_dir: str, manifest: dict, extra: dict, entries, dim: int, params, cpus: float):
-    from meddr_ray import faiss_index as fi
-
-    _threads(cpus)
-    vectors, values = read_entries(entries, dim)
-    return fi.publish(index_dir, fi.build_hnsw(vectors, params), values, manifest, extra)
-
-
-def _add_publish_task(index_dir: str, parent: str, manifest: dict, extra: dict, entries, dim: int, cpus: float):
-    """Load the parent version, add the new vectors with its trained structure, publish as a new version."""
+def _add_publish_task(index_dir: str, parent: str, manifest: dict, extra: dict, entries, dim: int, cpus: float,
+                      build_id: str):  # fmt: skip
+    """Flat / HNSW parents (in memory anyway): load the parent version, add the new vectors, publish."""
     from meddr_ray import faiss_index as fi
 
     _threads(cpus)
@@ -523,7 +674,7 @@ def _add_publish_task(index_dir: str, parent: str, manifest: dict, extra: dict, 
     vectors, values = read_entries(entries, dim)
     base.index.add(fi.check_vectors(vectors, dim))
     merged = pa.concat_tables([fi.conform_values(base.values), fi.conform_values(values)])
-    return fi.publish(index_dir, base.index, merged, manifest, extra)
+    return fi.publish(index_dir, base.index, merged, manifest, extra, parent=parent, build_id=build_id)
 
 
 # ----------------------------------------------------------------------------------------------- stage
@@ -592,8 +743,6 @@ def _gpu_for_tasks(cfg: Config) -> float:
 def run_index(cfg: Config, add_source: Optional[str] = None) -> str:
     """Build (or, with ``add_source`` / ``index.add_sources``, extend) the retrieval index; returns the path of
     the published version. Prints count, dimension, type and version."""
-    import ray
-
     from meddr_ray.model import default_adapter, ensure_model
     from meddr_ray.runtime import init_ray
 
@@ -635,7 +784,79 @@ def run_index(cfg: Config, add_source: Optional[str] = None) -> str:
     embed_s = time.time() - t0
 
     # ------------------------------------------------------------------ 3: plan, shard, build, merge, publish
-    plan = make_plan(_valid_embedding_files(emb_dir), run.known_ids)
+    build_id, expected = _build_identity(work, run, index_dir)
+    try:
+        published, plan = build_from_embeddings(
+            cfg, _valid_embedding_files(emb_dir), run, join_path(work, "shards"), build_id, expected,
+            adapter=adapter, embed_s=embed_s,
+        )  # fmt: skip
+    except PublishConflict:
+        storage.remove(join_path(work, BUILD_FILE))  # the next run builds on the version CURRENT names then
+        raise
+    if published is None:  # an add with nothing new
+        print(
+            f"index: nothing new to add (every case is already in version {run.parent['version']}"
+            + (f"; {plan.failed_count} failed" if plan.failed_count else "")
+            + f"); version {run.parent['version']} stays current"
+        )
+        _remove_work(work)
+        return run.parent["path"]
+    failed_path = _write_failed(run, plan, published["version"])
+    _remove_work(work)
+    build_s = published.get("summary", {}).get("build_seconds", 0.0)
+    print(
+        f"index: {published['count']} vectors, dimension {published['dim']}, {published['faiss_type']} "
+        f"({published['index_type']}), version {published['version']}"
+        + (f" (parent {run.parent['version']}, +{plan.count})" if run.parent else "")
+        + f" -> {published['path']}  [embed {embed_s:.1f} s, build {build_s:.1f} s"
+        + (f", {plan.failed_count} failed -> {failed_path}" if failed_path else "")
+        + "]"
+    )
+    return published["path"]
+
+
+BUILD_FILE = "build.json"
+
+
+def _build_identity(work: str, run: _Run, index_dir: str) -> Tuple[str, Optional[str]]:
+    """``(build id, the version CURRENT named when this build began)``, kept in the work folder so that a re-run
+    after a crash between publishing and cleaning up returns the version already published (same build id) and
+    a build never publishes over a version it did not see (compare-and-swap on that parent)."""
+    path = join_path(work, BUILD_FILE)
+    if storage.exists(path):
+        saved = json.loads(storage.read_text(path))
+        return saved["build_id"], saved["parent"]
+    parent = run.parent["version"] if run.parent else current_version(index_dir)
+    build_id = uuid.uuid4().hex
+    storage.write_text(path, json.dumps({"build_id": build_id, "parent": parent}) + "\n")
+    return build_id, parent
+
+
+def build_from_embeddings(
+    cfg: Config,
+    files: List[str],
+    run: _Run,
+    scratch: str,
+    build_id: str,
+    expected_parent: Optional[str],
+    adapter: Optional[str] = None,
+    embed_s: float = 0.0,
+) -> Tuple[Optional[Dict[str, Any]], Plan]:
+    """The build half of the index job, on a folder of embedding files (``(values..., fingerprint, embedding)``
+    Parquet, as the encoder pool writes them): plan, train (IVF), build shards, merge, publish. Returns the
+    published manifest (None: an add with nothing new) and the plan. Every shard task writes its index and
+    values under ``scratch``; the merge reads those files one shard at a time. ``expected_parent``: the version
+    ``CURRENT`` must still name when publishing (compare-and-swap); ``build_id``: a retried publish returns the
+    version the first attempt made. Also used by ``benchmarks/index_scale.py``."""
+    import ray
+
+    from meddr_ray import faiss_index as fi
+
+    index_dir = run.index_dir
+    already = fi.find_build(index_dir, build_id)
+    plan = make_plan(files, run.known_ids)
+    if already is not None:  # published before a crash; nothing to build again
+        return already, plan
     if plan.failed_count:
         log.warning(
             "index: %d rows could not be embedded; they are listed in %s/",
@@ -644,13 +865,7 @@ def run_index(cfg: Config, add_source: Optional[str] = None) -> str:
     if plan.duplicates:
         log.warning("index: %d images repeat a case already indexed; each image is indexed once", plan.duplicates)
     if run.mode == "add" and plan.count == 0:
-        print(
-            f"index: nothing new to add (every case is already in version {run.parent['version']}"
-            + (f"; {plan.failed_count} failed" if plan.failed_count else "")
-            + f"); version {run.parent['version']} stays current"
-        )
-        _remove_work(work)
-        return run.parent["path"]
+        return None, plan
     if plan.count == 0:
         raise ValueError(
             f"index: no rows to index ({plan.failed_count} failed, listed under {join_path(index_dir, FAILED_DIR)})"
@@ -667,75 +882,87 @@ def run_index(cfg: Config, add_source: Optional[str] = None) -> str:
         kind = run.parent["index_type"]  # an add keeps the parent's structure; a rebuild changes it
     else:
         kind = resolve_kind(cfg.index.type, total, cfg.index.auto_ivf_threshold)
+    fi.check_in_memory(kind, total, plan.dim, cfg.index.max_in_memory_gb)
     params = IndexParams.from_config(cfg.index, kind)
     if run.parent:
         params = IndexParams(**{**asdict(params), **run.parent.get("params", {})})
-    previous = current_version(index_dir)
     manifest = {
         "encoder_fingerprint": plan.fingerprint,
         "model_name": cfg.student.name,
         "model_path": cfg.student.path,
         "adapter_dir": adapter,
         "parent_version": run.parent["version"] if run.parent else None,
-        "replaces": previous if not run.parent else None,
+        "replaces": expected_parent if not run.parent else None,
         "sources": [{k: s.get(k) for k in ("name", "format", "path", "splits")} for s in run.sources],
         "config_fingerprint": cfg.fingerprint(),
     }
     extra = {"config.yaml": cfg.to_yaml()}
     cpus = cfg.index.build_cpus
-    task = ray.remote(num_cpus=cpus, max_retries=2)
+    # one task per worker process (max_calls=1): its memory is returned when it ends, and its peak is its own
+    task = ray.remote(num_cpus=cpus, max_retries=2, max_calls=1)
     gpus = _gpu_for_tasks(cfg)
-    shards_used = 1
     t1 = time.time()
     datasets = dict(run.parent.get("summary", {}).get("datasets", {})) if run.parent else {}
     for name, n in plan.datasets.items():
         datasets[name] = datasets.get(name, 0) + n
-    summary = {
+    summary: Dict[str, Any] = {
         "datasets": datasets,  # cases (images) per dataset: what retrieval can be scoped to
         "added": plan.count,
         "failed": plan.failed_count,
         "duplicates": plan.duplicates,
-        "faiss_device": "gpu" if gpus and kind == "ivf" and not run.parent else "cpu",  # IVF training only
+        "faiss_device": "gpu" if gpus and kind in IVF_KINDS and not run.parent else "cpu",  # IVF training only
+        "embed_seconds": round(embed_s, 2),
     }
+    storage.makedirs(scratch)
 
     def finish_manifest(**more):
-        m = dict(manifest, params=params.as_dict())
-        m["summary"] = dict(summary, shards=shards_used, embed_seconds=round(embed_s, 2), **more)
-        return m
+        return dict(manifest, params=params.as_dict(), summary=dict(summary, **more))
 
-    if run.parent:
+    if run.parent and kind not in IVF_KINDS:
         ref = task(_add_publish_task).remote(
-            index_dir, run.parent["version"], finish_manifest(), extra, plan.everything(), plan.dim, cpus
-        )
+            index_dir, run.parent["version"], finish_manifest(shards=1), extra, plan.everything(), plan.dim, cpus,
+            build_id,
+        )  # fmt: skip
     elif kind == "hnsw":
         ref = task(_hnsw_publish_task).remote(
-            index_dir, finish_manifest(), extra, plan.everything(), plan.dim, params, cpus
-        )
+            index_dir, finish_manifest(shards=1), extra, plan.everything(), plan.dim, params, cpus,
+            expected_parent, build_id,
+        )  # fmt: skip
     else:
         shards = plan.shards(cfg.index.num_shards)
-        shards_used = len(shards)
-        template = None
-        if kind == "ivf":
+        template, peaks = None, {}
+        if kind in IVF_KINDS and run.parent:
+            log.info("index: adding to the trained %s structure of version %s", kind, run.parent["version"])
+            trained = ray.get(task(_template_from_parent_task).remote(run.parent, join_path(scratch, "template.faiss")))
+            template, peaks["template"] = trained["template"], trained["peak_rss_mb"]
+        elif kind in IVF_KINDS:
             params.nlist = effective_nlist(cfg.index.nlist, plan.count)
             size = ivf_train_size(params.nlist, plan.count, cfg.index.train_size)
-            log.info("index: training the IVF template (nlist=%d) on %d vectors", params.nlist, size)
-            template = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=2)(_train_ivf_task).remote(
-                plan.sample(size, cfg.seed), plan.dim, params, params.nlist, cfg.index.device, cpus
+            log.info("index: training the %s template (nlist=%d) on %d sampled vectors", kind, params.nlist, size)
+            trained = ray.get(
+                ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=2, max_calls=1)(_train_ivf_task).remote(
+                    plan.sample(size, cfg.seed), plan.dim, params, params.nlist, cfg.index.device, cpus,
+                    join_path(scratch, "template.faiss"),
+                )  # fmt: skip
             )
+            template, peaks["train"] = trained["template"], trained["peak_rss_mb"]
         log.info("index: building %d %s shards of %d vectors in parallel", len(shards), kind, plan.count)
-        shard_refs = [task(_shard_task).remote(entries, plan.dim, params, template, cpus) for entries in shards]
-        ref = task(_merge_publish_task).remote(index_dir, finish_manifest(), extra, cpus, *shard_refs)
+        built = ray.get(
+            [
+                task(_shard_task).remote(entries, plan.dim, params, template, cpus, join_path(scratch, f"shard-{i:05d}"))
+                for i, entries in enumerate(shards)
+            ]
+        )
+        sources = list(built)
+        if run.parent:  # the parent version's lists come first: its FAISS ids stay what they were
+            sources.insert(0, {"parent": run.parent, "values": join_path(run.parent["path"], VALUES_FILE)})
+        peaks["shards"] = [b["peak_rss_mb"] for b in built]
+        ref = task(_merge_publish_task).remote(
+            index_dir, finish_manifest(shards=len(shards), task_peak_rss_mb=peaks), extra, cpus, kind, template,
+            sources, run.parent["version"] if run.parent else expected_parent, build_id,
+        )  # fmt: skip
     published = ray.get(ref)
-    build_s = time.time() - t1
+    published.setdefault("summary", {})["build_seconds"] = round(time.time() - t1, 2)
+    storage.remove(scratch)
+    return published, plan
 
-    failed_path = _write_failed(run, plan, published["version"])
-    _remove_work(work)
-    print(
-        f"index: {published['count']} vectors, dimension {published['dim']}, {published['faiss_type']} "
-        f"({published['index_type']}), version {published['version']}"
-        + (f" (parent {run.parent['version']}, +{plan.count})" if run.parent else "")
-        + f" -> {published['path']}  [embed {embed_s:.1f} s, build {build_s:.1f} s"
-        + (f", {plan.failed_count} failed -> {failed_path}" if failed_path else "")
-        + "]"
-    )
-    return published["path"]

@@ -269,6 +269,12 @@ def test_approximate_indexes_through_the_job_and_incremental_add(ray_cluster, tm
     assert manifest["summary"]["shards"] == (3 if kind == "ivf" else 1)
     if kind == "ivf":
         assert manifest["params"] == {"kind": "ivf", "nlist": 4, "nprobe": 4}
+        # merged on disk from shard files: the lists live in index.ivfdata; every task reported its own peak
+        assert set(manifest["files"]) == {"index.faiss", "index.ivfdata", "values.parquet"}
+        peaks = manifest["summary"]["task_peak_rss_mb"]
+        assert set(peaks) == {"train", "shards", "merge"} and len(peaks["shards"]) == 3
+        assert all(0 < mb < 4096 for mb in [peaks["train"], peaks["merge"], *peaks["shards"]])
+        assert manifest["build_id"] and not (Path(cfg.stage_dir("index")) / "_work").exists()
     retriever = Retriever.from_config(cfg, model)
     queries = model.embed(images("train", range(0, 200, 7)))
     # exact neighbours over the same 200 images, embedded here
@@ -290,6 +296,7 @@ def test_approximate_indexes_through_the_job_and_incremental_add(ray_cluster, tm
         parent = fi.load_index(cfg.stage_dir("index"), version="v0001")  # keep it alive: faiss views borrow it
         before, after = faiss.extract_index_ivf(parent.index), faiss.extract_index_ivf(grown.index)
         np.testing.assert_array_equal(before.quantizer.reconstruct_n(0, 4), after.quantizer.reconstruct_n(0, 4))
+        assert "index.ivfdata" in grown.manifest["files"] and parent.count == 200  # the parent is untouched
     assert Path(second).name == "v0002"
 
 
