@@ -340,3 +340,34 @@ def test_cli_builds_the_demo_index_and_the_job_adds_to_it(tmp_path):
     )
     assert "index: 629 vectors, dimension 1280, IndexFlatIP (flat), version v0002 (parent v0001, +5)" in out
     assert fi.current_version(str(run_dir / "index")) == "v0002"
+
+
+def test_the_build_half_on_embedding_files_is_idempotent_and_refuses_a_stale_parent(ray_cluster, tmp_path):
+    """``build_from_embeddings`` (what ``run_index`` and benchmarks/index_scale.py run after embedding) on a folder
+    of embedding files: IVF-PQ merged on disk; the same build id publishes one version however often it is run;
+    a build that began on v0001 after v0002 was published is refused and CURRENT stays v0002."""
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+    from test_faiss_ondisk import embedding_file, unit
+
+    x = unit(3000, 32)
+    for f in range(2):
+        embedding_file(tmp_path / f"e{f}.parquet", x[f * 1500 : (f + 1) * 1500], start=f * 1500, row_group=400)
+    files = [str(tmp_path / f"e{f}.parquet") for f in range(2)]
+    cfg = tiny(tmp_path / "run", "index.type=ivfpq", "index.nlist=8", "index.pq_m=8", "index.pq_nbits=6",
+               "index.num_shards=3")  # fmt: skip
+    index_dir = cfg.stage_dir("index")
+    run = index_mod._Run(index_dir, "build", [{"name": "toy", "format": "parquet", "path": str(tmp_path)}])
+
+    first, plan = index_mod.build_from_embeddings(cfg, files, run, str(tmp_path / "s1"), "build-a", None)
+    assert (first["version"], first["count"], first["index_type"], plan.count) == ("v0001", 3000, "ivfpq", 3000)
+    again, _ = index_mod.build_from_embeddings(cfg, files, run, str(tmp_path / "s2"), "build-a", None)
+    assert again["version"] == "v0001" and fi.list_versions(index_dir) == ["v0001"]
+    second, _ = index_mod.build_from_embeddings(cfg, files, run, str(tmp_path / "s3"), "build-b", "v0001")
+    assert second["version"] == "v0002" and second["replaces"] == "v0001"
+    with pytest.raises(fi.PublishConflict, match="CURRENT names v0002, but this build was made on v0001"):
+        index_mod.build_from_embeddings(cfg, files, run, str(tmp_path / "s4"), "build-c", "v0001")
+    assert fi.current_version(index_dir) == "v0002" and fi.list_versions(index_dir) == ["v0001", "v0002"]
+    loaded = fi.load_index(index_dir, expect_dim=32, expect_fingerprint="fp")
+    assert loaded.count == 3000 and loaded.values.column("id")[1700].as_py() == "case1700"
