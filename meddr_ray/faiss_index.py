@@ -101,8 +101,13 @@ def case_key(dataset: Optional[str], image: Optional[bytes], sample_id: str) -> 
 
 
 def _faiss():
-    import faiss
-
+    try:
+        import faiss
+    except ImportError:
+        raise ImportError(
+            "FAISS is not installed: install meddr-ray with the extra of this machine's build, "
+            "pip install -e '.[cpu]' (CPU) or -e '.[gpu]' (CUDA); `make install` installs the CPU one"
+        ) from None
     return faiss
 
 

@@ -62,3 +62,22 @@ def test_makefile_ci_and_dockerfile_install_with_the_lock():
     docker = (ROOT / "cluster" / "Dockerfile").read_text()
     docker_installs = re.findall(r"pip install[^\n&]*", docker)
     assert len(docker_installs) == 3 and all("-c requirements/lock-cpu.txt" in i for i in docker_installs)
+
+
+def test_every_install_gets_exactly_one_faiss_build():
+    """faiss-cpu and faiss-gpu install the same `faiss` module: an install with both gets whichever wrote last."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+
+    def faiss_builds(extra):
+        # pip keeps a requirement when its marker holds for the plain install (extra "") or for a requested extra
+        reqs = [Requirement(r) for r in project["dependencies"] + project["optional-dependencies"].get(extra, [])]
+        kept = [r for r in reqs if not r.marker or any(r.marker.evaluate({"extra": e}) for e in ("", extra))]
+        return sorted(r.name for r in kept if r.name.startswith("faiss"))
+
+    assert faiss_builds("cpu") == ["faiss-cpu"] and faiss_builds("gpu") == ["faiss-gpu-cu12"]
+    assert "'.[cpu,dev]'" in (ROOT / "Makefile").read_text()
+    assert '".[gpu]"' in (ROOT / "cluster" / "Dockerfile").read_text()
