@@ -231,6 +231,12 @@ class Encoder:
         self.fingerprint = self.model.encoder_fingerprint()
         self.dim = self.model.embed_dim
         self.data_cfg = data_cfg
+        from ray.util.metrics import Counter
+
+        # the dashboard's embeddings/s (Prometheus ray_meddr_index_images_embedded_total; docs/operations.md)
+        self.metric_tags = {"student": model_cfg.name}
+        self.m_embedded = Counter("meddr_index_images_embedded", "Images the encoder embedded", tag_keys=("student",))
+        self.m_failed = Counter("meddr_index_rows_failed", "Rows set aside as bad input", tag_keys=("student",))
 
     def _where(self, row: Dict[str, Any]) -> str:
         src = row.get("source_file") or row.get("dataset") or "?"
@@ -266,6 +272,10 @@ class Encoder:
         vectors = np.zeros((len(rows), self.dim), dtype=np.float32)
         if decoded:
             vectors[positions] = self.model.embed(decoded)
+            self.m_embedded.inc(len(decoded), tags=self.metric_tags)
+        failed = sum(e is not None for e in errors)  # by the reader or here: not embedded, written to failed/
+        if failed:
+            self.m_failed.inc(failed, tags=self.metric_tags)
         valid = np.zeros(len(rows), dtype=bool)
         valid[positions] = True
         embedding = pa.FixedSizeListArray.from_arrays(

@@ -464,6 +464,43 @@ def _restore(engine, checkpoint, t: TrainConfig, plan: Plan, schedule, rank: int
 # --------------------------------------------------------------------------------------------------- loop
 
 
+class _TrainGauges:
+    """The run's dashboard metrics, set by rank 0 (the window's figures are already means over every worker):
+    Prometheus ``ray_meddr_train_*``, tagged with ``train.name`` (docs/operations.md, "Metrics"). Gauges, not
+    counters: a resumed run starts its process afresh, and a gauge still shows the last value."""
+
+    def __init__(self, run_name: str):
+        from ray.util.metrics import Gauge
+
+        tags = ("run",)
+        self.tags = {"run": run_name}
+        self.loss = Gauge("meddr_train_loss", "Mean training loss of the last reporting window", tag_keys=tags)
+        self.samples_per_s = Gauge(
+            "meddr_train_samples_per_s", "Training samples per second, all workers, last window", tag_keys=tags
+        )
+        self.tokens_per_s = Gauge(
+            "meddr_train_tokens_per_s", "Training tokens per second, all workers, last window", tag_keys=tags
+        )
+        self.step = Gauge("meddr_train_step", "Optimizer steps done", tag_keys=tags)
+        self.checkpoint_step = Gauge("meddr_train_last_checkpoint_step", "Step of the last checkpoint", tag_keys=tags)
+        self.checkpoint_time = Gauge(
+            "meddr_train_last_checkpoint_timestamp_s",
+            "Unix time the last checkpoint was persisted (its age: time() - this)",
+            tag_keys=tags,
+        )
+
+    def window(self, metrics: Dict[str, Any]) -> None:
+        self.step.set(metrics["step"], tags=self.tags)
+        for gauge, key in ((self.loss, "loss"), (self.samples_per_s, "samples_per_s"),
+                           (self.tokens_per_s, "tokens_per_s")):
+            if metrics.get(key) is not None:
+                gauge.set(float(metrics[key]), tags=self.tags)
+
+    def checkpoint(self, step: int) -> None:
+        self.checkpoint_step.set(step, tags=self.tags)
+        self.checkpoint_time.set(time.time(), tags=self.tags)
+
+
 def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     """Ray Train entry point. ``loop_config``: ``cfg`` (Config), ``plan`` (Plan dict), ``model_path``,
     ``status_dir`` (optional local folder for worker info)."""
@@ -517,10 +554,12 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if loop_config.get("has_val") else None
     reducer = _Reducer()
+    gauges = _TrainGauges(t.name) if rank == 0 else None
 
     def checkpoint_and_report(metrics: Dict[str, Any], with_checkpoint: bool) -> None:
         if rank == 0:
             state["history"].append(metrics)
+            gauges.window(metrics)
         if not with_checkpoint:
             ray.train.report(metrics)
             return
@@ -539,6 +578,8 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
             ray.train.report(
                 metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp), checkpoint_dir_name=f"checkpoint_{tag}"
             )
+        if rank == 0:  # report() returns once the checkpoint is persisted on the run's storage
+            gauges.checkpoint(state["step"])
 
     # ---- the baseline: validation loss before any training (a fresh run only)
     if checkpoint is None and t.eval_at_start and val_shard is not None:

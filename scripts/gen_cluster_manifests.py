@@ -197,6 +197,7 @@ class Metric:
     unit: str  # Grafana unit of the panel
     by: str = ""  # labels to split the series by
     gauge_agg: str = "sum"  # how a gauge's series are combined per `by` group (max: a value, not a count)
+    expr: str = ""  # PromQL of the panel instead of the kind's default; {series} and {by} are filled in
 
 
 # One list: every metric the project's code defines, then the Ray Serve metrics the dashboard shows beside them.
@@ -210,6 +211,31 @@ METRICS: Tuple[Metric, ...] = (
     Metric("meddr_bootstrap_rows_failed", "counter", "Bootstrap", "Rows set aside / s",
            "Rows set aside as bad input (unreadable image, ...), written to failed/ with the reason.", "ops",
            "teacher"),
+    Metric("meddr_train_loss", "gauge", "Train", "Training loss",
+           "Mean training loss over the last reporting window (train.log_every steps), all workers.", "none",
+           "run", gauge_agg="max"),
+    Metric("meddr_train_samples_per_s", "gauge", "Train", "Training samples / s",
+           "Training samples per second over the last reporting window, all workers together.", "none", "run",
+           gauge_agg="max"),
+    Metric("meddr_train_tokens_per_s", "gauge", "Train", "Training tokens / s",
+           "Training tokens (prompt + answer + image tokens) per second over the last window, all workers.",
+           "none", "run", gauge_agg="max"),
+    Metric("meddr_train_step", "gauge", "Train", "Optimizer step",
+           "Optimizer steps done (a resumed run continues from its checkpoint's step).", "none", "run",
+           gauge_agg="max"),
+    Metric("meddr_train_last_checkpoint_step", "gauge", "Train", "Last checkpoint step",
+           "Step of the last checkpoint persisted to the run's storage: where a restart resumes.", "none", "run",
+           gauge_agg="max"),
+    Metric("meddr_train_last_checkpoint_timestamp_s", "gauge", "Train", "Checkpoint age",
+           "Seconds since the last checkpoint was persisted (time() minus its Unix time): work a crash would "
+           "lose; it grows past train.checkpoint_every steps' time when training stalls.", "s", "run",
+           expr="time() - max({series}){by}"),
+    Metric("meddr_index_images_embedded", "counter", "Index", "Embeddings / s",
+           "Images the student's vision encoder embedded per second (the index build's throughput).", "ops",
+           "student"),
+    Metric("meddr_index_rows_failed", "counter", "Index", "Index rows set aside / s",
+           "Rows set aside as bad input while embedding (written to the build's failed/ with the reason).", "ops",
+           "student"),
     Metric("meddr_evaluate_rows_answered", "counter", "Evaluate", "Test rows answered / s",
            "Held-out rows the student answered (in every mode).", "ops", "student"),
     Metric("meddr_evaluate_tokens_generated", "counter", "Evaluate", "Student tokens / s",
@@ -256,6 +282,8 @@ def _targets(m: Metric) -> List[Dict[str, Any]]:
     series = prometheus_series(m)
     by = f" by ({m.by})" if m.by else ""
     legend = " ".join(f"{{{{{label.strip()}}}}}" for label in m.by.split(",")) if m.by else m.title
+    if m.expr:
+        return [{"refId": "A", "expr": m.expr.format(series=series, by=by), "legendFormat": legend}]
     if m.kind == "counter":
         return [{"refId": "A", "expr": f"sum(rate({series}[$__rate_interval])){by}", "legendFormat": legend}]
     if m.kind == "gauge":
