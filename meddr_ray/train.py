@@ -268,7 +268,8 @@ def check_resume(experiment: str, previous: Optional[dict], description: Dict[st
     deleted) so the run starts from step 0; otherwise refuse checkpoints of other data, student or settings,
     naming what changed."""
     if restart:
-        if storage.exists(experiment) and is_uri(experiment):
+        # a file:// URI is a local or mounted filesystem, which moves folders; object stores cannot
+        if storage.exists(experiment) and is_uri(experiment) and storage.resolve(experiment)[0].type_name != "local":
             raise TrainResumeError(
                 f"key 'train.restart': {experiment} is on an object store, which cannot move a folder aside: delete "
                 "it, or use another train.name, to start over"
