@@ -102,6 +102,8 @@ ROW_SCHEMA = pa.schema(
     + [pa.field("image", pa.binary())]
 )
 WORK_DIR = "_work"
+# The IVF training sample is drawn from random whole row groups holding this many times its size (see Plan.sample)
+SAMPLE_READ_FACTOR = 4
 FAILED_DIR = "failed"
 
 
@@ -384,6 +386,7 @@ class Plan:
     duplicates: int = 0
     keys: Optional[pa.Array] = None  # every indexed case key, in FAISS order
     datasets: Dict[str, int] = field(default_factory=dict)  # indexed cases (images) per dataset
+    group_starts: List[np.ndarray] = field(default_factory=list)  # per file: first row of each Parquet row group
 
     @property
     def count(self) -> int:
@@ -417,8 +420,31 @@ class Plan:
         return [self._group(files[a:b], rows[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def sample(self, size: int, seed: int) -> List[Tuple[str, np.ndarray]]:
+        """``size`` rows drawn at random from about ``SAMPLE_READ_FACTOR x size`` rows: whole Parquet row groups
+        picked at random (from every file), then rows within them. A sample drawn from all rows would touch every
+        row group, so the training task would read the whole collection to keep a sliver of it; this way it reads
+        a bounded multiple of the sample."""
         files, rows = self._positions()
-        pick = np.sort(np.random.default_rng(seed).choice(len(rows), size=min(size, len(rows)), replace=False))
+        size = min(size, len(rows))
+        rng = np.random.default_rng(seed)
+        candidates = np.arange(len(rows))
+        if self.group_starts and size * SAMPLE_READ_FACTOR < len(rows):
+            group = np.zeros(len(rows), dtype=np.int64)  # a global row-group number of every indexed row
+            edges = np.searchsorted(files, np.arange(len(self.files) + 1))  # positions are in file order
+            base = 0
+            for f, starts in enumerate(self.group_starts):
+                a, b = edges[f], edges[f + 1]
+                group[a:b] = base + np.searchsorted(starts, rows[a:b], side="right") - 1
+                base += len(starts)
+            chosen, total = [], 0
+            counts = np.bincount(group, minlength=base)
+            for g in rng.permutation(np.flatnonzero(counts)):
+                chosen.append(g)
+                total += counts[g]
+                if total >= size * SAMPLE_READ_FACTOR:
+                    break
+            candidates = np.flatnonzero(np.isin(group, chosen))
+        pick = np.sort(rng.choice(candidates, size=size, replace=False))
         return self._group(files[pick], rows[pick])
 
     def everything(self) -> List[Tuple[str, np.ndarray]]:
@@ -438,9 +464,11 @@ def make_plan(files: List[str], known_ids: pa.Array) -> Plan:
     for path in plan.files:
         # the small columns only: the dimension comes from the file's schema, never from reading its vectors
         t = _read_columns(path, ["id", "dataset", "error", "fingerprint"])
+        fs, p = storage.resolve(path)
+        md = pq.read_metadata(p, filesystem=fs)  # the footer: schema and row groups, no data
+        plan.group_starts.append(np.cumsum([0] + [md.row_group(g).num_rows for g in range(md.num_row_groups)])[:-1])
         if not plan.dim and t.num_rows:
-            fs, p = storage.resolve(path)
-            plan.dim = pq.read_schema(p, filesystem=fs).field("embedding").type.list_size
+            plan.dim = md.schema.to_arrow_schema().field("embedding").type.list_size
         errors = t.column("error").is_valid().to_numpy(zero_copy_only=False)
         fingerprints.update(x for x in pc.unique(t.column("fingerprint")).to_pylist() if x)
         keep = []

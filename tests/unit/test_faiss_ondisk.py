@@ -254,3 +254,20 @@ def test_flat_and_hnsw_are_refused_above_the_in_memory_limit():
         fi.check_in_memory("hnsw", 2_000_000, 3200, 4.0)
     with pytest.raises(ValueError, match="use index.type=ivf or ivfpq"):
         fi.check_in_memory("flat", 400_000, 3200, 4.0)
+
+
+def test_the_training_sample_is_drawn_from_a_bounded_share_of_row_groups(tmp_path):
+    """A uniform sample of 1 % touches every row group (the training task would read the whole collection); the
+    plan draws it from random whole row groups holding SAMPLE_READ_FACTOR x its size, spread over the files."""
+    from meddr_ray.index import SAMPLE_READ_FACTOR, _row_groups, make_plan
+
+    for f in range(4):
+        embedding_file(tmp_path / f"e{f}.parquet", unit(10_000, 8, seed=f), start=f * 10_000, row_group=500)
+    plan = make_plan([str(tmp_path / f"e{f}.parquet") for f in range(4)], pa.array([], pa.string()))
+    assert [len(g) for g in plan.group_starts] == [20] * 4
+    entries = plan.sample(400, seed=3)
+    assert sum(len(r) for _, r in entries) == 400
+    touched = sum(len(list(_row_groups(path, rows, ["id"]))) for path, rows in entries)
+    assert touched <= SAMPLE_READ_FACTOR * 400 // 500 + 1, touched  # 80 row groups hold the 40 000 rows
+    assert touched >= 3 and len({path for path, _ in entries}) >= 2  # still spread out, not one block
+    assert sum(len(r) for _, r in plan.sample(400, seed=4)) == 400 and plan.sample(10**6, 0)[0][1][0] == 0
