@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -20,6 +21,15 @@ def worker_env() -> dict:
     return env
 
 
+def _job_env_vars() -> set:
+    """Environment variables the submitted job's own runtime env sets (``ray job submit --runtime-env``): Ray
+    refuses a driver that sets any of them again, even to the same value, so those are left to the job."""
+    injected = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not injected:
+        return set()
+    return set(((json.loads(injected).get("runtime_env") or {}).get("env_vars") or {}))
+
+
 def init_ray(cfg: Config):
     """Join ``ray.address`` / ``RAY_ADDRESS`` if given (a cluster, or inside ``ray job submit``), else start a
     local cluster with ``ray.num_cpus`` logical CPUs. Idempotent."""
@@ -28,7 +38,9 @@ def init_ray(cfg: Config):
     if ray.is_initialized():
         return ray
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS")
-    kwargs = dict(runtime_env={"env_vars": worker_env()}, log_to_driver=True)
+    taken = _job_env_vars()
+    env = {k: v for k, v in worker_env().items() if k not in taken}
+    kwargs = dict(runtime_env={"env_vars": env}, log_to_driver=True)
     if address:
         ray.init(address=address, **kwargs)
     else:

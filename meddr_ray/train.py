@@ -167,7 +167,8 @@ def _copy_tree(src: str, dst: str) -> None:
         fs, p = storage.resolve(dst)
         if storage.exists(dst):
             fs.delete_dir(p)
-        pafs.copy_files(src, p, destination_filesystem=fs)
+        fs.create_dir(p, recursive=True)  # copy_files makes sub-folders only: a flat folder needs its root
+        pafs.copy_files(src, p, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
         return
     tmp = f"{dst}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

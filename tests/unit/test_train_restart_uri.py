@@ -28,3 +28,20 @@ def test_restart_on_an_object_store_is_refused_by_name(monkeypatch):
     monkeypatch.setattr(storage, "resolve", lambda path: (pafs.SubTreeFileSystem("/", pafs.LocalFileSystem()), path))
     with pytest.raises(TrainResumeError, match="cannot move a folder aside"):
         check_resume("s3://bucket/run/train/finetune", None, {}, restart=True)
+
+
+def test_the_adapter_folder_is_published_to_a_file_uri_run(tmp_path):
+    """A flat adapter folder (no sub-folders) copied to a URI: pyarrow's copy_files makes only sub-folders, so
+    the destination's root must be made first (a file:// pipeline failed right after training without it)."""
+    from meddr_ray.train import _copy_tree
+
+    src = tmp_path / "ckpt" / "adapter"
+    src.mkdir(parents=True)
+    (src / "adapter_model.safetensors").write_bytes(b"weights")
+    (src / "adapter_config.json").write_text("{}")
+    dst = tmp_path / "run" / "adapter"
+    _copy_tree(str(src), f"file://{dst}")
+    assert sorted(p.name for p in dst.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    (src / "adapter_config.json").write_text('{"r": 16}')
+    _copy_tree(str(src), f"file://{dst}")  # a second training run replaces it
+    assert (dst / "adapter_config.json").read_text() == '{"r": 16}'
