@@ -327,6 +327,27 @@ def mix_sink(version_dir: str):
     return _MixSink()
 
 
+_DIGEST_MOD = 1 << 64
+
+
+def row_digest(row: Dict[str, Any]) -> int:
+    """A 64-bit hash of one instruction row, every :data:`MIX_SCHEMA` column (the image's bytes included)."""
+    h = hashlib.blake2b(digest_size=8)
+    for name in MIX_SCHEMA.names:
+        value = row.get(name)
+        data = value if isinstance(value, bytes) else ("\x00" if value is None else str(value)).encode()
+        h.update(len(data).to_bytes(8, "little"))
+        h.update(data)
+    return int.from_bytes(h.digest(), "little")
+
+
+def content_fingerprint(digest_sum: int, rows: int) -> str:
+    """The mix's fingerprint from the sum of its rows' digests (mod 2**64): the same rows give the same
+    fingerprint whatever files, order or write tasks hold them, so rebuilding an unchanged mix does not make a
+    training run's checkpoints look stale, while any changed, added or removed row does."""
+    return hashlib.sha256(f"{digest_sum % _DIGEST_MOD}:{rows}".encode()).hexdigest()[:16]
+
+
 def _write_blocks(blocks, version_dir: str, name: str) -> Dict[str, Any]:
     """One write task: good rows -> ``<version>/<name>``, set-aside rows -> ``<version>/failed/<name>``, block by
     block (memory bounded by a block); returns the files written and the counts by group."""
@@ -336,6 +357,7 @@ def _write_blocks(blocks, version_dir: str, name: str) -> Dict[str, Any]:
     fs, root = storage.resolve(version_dir)
     writers: Dict[str, Any] = {}
     rows = {"mix": 0, "failed": 0}
+    digest_sum = 0
     good_counts: Dict[Tuple[str, str, str], int] = {}
     bad_counts: Dict[Tuple[str, str], int] = {}
     try:
@@ -356,6 +378,8 @@ def _write_blocks(blocks, version_dir: str, name: str) -> Dict[str, Any]:
                     writers[kind] = (path, pq.ParquetWriter(fs.open_output_stream(path), part.schema))
                 writers[kind][1].write_table(part)
                 rows[kind] += part.num_rows
+                if kind == "mix":
+                    digest_sum = (digest_sum + sum(map(row_digest, part.to_pylist()))) % _DIGEST_MOD
                 keys = ["task", "dataset", "split"] if kind == "mix" else ["task", "dataset"]
                 counts = good_counts if kind == "mix" else bad_counts
                 for r in part.select(keys).group_by(keys).aggregate([([], "count_all")]).to_pylist():
@@ -367,7 +391,7 @@ def _write_blocks(blocks, version_dir: str, name: str) -> Dict[str, Any]:
     files = {}
     for kind, (path, _) in writers.items():
         files[kind] = {"file": path[len(root) + 1:], "rows": rows[kind], "bytes": fs.get_file_info(path).size}
-    return {"files": files, "counts": [[*k, n] for k, n in good_counts.items()],
+    return {"files": files, "digest_sum": digest_sum, "counts": [[*k, n] for k, n in good_counts.items()],
             "set_aside": [[*k, n] for k, n in bad_counts.items()]}  # fmt: skip
 
 
@@ -399,7 +423,7 @@ class PublishedMix:
     files: List[str]  # the Parquet files of instructions, in reading order
     sizes: List[int]  # their sizes in bytes
     rows: Dict[str, int]  # rows per split ({} when not recorded: a plain folder)
-    fingerprint: str  # changes whenever a file is added, removed or changed in size
+    fingerprint: str  # of the rows (published versions) or of file names and sizes (a plain folder)
 
 
 def _fingerprint(names: List[str], sizes: List[int]) -> str:
@@ -504,7 +528,7 @@ def _publish(folder: str, version: str, results: List[Dict[str, Any]], summary: 
         "version": version,
         "files": entries,
         "rows": rows,
-        "fingerprint": _fingerprint([e["file"] for e in entries], [e["bytes"] for e in entries]),
+        "fingerprint": content_fingerprint(sum(r["digest_sum"] for r in results), sum(e["rows"] for e in entries)),
         "created": summary["finished"],
     }
     storage.write_text(join_path(path, MANIFEST_FILE), json.dumps(manifest, indent=2, sort_keys=True))

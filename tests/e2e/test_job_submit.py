@@ -262,7 +262,8 @@ def run_job(c: Cluster, job_id: str, script: str, args: List[str], extra_env: Op
     log = logs(c, job_id)
     assert status == "SUCCEEDED", f"{script} ended {status}:\n{log[-4000:]}"
     res = c.ray("job", "status", "--address", c.dashboard, job_id)
-    assert res.returncode == 0 and "SUCCEEDED" in res.stdout + res.stderr, res.stdout + res.stderr
+    said = res.stdout + res.stderr
+    assert res.returncode == 0 and f"Job '{job_id}' succeeded" in said, said  # the CLI's own words
     return log
 
 

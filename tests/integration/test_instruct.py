@@ -117,9 +117,13 @@ def test_rebuild_is_deterministic_and_weights_and_caps_apply(ray_cluster, tmp_pa
     out = Path(run_instruct(cfg))
     first = {r["id"]: (r["split"], r["prompt"], r["answer"]) for r in _mix(out)}
     assert len(first) == 16 + 30
+    first_mix = published_mix(str(out))
 
     again = {r["id"]: (r["split"], r["prompt"], r["answer"]) for r in _mix(Path(run_instruct(cfg)))}
     assert again == first  # the same config gives the same mix, same split
+    again_mix = published_mix(str(out))
+    # a new version of the same rows: the same fingerprint, so training checkpoints made on it stay resumable
+    assert again_mix.version != first_mix.version and again_mix.fingerprint == first_mix.fingerprint
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bootstrap", "instruct"]  # no temporary folder left
     assert len(list(out.glob("mix-*"))) == 1  # the version it replaced is removed once nothing names it
 
@@ -134,6 +138,7 @@ def test_rebuild_is_deterministic_and_weights_and_caps_apply(ray_cluster, tmp_pa
     assert sum(r["id"] in first for r in rows if r["task"] == "diagnosis") == 30
     summary = json.loads((_version(out) / SUMMARY_FILE).read_text())
     assert summary["capped"]["bootstrap"] == 11
+    assert published_mix(str(out)).fingerprint != first_mix.fingerprint  # other rows, another fingerprint
 
 
 def test_counts_and_caps_without_holding_the_rendered_rows(ray_cluster, tmp_path, monkeypatch):
