@@ -194,17 +194,9 @@ def _publish(tmp: Path, target: Path) -> Path:
     return target
 
 
-def build_tiny(directory: str | os.PathLike, opts: Optional[ModelBuildConfig] = None) -> Path:
-    """A random-weight LLaVA (SigLIP vision tower, or the pretrained EfficientNet-Lite0 one, + small Llama) with an
-    offline-trained tokenizer, in seconds; with ``architecture: internvl`` a native InternVL (:func:`build_tiny_internvl`)."""
-    from transformers import LlamaConfig
-
-    opts = opts or ModelBuildConfig()
-    if _architecture(opts) == "internvl":
-        return build_tiny_internvl(directory, opts)
-    target = Path(directory)
-    tokenizer = _train_tokenizer(opts.vocab_size)
-    text_config = LlamaConfig(
+def _tiny_text_shape(opts: ModelBuildConfig, tokenizer) -> dict:
+    """The tiny language model's shape and special tokens (the same for the LLaVA and InternVL students)."""
+    return dict(
         vocab_size=len(tokenizer),
         hidden_size=opts.text_hidden_size,
         intermediate_size=opts.text_hidden_size * 2,
@@ -217,6 +209,19 @@ def build_tiny(directory: str | os.PathLike, opts: Optional[ModelBuildConfig] = 
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
     )
+
+
+def build_tiny(directory: str | os.PathLike, opts: Optional[ModelBuildConfig] = None) -> Path:
+    """A random-weight LLaVA (SigLIP vision tower, or the pretrained EfficientNet-Lite0 one, + small Llama) with an
+    offline-trained tokenizer, in seconds; with ``architecture: internvl`` a native InternVL (:func:`build_tiny_internvl`)."""
+    from transformers import LlamaConfig
+
+    opts = opts or ModelBuildConfig()
+    if _architecture(opts) == "internvl":
+        return build_tiny_internvl(directory, opts)
+    target = Path(directory)
+    tokenizer = _train_tokenizer(opts.vocab_size)
+    text_config = LlamaConfig(**_tiny_text_shape(opts, tokenizer))
     model = _llava(text_config, opts, tokenizer.convert_tokens_to_ids(IMAGE_TOKEN))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
@@ -257,19 +262,7 @@ def build_tiny_internvl(directory: str | os.PathLike, opts: Optional[ModelBuildC
         image_size=opts.image_size,
         patch_size=opts.patch_size,
     )
-    text_config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=opts.text_hidden_size,
-        intermediate_size=opts.text_hidden_size * 2,
-        num_hidden_layers=opts.text_layers,
-        num_attention_heads=max(1, opts.text_hidden_size // 16),
-        num_key_value_heads=max(1, opts.text_hidden_size // 32),
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-    )
+    text_config = Qwen2Config(**_tiny_text_shape(opts, tokenizer))
     config = InternVLConfig(
         vision_config=vision_config,
         text_config=text_config,
