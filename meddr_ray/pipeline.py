@@ -82,7 +82,13 @@ def _resolve(module_name: str, func_name: str) -> Optional[Callable]:
 
 def step_fingerprints(cfg: Config) -> Dict[str, str]:
     """Each step's fingerprint: its config sections chained to the step before it, so a change to the teacher
-    invalidates everything after bootstrap, and a change to ``evaluate`` only the evaluation."""
+    invalidates everything after bootstrap, and a change to ``evaluate`` only the evaluation. Files shipped in the
+    package (``${pkg:...}``) count by their place in it, not by where the package lives: each ``ray job submit``
+    unpacks the working dir into a folder named by its contents, so an edit anywhere in the checkout would
+    otherwise make a resubmitted pipeline redo every step."""
+    from meddr_ray import config as config_module
+
+    package_dir = str(config_module.PACKAGE_DIR)
     out: Dict[str, str] = {}
     previous = ""
     for step, _, _, sections in steps_for(cfg):
@@ -91,7 +97,7 @@ def step_fingerprints(cfg: Config) -> Dict[str, str]:
             {s: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for s, v in values.items()},
             sort_keys=True,
             default=str,
-        )
+        ).replace(package_dir, "<meddr_ray package>")
         previous = hashlib.sha256(f"{previous}\x1f{blob}".encode()).hexdigest()[:16]
         out[step] = previous
     return out

@@ -3,7 +3,7 @@
 ``ray job submit --working-dir <repo> --runtime-env-json ...`` on the tiny preset, all on one ``file://`` run
 directory (a pyarrow-filesystem URI, the way a shared store is named):
 
-1. jobs/pipeline.py: the whole tiny pipeline from nothing (every step runs);
+1. jobs/pipeline.py: the whole tiny pipeline from nothing (every step runs), then again (every step reused);
 2. jobs/bootstrap.py, instruct.py, finetune.py, build_index.py, evaluate.py on that run, each resuming from what is
    there: bootstrap generates nothing twice; finetune extends the run, is stopped midway (``ray job stop``),
    resubmitted, and resumes from its newest checkpoint; index and evaluate redo their work for the new adapter;
@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import pyarrow.parquet as pq
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -291,8 +292,6 @@ def test_a_client_without_the_token_is_refused(cluster):
 
 
 def _read_parquet_rows(folder: Path) -> int:
-    import pyarrow.parquet as pq
-
     return sum(pq.read_metadata(f).num_rows for f in folder.glob("*.parquet"))
 
 
@@ -330,6 +329,19 @@ def test_every_stage_as_a_job_on_a_file_uri_run_resumes_and_reports_metrics(clus
         assert summary["run_dir"] == run_uri
         assert json.loads((run / "adapter" / "meddr.json").read_text())["final_metrics"]["step"] == 8
         first_version = (run / "index" / "CURRENT").read_text().strip()
+        reports = [i for f in sorted((run / "bootstrap").glob("*.parquet"))
+                   for i in pq.read_table(f, columns=["id"]).column("id").to_pylist()]  # fmt: skip
+        assert len(reports) == len(set(reports)) == 16
+        mix = pq.read_table(published_mix_files(str(run / "instruct")), columns=["task"]).column("task").to_pylist()
+        assert {"diagnosis", "guided_report"} <= set(mix)
+        assert (run / "adapter" / "adapter_config.json").is_file() and (run / "eval" / "metrics.json").is_file()
+
+        # ---- the same pipeline again: every finished step is reused, nothing is written twice
+        run_job(cluster, "meddr-pipeline-2", "pipeline.py", [*common, "train.max_steps=8"])
+        again = json.loads((run / "pipeline.json").read_text())
+        assert all(r["reused"] for r in again["steps"].values()) and again["outputs"] == summary["outputs"]
+        assert (run / "index" / "CURRENT").read_text().strip() == first_version
+        assert _read_parquet_rows(run / "bootstrap") == 16
 
         # ---- then each stage as its own job on that run: each resumes from what is there
         log = run_job(cluster, "meddr-bootstrap-1", "bootstrap.py", common)

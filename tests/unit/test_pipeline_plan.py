@@ -14,6 +14,19 @@ def test_fingerprints_are_stable_for_the_same_config():
     assert step_fingerprints(load_config("tiny")) == step_fingerprints(load_config("tiny"))
 
 
+def test_fingerprints_do_not_depend_on_where_the_package_lives(monkeypatch, tmp_path):
+    """Each `ray job submit` unpacks the checkout into a folder named by its contents: a pipeline resubmitted after
+    any edit must still reuse its finished steps (the job-submission test found every step redone)."""
+    from meddr_ray import config as config_module
+
+    here = step_fingerprints(load_config("tiny"))
+    monkeypatch.setattr(config_module, "PACKAGE_DIR", tmp_path / "_ray_pkg_0123" / "meddr_ray")
+    moved = load_config("tiny")
+    assert moved.bootstrap.sources[0].path.startswith(str(tmp_path))  # the shipped data, from the other place
+    assert step_fingerprints(moved) == here
+    assert _changed("bootstrap.sources.0.limit=3") == STEPS  # a real change still counts
+
+
 def test_a_change_invalidates_its_step_and_every_later_one_only():
     assert _changed("bootstrap.generation.max_new_tokens=7") == STEPS
     assert _changed("teacher.dtype=bfloat16") == STEPS
