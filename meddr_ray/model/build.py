@@ -124,14 +124,7 @@ def _vision_config(opts: ModelBuildConfig):
         from meddr_ray.model.vision_towers import efficientnet_lite0_config
 
         return efficientnet_lite0_config(opts.image_size)
-    return SiglipVisionConfig(
-        hidden_size=opts.vision_hidden_size,
-        intermediate_size=opts.vision_hidden_size * 2,
-        num_hidden_layers=opts.vision_layers,
-        num_attention_heads=max(1, opts.vision_hidden_size // 32),
-        image_size=opts.image_size,
-        patch_size=opts.patch_size,
-    )
+    return SiglipVisionConfig(**_tiny_vision_shape(opts))
 
 
 def _processor(tokenizer, opts: ModelBuildConfig, default_system: str = ""):
@@ -194,6 +187,18 @@ def _publish(tmp: Path, target: Path) -> Path:
     return target
 
 
+def _tiny_vision_shape(opts: ModelBuildConfig) -> dict:
+    """The tiny vision tower's shape (the same for the SigLIP and InternViT towers)."""
+    return dict(
+        hidden_size=opts.vision_hidden_size,
+        intermediate_size=opts.vision_hidden_size * 2,
+        num_hidden_layers=opts.vision_layers,
+        num_attention_heads=max(1, opts.vision_hidden_size // 32),
+        image_size=opts.image_size,
+        patch_size=opts.patch_size,
+    )
+
+
 def _tiny_text_shape(opts: ModelBuildConfig, tokenizer) -> dict:
     """The tiny language model's shape and special tokens (the same for the LLaVA and InternVL students)."""
     return dict(
@@ -254,14 +259,7 @@ def build_tiny_internvl(directory: str | os.PathLike, opts: Optional[ModelBuildC
     target = Path(directory)
     tokenizer = _train_tokenizer(opts.vocab_size, IMAGE_TOKENS)
     image_seq_length = (opts.image_size // opts.patch_size) ** 2 // 4
-    vision_config = InternVLVisionConfig(
-        hidden_size=opts.vision_hidden_size,
-        intermediate_size=opts.vision_hidden_size * 2,
-        num_hidden_layers=opts.vision_layers,
-        num_attention_heads=max(1, opts.vision_hidden_size // 32),
-        image_size=opts.image_size,
-        patch_size=opts.patch_size,
-    )
+    vision_config = InternVLVisionConfig(**_tiny_vision_shape(opts))
     text_config = Qwen2Config(**_tiny_text_shape(opts, tokenizer))
     config = InternVLConfig(
         vision_config=vision_config,
