@@ -2,7 +2,7 @@
 
 Same teacher (the demo preset's SmolLM2 LLaVA), same images (BreastMNIST train, the first ``--n``), same batch
 size, same decoding (the demo preset's, sampling seeded per batch), and the same function,
-``meddr_ray.bootstrap.teacher_generate``. Printed: generated tokens per second of each, end to end (the Ray
+``meddr_ray.stages.bootstrap.teacher_generate``. Printed: generated tokens per second of each, end to end (the Ray
 job's whole ``run_bootstrap`` call, including starting its actors and loading the model in them; the plain
 loop's model load plus its loop), inside the generate calls alone, and per CPU second of all the run's
 processes; and the ratios to the plain loop. The plain loop runs first and again last (the machine's load
@@ -52,7 +52,7 @@ def plain_loop(cfg, n: int, batch_size: int) -> dict:
     import numpy as np
     from PIL import Image
 
-    from meddr_ray.bootstrap import batch_seed, teacher_generate, teacher_prompt
+    from meddr_ray.stages.bootstrap import batch_seed, teacher_generate, teacher_prompt
     from meddr_ray.data import medmnist_info, sample_id
     from meddr_ray.model import load_model
 
@@ -83,22 +83,22 @@ def ray_job(cfg_args, run_dir: str, actors: int, cpus_per_actor: int, dashboard:
     """One Ray configuration, run in this (child) process on a fresh local cluster."""
     import ray
 
-    from meddr_ray.bootstrap import load_summary, run_bootstrap
+    from meddr_ray.stages.bootstrap import load_summary, run_bootstrap
     from meddr_ray.config import load_config
-    from meddr_ray.runtime import worker_env
+    from meddr_ray.stages.runtime import worker_env
 
     cfg = load_config("demo", cfg_args + [
         f"run_dir={run_dir}", f"bootstrap.pool.min_actors={actors}", f"bootstrap.pool.max_actors={actors}",
         f"bootstrap.pool.num_cpus={cpus_per_actor}",
     ])  # fmt: skip
-    # as meddr_ray.runtime.init_ray, plus the dashboard switch; starting the cluster is not timed
+    # as meddr_ray.stages.runtime.init_ray, plus the dashboard switch; starting the cluster is not timed
     ray.init(num_cpus=cfg.ray.num_cpus, include_dashboard=dashboard, runtime_env={"env_vars": worker_env()})
     time.sleep(5)  # let the cluster's own start-up work settle
     started, cpu = time.perf_counter(), tree_cpu(os.getpid())
     run_bootstrap(cfg)
     seconds = time.perf_counter() - started
     cpu_seconds = cpu_since(cpu, os.getpid())
-    s = load_summary(cfg.stage_dir("bootstrap"))
+    s = load_summary(cfg.layout.bootstrap_dir)
     assert s["written"] == s["rows_in"], s  # a benchmark of a job that dropped rows would mean nothing
     # generate_seconds is summed over the actors: tokens / it is the rate of one actor while it generates
     return {"tokens": s["tokens"], "seconds": seconds, "generate_seconds": s["generate_seconds"],

@@ -28,7 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from meddr_ray import faiss_index as fi  # noqa: E402
+from meddr_ray.retrieval import store as fi  # noqa: E402
 
 K = 5
 
@@ -64,7 +64,7 @@ def bench_embedding(args) -> None:
 
     from meddr_ray.config import PACKAGE_DIR, load_config
     from meddr_ray.model import ensure_model, load_model
-    from meddr_ray.runtime import init_ray
+    from meddr_ray.stages.runtime import init_ray
     from PIL import Image
 
     work = Path(tempfile.mkdtemp(prefix="index-bench-"))
@@ -113,8 +113,8 @@ def bench_embedding(args) -> None:
     gc.collect()
 
     # the index job's embedding phase, on a local Ray cluster that is already up (as on a real cluster)
-    from meddr_ray import index as index_mod
-    from meddr_ray.index import run_index
+    from meddr_ray.stages import index as index_mod
+    from meddr_ray.stages.index import run_index
 
     init_ray(cfg)
     embed_times = {}
@@ -128,7 +128,7 @@ def bench_embedding(args) -> None:
 
     index_mod._embed = timed_embed
     t2 = time.perf_counter()
-    path = run_index(cfg)
+    path = run_index(cfg).path
     job_s = time.perf_counter() - t2
     index_mod._embed = real_embed
     count = pq.read_metadata(Path(path) / "values.parquet").num_rows
@@ -280,7 +280,7 @@ def bench_retriever(args, q, candidates) -> None:
     import faiss
     import pyarrow as pa
 
-    from meddr_ray.rag import Retriever
+    from meddr_ray.retrieval.rag import Retriever
 
     threads = faiss.omp_get_max_threads()
     print(f"\n(c) Retriever.search (input check, search, values lookup, Neighbor objects) vs raw index.search on "

@@ -14,7 +14,7 @@ Phases (``all`` runs each in its own process, so each peak RSS is that phase's o
    held-out queries come from the same distribution and are not in the index.
 2. ``exact`` (beside ``build``): exact top-5 of every query, streamed over the embedding files row group by row group (a running
    top-5; never more than one row group of vectors in memory).
-3. ``build`` (beside ``exact``): ``meddr_ray.index.build_from_embeddings`` -- the same function ``meddr-ray index`` runs after
+3. ``build`` (beside ``exact``): ``meddr_ray.stages.index.build_from_embeddings`` -- the same function ``meddr-ray index`` runs after
    embedding -- with ``index.type=ivfpq`` on a local Ray cluster: sample + train task, one task per shard, the
    on-disk merge + publish task. Peak RSS of each task comes from the published manifest
    (``summary.task_peak_rss_mb``), the driver's from this phase's process.
@@ -83,7 +83,7 @@ def key_id(i: int) -> str:
 
 
 def _values(start: int, n: int) -> dict:
-    from meddr_ray.faiss_index import QA_TYPE
+    from meddr_ray.retrieval.store import QA_TYPE
 
     return {
         "id": pa.array([key_id(i) for i in range(start, start + n)], pa.string()),
@@ -166,10 +166,10 @@ def exact(a: argparse.Namespace) -> dict:
 def build(a: argparse.Namespace) -> dict:
     import ray
 
-    from meddr_ray import faiss_index as fi
+    from meddr_ray.retrieval import store as fi
     from meddr_ray.config import load_config
-    from meddr_ray.index import _Run, build_from_embeddings
-    from meddr_ray.runtime import init_ray
+    from meddr_ray.stages.index import _Run, build_from_embeddings
+    from meddr_ray.stages.runtime import init_ray
 
     index_dir = str(Path(a.work) / "index")
     shutil.rmtree(index_dir, ignore_errors=True)
@@ -203,7 +203,7 @@ def build(a: argparse.Namespace) -> dict:
 
 
 def evaluate(a: argparse.Namespace) -> dict:
-    from meddr_ray import faiss_index as fi
+    from meddr_ray.retrieval import store as fi
 
     q = np.load(Path(a.work) / "queries.npy")
     truth = np.load(Path(a.work) / "truth.npy")

@@ -202,8 +202,8 @@ def retrieval_metric(app: str) -> Optional[dict]:
 
 def bench_student(name: str, args, work: Path, images: List[str]) -> dict:
     from meddr_ray.config import load_config
-    from meddr_ray.faiss_index import current_version
-    from meddr_ray.index import run_index
+    from meddr_ray.retrieval.store import current_version
+    from meddr_ray.stages.index import run_index
     from serve_apps import launch
 
     run_dir = work / name
@@ -223,7 +223,7 @@ def bench_student(name: str, args, work: Path, images: List[str]) -> dict:
     ]
     cfg = load_config("tiny", overrides)
     print(f"\n== {name}: student {cfg.student.name} ({cfg.student.path})", flush=True)
-    index_dir = cfg.stage_dir("index")
+    index_dir = cfg.layout.index_dir
     if current_version(index_dir) is None:
         started = time.time()
         run_index(cfg)

@@ -32,9 +32,9 @@ import pyarrow.parquet as pq  # noqa: E402
 
 from meddr_ray import metrics as mm  # noqa: E402
 from meddr_ray.config import load_config  # noqa: E402
-from meddr_ray.evaluate.report import paper_entry  # noqa: E402
-from meddr_ray.faiss_index import current_version  # noqa: E402
-from meddr_ray.pipeline import run_pipeline  # noqa: E402
+from meddr_ray.stages.evaluate.report import paper_entry  # noqa: E402
+from meddr_ray.retrieval.store import current_version  # noqa: E402
+from meddr_ray.stages.pipeline import run_pipeline  # noqa: E402
 
 SOURCES = ("bootstrap", "instruct", "index", "evaluate")
 BREAST = "${pkg:assets/breastmnist.npz}"
@@ -50,7 +50,7 @@ def overrides(dataset: str, root: Path, steps: int) -> list:
 
 def majority_row(cfg, options: list, y_true: list) -> dict:
     """Predict the most frequent label of the retrieval database (the training cases) for every test image."""
-    index_dir = cfg.stage_dir("index")
+    index_dir = cfg.layout.index_dir
     values = pq.read_table(Path(index_dir, current_version(index_dir), "values.parquet"), columns=["label"])
     counts = Counter(x for x in values.column("label").to_pylist() if x)
     label = counts.most_common(1)[0][0]

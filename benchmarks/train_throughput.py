@@ -26,9 +26,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from meddr_ray.config import cache_dir, load_config  # noqa: E402
-from meddr_ray.instruct import run_instruct  # noqa: E402
-from meddr_ray.runtime import init_ray  # noqa: E402
-from meddr_ray.train import run_train  # noqa: E402
+from meddr_ray.stages.instruct import run_instruct  # noqa: E402
+from meddr_ray.stages.runtime import init_ray  # noqa: E402
+from meddr_ray.stages.train.stage import run_train  # noqa: E402
 
 LOG_EVERY = 5
 
@@ -56,7 +56,7 @@ def train_run(base_overrides, root: Path, label: str, overrides) -> dict:
     )
     cfg.train.checkpoint_every = cfg.train.max_steps  # only the final checkpoint: measure training, not saving
     started = time.perf_counter()
-    adapter = run_train(cfg)
+    adapter = run_train(cfg).path
     meta = json.loads((Path(adapter) / "meddr.json").read_text())
     return {
         "label": label,
@@ -81,7 +81,7 @@ def plain_loop(cfg_overrides, instruct_dir: str, steps: int) -> dict:
 
         from meddr_ray.model import apply_lora, ensure_model
         from meddr_ray.model.collate import InstructionCollator
-        from meddr_ray.train_loop import lr_multiplier
+        from meddr_ray.stages.train.loop import lr_multiplier
 
         cfg = load_config("tiny", cfg_overrides)
         t = cfg.train
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
         ]
     cfg = load_config("tiny", [*base, f"run_dir={root / 'data'}"])
     init_ray(cfg)
-    instruct_dir = run_instruct(cfg)
+    instruct_dir = run_instruct(cfg).path
     base += [f"instruct.output_dir={instruct_dir}", f"train.max_steps={args.steps}"]
 
     runs = {

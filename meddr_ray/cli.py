@@ -1,51 +1,36 @@
 """``meddr-ray <stage> --config PRESET_OR_FILE key=value ...``: one entry point over the stage functions.
 
-Each stage is one library function ``run_<stage>(cfg) -> str`` (see ``STAGES``); the job scripts in ``jobs/`` and
-the tests call the same functions.
+The stages come from the one registry (:data:`meddr_ray.stages.registry.STAGES`); ``serve`` and ``demo`` are the
+two commands above them. Library code reports progress through :mod:`meddr_ray.progress`; this module decides
+what a person sees: those lines (or none, with ``--quiet``) and each stage's headline and output folder.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import re
 import sys
 from typing import Callable, Dict, List, Optional, Tuple
 
-from meddr_ray.config import ConfigError, available_presets, load_config
+from meddr_ray import progress
+from meddr_ray.config import ConfigError, available_presets, load_config, with_added_index_source
+from meddr_ray.stages.registry import STAGES, Stage, StageNotBuilt, StageResult
 
-# stage -> (module, function, one-line help). A stage whose module is missing is reported as not built yet.
-STAGES: Dict[str, Tuple[str, str, str]] = {
-    "bootstrap": ("meddr_ray.bootstrap", "run_bootstrap", "teacher writes reports for labelled images (Ray Data)"),
-    "instruct": ("meddr_ray.instruct", "run_instruct", "build the instruction-tuning mix (Appendix A templates)"),
-    "train": ("meddr_ray.train", "run_train", "LoRA instruction tuning on Ray Train + DeepSpeed ZeRO-3"),
-    "index": ("meddr_ray.index", "run_index", "embed training images into a versioned FAISS index"),
-    "evaluate": ("meddr_ray.evaluate", "run_evaluate", "no-RAG / RAG / voting metrics on held-out data"),
-    "serve": ("serve_apps.launch", "run_serve", "start the Ray Serve application (HTTP API) and serve until Ctrl-C"),
-    "pipeline": ("meddr_ray.pipeline", "run_pipeline", "bootstrap -> instruct -> train -> index -> evaluate"),
-    "demo": ("meddr_ray.demo", "run_demo", "the README's main job: the whole recipe, then one served request"),
-}
+COMMANDS: Dict[str, Stage] = {
+    **STAGES,
+    "serve": Stage("serve", "serve_apps.launch:run_serve",
+                   "start the Ray Serve application (HTTP API) and serve until Ctrl-C"),
+    "demo": Stage("demo", "meddr_ray.demo:run_demo",
+                  "the README's main job: the whole recipe, then one served request"),
+}  # fmt: skip
+"""Every command but ``config``: the stages, then the two that sit above them."""
 
 EXIT_NOT_BUILT = 3
 
 
-class StageNotBuilt(RuntimeError):
-    pass
-
-
 def stage_function(stage: str) -> Callable:
-    module_name, func_name, _ = STAGES[stage]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            raise StageNotBuilt(f"stage {stage!r} is not built yet (no module {module_name})") from exc
-        raise
-    func = getattr(module, func_name, None)
-    if func is None:
-        raise StageNotBuilt(f"stage {stage!r} is not built yet ({module_name}.{func_name} is missing)")
-    return func
+    return COMMANDS[stage].load()
 
 
 def _add_common(p: argparse.ArgumentParser, default_preset: str = "tiny") -> None:
@@ -63,9 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="MedDr on Ray: diagnosis-guided bootstrapping, instruction tuning, retrieval-augmented diagnosis.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines; only the result and errors")
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
-    for stage, (_, _, help_text) in STAGES.items():
-        p = sub.add_parser(stage, help=help_text, description=help_text)
+    for stage, command in COMMANDS.items():
+        p = sub.add_parser(stage, help=command.help, description=command.help)
         _add_common(p, "demo" if stage == "demo" else "tiny")
         if stage == "index":
             p.add_argument(
@@ -90,8 +76,8 @@ def _error_message(exc: BaseException) -> Optional[str]:
     """A clean one-line message for errors users cause (bad config, bad data, missing model), else None."""
     from meddr_ray.model.loading import ModelNotFoundError
 
-    from meddr_ray.faiss_index import IndexArtifactError
-    from meddr_ray.evaluate.stage import EvalArtifactError
+    from meddr_ray.retrieval.store import IndexArtifactError
+    from meddr_ray.stages.evaluate.stage import EvalArtifactError
     from meddr_ray.storage import RunBusyError
 
     known: List[type] = [ConfigError, ModelNotFoundError, FileNotFoundError, IndexArtifactError, RunBusyError,
@@ -135,25 +121,33 @@ def _known_error(exc: BaseException, known: Tuple[type, ...]) -> Optional[str]:
     return None
 
 
+def _show(stage: str, result: Optional[StageResult]) -> None:
+    """What a person sees when a stage returns: its headline, then where it wrote."""
+    if result is None:  # serve: it reported where it answers itself
+        return
+    if result.headline:
+        print(result.headline)
+    print(f"{stage}: wrote {result.path}")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s"
     )
+    progress.configure(quiet=args.quiet)
     try:
         cfg = load_config(args.config, args.overrides)
         if args.stage == "config":
             sys.stdout.write(cfg.to_yaml())
             return 0
+        if args.stage == "index" and args.add:
+            cfg = with_added_index_source(cfg, args.add)
         func = stage_function(args.stage)
-        kwargs = {"add_source": args.add} if args.stage == "index" and args.add else {}
-        if args.stage == "serve" and args.detach:
-            kwargs = {"detach": True}
+        kwargs = {"detach": True} if args.stage == "serve" and args.detach else {}
         if getattr(args, "fresh", False):
             kwargs["fresh"] = True
-        result = func(cfg, **kwargs)
-        if result:
-            print(f"{args.stage}: wrote {result}")
+        _show(args.stage, func(cfg, **kwargs))
         return 0
     except StageNotBuilt as exc:
         print(f"meddr-ray: {exc}", file=sys.stderr)

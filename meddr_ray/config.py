@@ -25,6 +25,9 @@ import yaml
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from meddr_ray.layout import RunLayout
+from meddr_ray.storage import is_uri, join_path
+
 PACKAGE_DIR = Path(__file__).resolve().parent
 PRESET_DIR = PACKAGE_DIR / "configs"
 
@@ -253,7 +256,7 @@ class InstructConfig:
     """At most this many bootstrapped reports."""
     bootstrap_quality: List[str] = field(default_factory=lambda: ["ok", "partial"])
     """Bootstrapped reports used only if their ``quality`` flag is one of these (ok | partial | no_sections |
-    empty, see ``meddr_ray.reports``); the others are set aside and counted."""
+    empty, see ``meddr_ray.report_sections``); the others are set aside and counted."""
     descriptions: bool = False
     """Also add an OpenI-style description sample (A.4) for each report row."""
     val_fraction: float = 0.1
@@ -594,11 +597,10 @@ class Config:
     serve: ServeConfig = field(default_factory=ServeConfig)
     ray: RayConfig = field(default_factory=RayConfig)
 
-    def stage_dir(self, stage: str) -> str:
-        """``<run_dir>/<stage>`` unless the stage's ``output_dir`` is set."""
-        section = getattr(self, stage, None)
-        explicit = getattr(section, "output_dir", None) if section is not None else None
-        return explicit or join_path(self.run_dir, stage)
+    @property
+    def layout(self) -> RunLayout:
+        """Where every artifact of this run lives (:class:`~meddr_ray.layout.RunLayout`)."""
+        return RunLayout.of(self)
 
     def to_yaml(self) -> str:
         return OmegaConf.to_yaml(OmegaConf.structured(self))
@@ -610,16 +612,6 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------------------ loading
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def join_path(base: str, *parts: str) -> str:
-    if is_uri(base):
-        return "/".join([base.rstrip("/"), *parts])
-    return str(Path(base, *parts))
 
 
 def available_presets() -> List[str]:
@@ -722,6 +714,13 @@ def load_source_file(path: str) -> SourceConfig:
     src.path = _absolute(src.path, Path.cwd())
     src.image_root = _absolute(src.image_root, Path.cwd())
     return src
+
+
+def with_added_index_source(cfg: Config, path: str) -> Config:
+    """``meddr-ray index --add SOURCE_YAML``: ``cfg`` with the source in ``path`` appended to
+    ``index.add_sources`` (the index stage then publishes a version with its cases added)."""
+    added = [*cfg.index.add_sources, load_source_file(path)]
+    return dataclasses.replace(cfg, index=dataclasses.replace(cfg.index, add_sources=added))
 
 
 def _absolute(path: Optional[str], base: Path) -> Optional[str]:

@@ -4,7 +4,7 @@ cluster, then one real request to the served model, then a summary a person can 
 bootstrap (SmolLM2 teacher) -> instruct -> train (ZeRO-3 + LoRA, 2 workers) -> index -> evaluate (Table 4 on the
 BreastMNIST test split) -> Serve: one ``POST /v1/diagnose`` over HTTP -> the table, a bootstrapped report, the
 served answer with its evidence and where every artifact is. Finished steps are reused on a re-run
-(``--fresh`` starts over). One demo or pipeline at a time per run folder (:func:`meddr_ray.pipeline.run_lock`,
+(``--fresh`` starts over). One demo or pipeline at a time per run folder (:func:`meddr_ray.stages.pipeline.run_lock`,
 held from the first step to the served request); a taken ``serve.port`` stops it before any step runs. This module
 is an entry point: it sits beside ``cli.py`` and may use ``serve_apps``.
 """
@@ -25,8 +25,9 @@ from typing import Any, Dict, List, Optional
 import pyarrow.parquet as pq
 
 from meddr_ray import storage
-from meddr_ray.config import Config, ConfigError, join_path
-from meddr_ray.pipeline import load_summary, run_lock, run_pipeline
+from meddr_ray.config import Config, ConfigError
+from meddr_ray.storage import join_path
+from meddr_ray.stages.pipeline import load_summary, run_lock, run_pipeline
 
 RULE = "=" * 100
 
@@ -142,7 +143,7 @@ def serve_one_request(cfg: Config) -> Dict[str, Any]:
 
 def table4_lines(metrics: Dict[str, Any]) -> List[str]:
     """This run's Table 4 (the rows of ``eval/report.md``) as an aligned text table."""
-    from meddr_ray.evaluate.report import table4_rows
+    from meddr_ray.stages.evaluate.report import table4_rows
 
     if not metrics.get("datasets"):
         return []
@@ -155,7 +156,7 @@ def table4_lines(metrics: Dict[str, Any]) -> List[str]:
 
 def _sample_report(cfg: Config) -> Optional[Dict[str, Any]]:
     """One bootstrapped report with both sections (else the first), read from one Parquet part."""
-    folder = cfg.bootstrap.output_dir or cfg.stage_dir("bootstrap")
+    folder = cfg.bootstrap.output_dir or cfg.layout.bootstrap_dir
     parts = [f for f in storage.list_files(folder, ".parquet")]
     for path in parts[:4]:
         fs, p = storage.resolve(path)
@@ -177,7 +178,7 @@ def _show(path: str) -> str:
 def summary_text(cfg: Config, served: Dict[str, Any], seconds: float) -> str:
     run = load_summary(cfg.run_dir)
     outputs = run.get("outputs", {})
-    metrics_path = join_path(outputs.get("evaluate", cfg.stage_dir("evaluate")), "metrics.json")
+    metrics_path = join_path(outputs.get("evaluate", cfg.layout.evaluate_dir), "metrics.json")
     metrics = json.loads(storage.read_text(metrics_path)) if storage.exists(metrics_path) else {}
     out = [RULE, "MedDr on Ray: the demo run", RULE,
            "The paper's Table 4 on this run: the student (a tiny LM trained for minutes on 2 CPU cores, on a frozen",

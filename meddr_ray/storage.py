@@ -13,6 +13,18 @@ import uuid
 from typing import Any, Dict, Iterator, List, Tuple
 
 import pyarrow.fs as pafs
+from pathlib import Path
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def join_path(base: str, *parts: str) -> str:
+    """``base/part/...`` for a local path or a URI."""
+    if is_uri(base):
+        return "/".join([base.rstrip("/"), *parts])
+    return str(Path(base, *parts))
 
 
 def resolve(path: str) -> Tuple[pafs.FileSystem, str]:

@@ -6,7 +6,7 @@ One ``@serve.batch`` call takes the requests that arrived together and:
    each image's retrieval key and the features generation uses -- the paper's point (section 3.3) that retrieval
    costs no extra encoder pass;
 2. sends the keys of the requests with retrieval on to the ``Retriever`` in one call;
-3. builds each prompt with its retrieved context (:func:`meddr_ray.rag.rag_prompt`) and generates every answer
+3. builds each prompt with its retrieved context (:func:`meddr_ray.retrieval.rag.rag_prompt`) and generates every answer
    in one ``generate`` per distinct decoding setting, reusing the features of step 1.
 
 A new adapter rolls out through ``reconfigure`` (``user_config`` ``{"adapter_dir": ...}``): the new model is
@@ -27,9 +27,9 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import ray
 from ray import serve
 
-from meddr_ray import rag
-from meddr_ray.config import Config, GenerationConfig, join_path
-from meddr_ray.faiss_index import IndexArtifactError
+from meddr_ray.retrieval import rag
+from meddr_ray.config import Config, GenerationConfig
+from meddr_ray.retrieval.store import IndexArtifactError
 from meddr_ray.model import VisionLanguageModel, default_adapter, load_model
 from serve_apps import metrics
 from serve_apps.errors import replica_id
@@ -98,7 +98,7 @@ class _Student(NamedTuple):
 
 def run_adapter_dir(cfg: Config) -> Optional[str]:
     """The run's trained adapter (``train.adapter_dir``, default ``<run_dir>/adapter``), or None before training."""
-    return default_adapter(cfg.train.adapter_dir or join_path(cfg.run_dir, "adapter"))
+    return default_adapter(cfg.layout.adapter_dir)
 
 
 def _load_student(cfg: Config, adapter_dir: Optional[str]) -> _Student:

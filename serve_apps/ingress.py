@@ -26,7 +26,7 @@ from ray.serve.exceptions import (
     RequestCancelledError,
 )
 
-from meddr_ray import rag
+from meddr_ray.retrieval import rag
 from meddr_ray.config import Config
 from meddr_ray.metrics import map_to_label
 from serve_apps import api, openai_api, schemas

@@ -2,11 +2,12 @@
 (:func:`start` / :func:`stop`).
 
 The application is the same one ``serve run serve_apps/meddr.yaml`` starts; here it runs on the cluster
-:func:`meddr_ray.runtime.init_ray` joins or starts, with Serve's HTTP proxy on ``serve.host:serve.port``.
+:func:`meddr_ray.stages.runtime.init_ray` joins or starts, with Serve's HTTP proxy on ``serve.host:serve.port``.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -14,8 +15,10 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from meddr_ray.config import Config, ConfigError
-from meddr_ray.faiss_index import current_version
-from meddr_ray.runtime import init_ray
+from meddr_ray.retrieval.store import current_version
+from meddr_ray.stages.runtime import init_ray
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -49,7 +52,7 @@ def start(
             f"no API token: export {s.auth_token_env}=<token> first (serve.auth_token_env names the variable), "
             f"e.g. export {s.auth_token_env}=$(python -c 'import secrets; print(secrets.token_urlsafe(32))')"
         )
-    index_dir = cfg.stage_dir("index")
+    index_dir = cfg.layout.index_dir
     if cfg.serve.index_version is None and current_version(index_dir) is None:
         raise FileNotFoundError(
             f"no published index in {index_dir} (its CURRENT file is missing): build it first with "
@@ -60,7 +63,30 @@ def start(
     serve.start(http_options={"host": s.host, "port": s.port})
     app = build(cfg, auth_sha256=token_sha256(token) if token else None, user_configs=user_configs)
     serve.run(app, name=s.app_name, route_prefix=s.route_prefix)
+    _wait_for_old_replicas_to_stop(s.app_name)
     return RunningApp(s.app_name, app_url(cfg), s.auth_token_env)
+
+
+def _wait_for_old_replicas_to_stop(app_name: str, timeout_s: float = 60.0) -> None:
+    """Wait until no replica of ``app_name`` is STOPPING. ``serve.run`` returns once the new replicas serve, while
+    the old ones may still be draining and the proxy may still route a new request to one; a redeploy is done,
+    for a caller that then expects the new version to answer, once they are gone. (STARTING replicas are new
+    ones, e.g. an autoscaling step, and are not waited for.)"""
+    from ray import serve
+
+    deadline = time.time() + timeout_s
+    while True:
+        app = serve.status().applications.get(app_name)
+        stopping = {} if app is None else {
+            name: n for name, d in app.deployments.items()
+            for state, n in d.replica_states.items() if str(getattr(state, "value", state)) == "STOPPING" and n
+        }
+        if not stopping:
+            return
+        if time.time() > deadline:
+            logger.warning("%s: replicas still stopping %.0f s after the redeploy: %s", app_name, timeout_s, stopping)
+            return
+        time.sleep(0.25)
 
 
 def stop(app_or_name) -> None:

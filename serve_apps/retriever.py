@@ -2,7 +2,7 @@
 
 It serves the version ``<index dir>/CURRENT`` names and follows it: a background thread looks every
 ``serve.index_poll_s`` seconds and loads a new version (``meddr-ray index --add``) next to the old one, then swaps
-it in with one assignment (:meth:`meddr_ray.rag.Retriever.switch_to`), so no search is dropped or answered from
+it in with one assignment (:meth:`meddr_ray.retrieval.rag.Retriever.switch_to`), so no search is dropped or answered from
 half of each. A ``user_config`` ``{"index_version": "v0003"}`` pins a version instead; ``null`` follows
 ``CURRENT`` again. A version built with another encoder is refused and the loaded one kept.
 """
@@ -17,9 +17,9 @@ import numpy as np
 import ray
 from ray import serve
 
-from meddr_ray import rag
+from meddr_ray.retrieval import rag
 from meddr_ray.config import Config
-from meddr_ray.faiss_index import IndexArtifactError, current_version
+from meddr_ray.retrieval.store import IndexArtifactError, current_version
 from serve_apps import metrics
 from serve_apps.errors import replica_id
 

@@ -47,7 +47,7 @@ def tiny_index_run(ray_cluster, tmp_path_factory):
     per session for the tests that query a run: evaluation and the Serve application. Tests must not change it;
     those that add versions or adapters copy the run first (``shutil.copytree(cfg.run_dir, ...)``)."""
     from meddr_ray.config import load_config
-    from meddr_ray.index import run_index
+    from meddr_ray.stages.index import run_index
 
     cfg = load_config("tiny", [f"run_dir={tmp_path_factory.mktemp('tiny-index-run') / 'run'}"])
     run_index(cfg)

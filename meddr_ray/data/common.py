@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from meddr_ray import storage
-from meddr_ray.config import DataConfig, SourceConfig, join_path
+from meddr_ray.config import DataConfig, SourceConfig
+from meddr_ray.storage import join_path
 from meddr_ray.data.errors import DataError
 from meddr_ray.data.images import load_image
 from meddr_ray.data.schema import SAMPLE_SCHEMA, keyed_id, make_row, rows_to_table

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from meddr_ray.bootstrap import SUMMARY_FILE, part_files, run_bootstrap
+from meddr_ray.stages.bootstrap import SUMMARY_FILE, part_files, run_bootstrap
 from meddr_ray.config import SourceConfig, load_config
 from meddr_ray.data import sample_id
 
@@ -155,7 +155,7 @@ def test_a_file_inserted_between_runs_regenerates_nothing_already_done(ray_clust
     cfg = load_config("tiny", [f"run_dir={tmp_path / 'run'}", "bootstrap.generation.max_new_tokens=8",
                                "bootstrap.pool.batch_size=2"])  # fmt: skip
     cfg.bootstrap.sources = [SourceConfig(name="folder", format="image_folder", path=str(csv), modality="ultrasound")]
-    out = Path(run_bootstrap(cfg))
+    out = Path(run_bootstrap(cfg).path)
     first = {f: pq.read_table(f, columns=["id"]).column("id").to_pylist() for f in part_files(str(out))}
 
     _write_png(data / "case_b.png", 9)  # a new file, listed between the first two

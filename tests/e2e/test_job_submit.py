@@ -300,7 +300,7 @@ def _checkpoint_steps(run: Path) -> List[int]:
 
 
 def test_every_stage_as_a_job_on_a_file_uri_run_resumes_and_reports_metrics(cluster, tmp_path):
-    from meddr_ray.instruct import published_mix_files
+    from meddr_ray.stages.instruct import published_mix_files
 
     run = tmp_path / "run"
     run_uri = f"file://{run}"

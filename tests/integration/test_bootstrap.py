@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from meddr_ray.bootstrap import FAILED_DIR, SUMMARY_FILE, TeacherWriter, part_files, run_bootstrap
+from meddr_ray.stages.bootstrap import FAILED_DIR, SUMMARY_FILE, TeacherWriter, part_files, run_bootstrap
 from meddr_ray.config import SourceConfig, load_config
 from meddr_ray.data import DataError, sample_id, unwrap_data_error
 from meddr_ray.model import ModelNotFoundError
@@ -37,7 +37,7 @@ def _ids(folder) -> list:
 
 def test_every_id_once_then_resume_writes_only_new_ids(ray_cluster, tmp_path):
     cfg = _cfg(tmp_path, "bootstrap.sources.0.limit=20", "bootstrap.pool.batch_size=6")
-    out = run_bootstrap(cfg)
+    out = run_bootstrap(cfg).path
     assert out == str(tmp_path / "bootstrap")
     expected = {sample_id("breastmnist", "train", i) for i in range(20)}
     ids = _ids(out)
@@ -59,7 +59,7 @@ def test_every_id_once_then_resume_writes_only_new_ids(ray_cluster, tmp_path):
     assert set(table.column("quality").to_pylist()) <= {"ok", "partial", "no_sections", "empty"}
 
     # Resume with more rows: the 20 done are skipped, only the 8 new ones are generated.
-    more = run_bootstrap(_cfg(tmp_path, "bootstrap.sources.0.limit=28", "bootstrap.pool.batch_size=6"))
+    more = run_bootstrap(_cfg(tmp_path, "bootstrap.sources.0.limit=28", "bootstrap.pool.batch_size=6")).path
     ids = _ids(more)
     assert len(ids) == len(set(ids)) == 28
     summary = json.loads((tmp_path / "bootstrap" / SUMMARY_FILE).read_text())
@@ -92,7 +92,7 @@ def test_bad_images_are_written_to_failed_and_the_job_goes_on(ray_cluster, tmp_p
     cfg.bootstrap.sources = [
         SourceConfig(name="folder", format="image_folder", path=str(data / "labels.csv"), modality="ultrasound")
     ]
-    out = run_bootstrap(cfg)
+    out = run_bootstrap(cfg).path
 
     assert sorted(i.split("#")[0] for i in _ids(out)) == ["folder/train/good1.png", "folder/train/good2.png"]
     failed = pq.read_table(part_files(os.path.join(out, FAILED_DIR))).to_pylist()
@@ -124,7 +124,7 @@ def test_a_resume_never_reads_the_images_of_finished_rows(ray_cluster, tmp_path)
         (data / f"done{i}.png").write_bytes(_png(i))
     cfg = _cfg(tmp_path / "run", "bootstrap.pool.batch_size=2")  # on_error: raise
     cfg.bootstrap.sources = [_folder_source(data, [f"done{i}.png" for i in range(3)])]
-    out = run_bootstrap(cfg)
+    out = run_bootstrap(cfg).path
 
     for i in range(3):  # damaged after they were done: a resume that read them would stop on the first
         (data / f"done{i}.png").write_bytes(b"no longer an image")
@@ -152,7 +152,7 @@ def test_on_error_raise_stops_at_a_row_the_teacher_cannot_use(ray_cluster, tmp_p
     assert not part_files(str(tmp_path / "run" / "bootstrap" / FAILED_DIR))  # raised, not set aside
 
     cfg.data.on_error = "skip"  # the same row with skip: set aside and counted
-    out = run_bootstrap(cfg)
+    out = run_bootstrap(cfg).path
     assert len(part_files(os.path.join(out, FAILED_DIR))) == 1
 
 

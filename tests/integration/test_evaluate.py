@@ -20,14 +20,14 @@ import pytest
 from PIL import Image
 
 from meddr_ray import metrics
-from meddr_ray.bootstrap import part_files
+from meddr_ray.stages.bootstrap import part_files
 from meddr_ray.config import ConfigError, SourceConfig, load_config
 from meddr_ray.data import sample_id, unwrap_data_error
-from meddr_ray.evaluate import run_evaluate
-from meddr_ray.evaluate.stage import FAILED_DIR, PREDICTIONS_DIR
-from meddr_ray.faiss_index import load_index
-from meddr_ray.index import run_index
-from meddr_ray.rag import Neighbor, rag_prompt, vote, vote_report
+from meddr_ray.stages.evaluate import run_evaluate
+from meddr_ray.stages.evaluate.stage import FAILED_DIR, PREDICTIONS_DIR
+from meddr_ray.retrieval.store import load_index
+from meddr_ray.stages.index import run_index
+from meddr_ray.retrieval.rag import Neighbor, rag_prompt, vote, vote_report
 
 pytestmark = pytest.mark.integration
 
@@ -69,14 +69,14 @@ def _same(stored: dict, recomputed: dict) -> bool:
 
 
 def _values(cfg) -> dict:
-    loaded = load_index(cfg.stage_dir("index"))
+    loaded = load_index(cfg.layout.index_dir)
     return {r["id"]: r for r in loaded.values.to_pylist()}
 
 
 @pytest.fixture(scope="module")
 def diagnosis(tiny_index_run, tmp_path_factory):
     cfg = _cfg(tiny_index_run, tmp_path_factory.mktemp("eval") / "eval", f"evaluate.sources.0.limit={N}")
-    out = run_evaluate(cfg)
+    out = run_evaluate(cfg).path
     return cfg, out
 
 
@@ -94,7 +94,7 @@ def test_writes_predictions_metrics_report_and_plots(diagnosis, capsys):
     for s in d["modes"].values():
         assert s["n"] == N and 0 <= s["accuracy"] <= 1 and 0 <= s["macro_f1"] <= 1
     assert m["student"]["base_model"] is True and "no trained adapter" in m["student"]["note"]
-    assert m["index"]["version"] == load_index(cfg.stage_dir("index")).version and m["index"]["count"] == 624
+    assert m["index"]["version"] == load_index(cfg.layout.index_dir).version and m["index"]["count"] == 624
     assert m["config_fingerprint"] == cfg.fingerprint() and m["wordnet"]["available"] in (True, False)
     assert (m["run"]["written"], m["run"]["failed"], m["run"]["skipped"]) == (N, 0, 0)
 
@@ -202,7 +202,7 @@ def test_a_bad_image_is_set_aside_with_skip_and_stops_the_job_with_raise(tiny_in
     cfg = _cfg(tiny_index_run, tmp_path / "eval", "data.on_error=skip", "evaluate.figure_examples=1",
                "rag.same_dataset=false")  # fmt: skip
     cfg.evaluate.sources = [source]
-    out = run_evaluate(cfg)
+    out = run_evaluate(cfg).path
     failed = pq.read_table(part_files(os.path.join(out, FAILED_DIR))).to_pylist()
     assert [(r["id"].split("#")[0], r["source_index"]) for r in failed] == [("folder/test/case2.png", 2)]
     assert "labels.csv row 2" in failed[0]["error"]
@@ -261,7 +261,7 @@ def test_vqa_and_report_generation(ray_cluster, shared_data, tmp_path):
     run_index(cfg)
     cfg.evaluate.sources = [SourceConfig(**{**slake.__dict__, "splits": ["test"]}),
                             SourceConfig(**{**iu.__dict__, "splits": ["test"]})]  # fmt: skip
-    out = run_evaluate(cfg)
+    out = run_evaluate(cfg).path
     m = _metrics(out)
     values = _values(cfg)
     rows = _predictions(out)

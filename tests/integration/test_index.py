@@ -16,13 +16,13 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from meddr_ray import faiss_index as fi
-from meddr_ray import index as index_mod
-from meddr_ray.config import PACKAGE_DIR, load_config
+from meddr_ray.retrieval import store as fi
+from meddr_ray.stages import index as index_mod
+from meddr_ray.config import with_added_index_source, PACKAGE_DIR, load_config
 from meddr_ray.data import sample_id
-from meddr_ray.index import run_index
+from meddr_ray.stages.index import run_index
 from meddr_ray.model import load_model
-from meddr_ray.rag import Retriever, vote
+from meddr_ray.retrieval.rag import Retriever, vote
 
 pytestmark = pytest.mark.integration
 
@@ -60,13 +60,13 @@ def model():
 def built(ray_cluster, tmp_path_factory):
     """The preset's index: BreastMNIST train + val, two shards, flat."""
     cfg = tiny(tmp_path_factory.mktemp("index-full"))
-    path = run_index(cfg)
+    path = run_index(cfg).path
     return cfg, path
 
 
 def test_build_publishes_a_checked_version(built, model, capsys):
     cfg, path = built
-    index_dir = cfg.stage_dir("index")
+    index_dir = cfg.layout.index_dir
     assert path == str(Path(index_dir) / "v0001")
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     assert (manifest["count"], manifest["dim"], manifest["faiss_type"]) == (624, model.embed_dim, "IndexFlatIP")
@@ -98,7 +98,7 @@ def test_a_training_image_retrieves_itself_first(built, model):
 
 def test_voting_on_the_test_split_uses_the_retrieved_labels(built, model):
     cfg, _ = built
-    loaded = fi.load_index(cfg.stage_dir("index"), version="v0001")
+    loaded = fi.load_index(cfg.layout.index_dir, version="v0001")
     retriever = Retriever(loaded)
     data = np.load(NPZ)
     names = ["malignant", "normal, benign"]
@@ -160,8 +160,8 @@ def test_resume_bad_rows_and_sharded_equals_single_build(ray_cluster, tmp_path, 
     monkeypatch.setattr(index_mod, "make_plan", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_index(cfg)
-    work = Path(cfg.stage_dir("index")) / "_work"
-    assert any(work.rglob("*.parquet")) and fi.current_version(cfg.stage_dir("index")) is None
+    work = Path(cfg.layout.index_dir) / "_work"
+    assert any(work.rglob("*.parquet")) and fi.current_version(cfg.layout.index_dir) is None
 
     skipped = []
 
@@ -171,17 +171,17 @@ def test_resume_bad_rows_and_sharded_equals_single_build(ray_cluster, tmp_path, 
 
     monkeypatch.setattr(index_mod, "make_plan", real_plan)
     monkeypatch.setattr(index_mod, "_embed", spy)
-    one = run_index(cfg)
+    one = run_index(cfg).path
     assert skipped == [47]  # every row embedded by the interrupted run, the bad one included, is not redone
     manifest = json.loads((Path(one) / "manifest.json").read_text())
     assert manifest["count"] == 46 and manifest["summary"]["failed"] == 1 and manifest["summary"]["shards"] == 1
     import pyarrow.parquet as pq
 
-    failed = pq.read_table(Path(cfg.stage_dir("index")) / "failed" / "v0001.parquet").to_pylist()
+    failed = pq.read_table(Path(cfg.layout.index_dir) / "failed" / "v0001.parquet").to_pylist()
     assert len(failed) == 1 and failed[0]["dataset"] == "folder"
     assert "labels.csv row 6" in failed[0]["error"] and "not a readable image" in failed[0]["error"]
 
-    three = run_index(tiny(tmp_path / "three", "data.on_error=skip", sources, "index.num_shards=3"))
+    three = run_index(tiny(tmp_path / "three", "data.on_error=skip", sources, "index.num_shards=3")).path
     assert json.loads((Path(three) / "manifest.json").read_text())["summary"]["shards"] == 3
     a = Retriever.open(str(Path(one).parent))
     b = Retriever.open(str(Path(three).parent))
@@ -194,11 +194,11 @@ def test_resume_bad_rows_and_sharded_equals_single_build(ray_cluster, tmp_path, 
 
 def test_incremental_add_appends_a_new_version(built, model, tmp_path):
     cfg, first = built
-    index_dir = cfg.stage_dir("index")
+    index_dir = cfg.layout.index_dir
     before = {p.name: p.read_bytes() for p in Path(first).iterdir()}
     source = tmp_path / "new_cases.yaml"
     source.write_text(f"name: breastmnist\nformat: medmnist\npath: {NPZ}\nsplits: [test]\nlimit: 30\n")
-    path = run_index(cfg, add_source=str(source))
+    path = run_index(with_added_index_source(cfg, str(source))).path
     assert Path(path).name == "v0002" and fi.current_version(index_dir) == "v0002"
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     assert manifest["parent_version"] == "v0001" and manifest["count"] == 654 and manifest["summary"]["added"] == 30
@@ -210,7 +210,7 @@ def test_incremental_add_appends_a_new_version(built, model, tmp_path):
     assert rows_of(retriever.loaded, [h[0].id for h in hits]) == [("test", 0), ("test", 29)]
     assert fi.load_index(index_dir, version="v0001").count == 624
     # adding the same cases again embeds nothing and publishes nothing
-    assert run_index(cfg, add_source=str(source)) == path
+    assert run_index(with_added_index_source(cfg, str(source))).path == path
     assert fi.list_versions(index_dir) == ["v0001", "v0002"]
 
 
@@ -219,7 +219,7 @@ def test_build_from_the_instruction_parquet(ray_cluster, tmp_path):
     whatever number of instructions (copies, tasks) it has; the validation rows are not part of the database."""
     import pyarrow.parquet as pq
 
-    from meddr_ray.instruct import MIX_SCHEMA
+    from meddr_ray.stages.instruct import MIX_SCHEMA
 
     arrays = np.load(NPZ)["train_images"]
     rows = []
@@ -241,7 +241,7 @@ def test_build_from_the_instruction_parquet(ray_cluster, tmp_path):
     pq.write_table(pa.Table.from_pylist(rows, schema=MIX_SCHEMA), folder / "part-0.parquet")
     (folder / "failed").mkdir()  # set-aside rows of the instruct stage are not cases
     pq.write_table(pa.table({"source_id": ["x"], "error": ["bad"]}), folder / "failed" / "part-0.parquet")
-    path = run_index(tiny(tmp_path / "run", "index.sources=[]"))
+    path = run_index(tiny(tmp_path / "run", "index.sources=[]")).path
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     assert manifest["count"] == 7 and manifest["summary"]["duplicates"] == 0  # sample 7 is a validation row
     values = sorted(pq.read_table(Path(path) / "values.parquet").to_pylist(), key=lambda v: v["source_index"])
@@ -263,7 +263,7 @@ def test_approximate_indexes_through_the_job_and_incremental_add(ray_cluster, tm
         tmp_path, "index.sources.0.limit=200", f"index.type={kind}", "index.num_shards=3", "index.nlist=4",
         "index.nprobe=4", "index.ef_search=200",
     )  # fmt: skip
-    first = run_index(cfg)
+    first = run_index(cfg).path
     manifest = json.loads((Path(first) / "manifest.json").read_text())
     assert manifest["index_type"] == kind and manifest["count"] == 200
     assert manifest["summary"]["shards"] == (3 if kind == "ivf" else 1)
@@ -274,7 +274,7 @@ def test_approximate_indexes_through_the_job_and_incremental_add(ray_cluster, tm
         peaks = manifest["summary"]["task_peak_rss_mb"]
         assert set(peaks) == {"train", "shards", "merge"} and len(peaks["shards"]) == 3
         assert all(0 < mb < 4096 for mb in [peaks["train"], peaks["merge"], *peaks["shards"]])
-        assert manifest["build_id"] and not (Path(cfg.stage_dir("index")) / "_work").exists()
+        assert manifest["build_id"] and not (Path(cfg.layout.index_dir) / "_work").exists()
     retriever = Retriever.from_config(cfg, model)
     queries = model.embed(images("train", range(0, 200, 7)))
     # exact neighbours over the same 200 images, embedded here
@@ -287,13 +287,13 @@ def test_approximate_indexes_through_the_job_and_incremental_add(ray_cluster, tm
 
     source = tmp_path / "more.yaml"
     source.write_text(f"name: breastmnist\nformat: medmnist\npath: {NPZ}\nsplits: [test]\nlimit: 10\n")
-    second = run_index(cfg, add_source=str(source))
-    grown = fi.load_index(cfg.stage_dir("index"))
+    second = run_index(with_added_index_source(cfg, str(source))).path
+    grown = fi.load_index(cfg.layout.index_dir)
     assert (grown.version, grown.count, grown.manifest["index_type"]) == ("v0002", 210, kind)
     hits = Retriever(grown).search(model.embed(images("test", range(10))), k=1)
     assert rows_of(grown, [h[0].id for h in hits]) == [("test", i) for i in range(10)]
     if kind == "ivf":
-        parent = fi.load_index(cfg.stage_dir("index"), version="v0001")  # keep it alive: faiss views borrow it
+        parent = fi.load_index(cfg.layout.index_dir, version="v0001")  # keep it alive: faiss views borrow it
         before, after = faiss.extract_index_ivf(parent.index), faiss.extract_index_ivf(grown.index)
         np.testing.assert_array_equal(before.quantizer.reconstruct_n(0, 4), after.quantizer.reconstruct_n(0, 4))
         assert "index.ivfdata" in grown.manifest["files"] and parent.count == 200  # the parent is untouched
@@ -357,7 +357,7 @@ def test_the_build_half_on_embedding_files_is_idempotent_and_refuses_a_stale_par
     files = [str(tmp_path / f"e{f}.parquet") for f in range(2)]
     cfg = tiny(tmp_path / "run", "index.type=ivfpq", "index.nlist=8", "index.pq_m=8", "index.pq_nbits=6",
                "index.num_shards=3")  # fmt: skip
-    index_dir = cfg.stage_dir("index")
+    index_dir = cfg.layout.index_dir
     run = index_mod._Run(index_dir, "build", [{"name": "toy", "format": "parquet", "path": str(tmp_path)}])
 
     first, plan = index_mod.build_from_embeddings(cfg, files, run, str(tmp_path / "s1"), "build-a", None)

@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from meddr_ray import prompts
-from meddr_ray.bootstrap import run_bootstrap
+from meddr_ray.stages.bootstrap import run_bootstrap
 from meddr_ray.config import SourceConfig, load_config
-from meddr_ray.instruct import FAILED_DIR, SUMMARY_FILE, published_mix, run_instruct
+from meddr_ray.stages.instruct import FAILED_DIR, SUMMARY_FILE, published_mix, run_instruct
 from meddr_ray.storage import list_files
 
 pytestmark = pytest.mark.integration
@@ -68,7 +68,7 @@ def test_the_mix_has_every_task_with_its_template(ray_cluster, tmp_path):
     run_bootstrap(cfg)
     extra = _vqa_and_reports(tmp_path / "data")
     cfg.instruct.sources = cfg.instruct.sources + extra
-    out = Path(run_instruct(cfg))
+    out = Path(run_instruct(cfg).path)
     rows = _mix(out)
     tasks = Counter(r["task"] for r in rows)
     assert tasks == {"guided_report": 12, "diagnosis": 40, "vqa": 2, "report": 1, "description": 1}
@@ -114,12 +114,12 @@ def test_rebuild_is_deterministic_and_weights_and_caps_apply(ray_cluster, tmp_pa
             "instruct.bootstrap_quality=[ok,partial,no_sections]"]  # fmt: skip
     cfg = load_config("tiny", over)
     run_bootstrap(cfg)
-    out = Path(run_instruct(cfg))
+    out = Path(run_instruct(cfg).path)
     first = {r["id"]: (r["split"], r["prompt"], r["answer"]) for r in _mix(out)}
     assert len(first) == 16 + 30
     first_mix = published_mix(str(out))
 
-    again = {r["id"]: (r["split"], r["prompt"], r["answer"]) for r in _mix(Path(run_instruct(cfg)))}
+    again = {r["id"]: (r["split"], r["prompt"], r["answer"]) for r in _mix(Path(run_instruct(cfg).path))}
     assert again == first  # the same config gives the same mix, same split
     again_mix = published_mix(str(out))
     # a new version of the same rows: the same fingerprint, so training checkpoints made on it stay resumable
@@ -128,7 +128,7 @@ def test_rebuild_is_deterministic_and_weights_and_caps_apply(ray_cluster, tmp_pa
     assert len(list(out.glob("mix-*"))) == 1  # the version it replaced is removed once nothing names it
 
     weighted = load_config("tiny", over + ["instruct.sources.0.weight=2.0", "instruct.bootstrap_cap=5"])
-    rows = _mix(Path(run_instruct(weighted)))
+    rows = _mix(Path(run_instruct(weighted).path))
     tasks = Counter(r["task"] for r in rows)
     assert tasks == {"diagnosis": 60, "guided_report": 5}
     # the first copy of each diagnosis sample is the row of the unweighted mix, in the same split
@@ -171,7 +171,7 @@ def test_counts_and_caps_without_holding_the_rendered_rows(ray_cluster, tmp_path
     cfg = load_config("tiny", [f"run_dir={tmp_path}", "instruct.use_bootstrap=false", "instruct.sources.0.limit=40",
                                "instruct.sources.0.weight=1.5", "instruct.sources.0.cap=25", "data.on_error=skip"])
     cfg.instruct.sources = cfg.instruct.sources + extra
-    out = Path(run_instruct(cfg))
+    out = Path(run_instruct(cfg).path)
     assert "image" not in seen
 
     mix = published_mix(str(out))

@@ -18,7 +18,7 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 
 from meddr_ray import storage
 from meddr_ray.config import load_config
-from meddr_ray.instruct import run_instruct
+from meddr_ray.stages.instruct import run_instruct
 
 pytestmark = pytest.mark.integration
 
@@ -83,8 +83,8 @@ def _cfg(run_dir, limit: int, *extra: str):
 
 
 def _ids(cfg) -> set:
-    """The rows training would read (``meddr_ray.train.instruction_files``)."""
-    from meddr_ray.train import instruction_files
+    """The rows training would read (``meddr_ray.stages.train.stage.instruction_files``)."""
+    from meddr_ray.stages.train.stage import instruction_files
 
     return set(pq.read_table(instruction_files(cfg), columns=["id"]).column("id").to_pylist())
 
@@ -92,15 +92,15 @@ def _ids(cfg) -> set:
 def test_publishes_without_renaming_a_folder_and_training_and_the_index_read_it(ray_cluster, tmp_path, monkeypatch):
     _use(monkeypatch, LocalStore(rename_folders=False))
     first = _cfg(tmp_path, 12)
-    out = run_instruct(first)
+    out = run_instruct(first).path
     assert len(_ids(first)) == 12
 
-    from meddr_ray.index import _input_dataset, _instruct_parquet_files
-    from meddr_ray.instruct import CURRENT_FILE, published_mix
-    from meddr_ray.train import instruction_files
+    from meddr_ray.stages.index import _input_dataset, _instruct_parquet_files
+    from meddr_ray.stages.instruct import CURRENT_FILE, published_mix
+    from meddr_ray.stages.train.stage import instruction_files
 
     second = _cfg(tmp_path, 20)
-    assert run_instruct(second) == out
+    assert run_instruct(second).path == out
     mix = published_mix(out)
     assert mix.rows["train"] + mix.rows.get("val", 0) == 20 and len(_ids(second)) == 20
     assert instruction_files(second) == _instruct_parquet_files(out) == mix.files

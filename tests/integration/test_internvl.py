@@ -13,14 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from meddr_ray import faiss_index as fi
-from meddr_ray.bootstrap import SUMMARY_FILE, part_files, run_bootstrap
+from meddr_ray.retrieval import store as fi
+from meddr_ray.stages.bootstrap import SUMMARY_FILE, part_files, run_bootstrap
 from meddr_ray.config import PACKAGE_DIR, cache_dir, load_config
-from meddr_ray.index import run_index
-from meddr_ray.instruct import run_instruct
+from meddr_ray.stages.index import run_index
+from meddr_ray.stages.instruct import run_instruct
 from meddr_ray.model import load_model
 from meddr_ray.model.vision_encoder import VisionEncoder, load_vision_encoder
-from meddr_ray.train import run_train
+from meddr_ray.stages.train.stage import run_train
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # ~1.5-3 min on 2 cores: four stages
 
@@ -55,7 +55,7 @@ def internvl(run_dir: Path):
 def test_a_tiny_internvl_runs_bootstrap_train_and_index(ray_cluster, tmp_path):
     cfg = internvl(tmp_path / "run")
 
-    out = run_bootstrap(cfg)
+    out = run_bootstrap(cfg).path
     summary = json.loads((Path(out) / SUMMARY_FILE).read_text())
     assert (summary["rows_in"], summary["written"], summary["failed"]) == (4, 4, 0)
     table = pq.read_table(part_files(out), columns=["teacher", "report"]).to_pydict()
@@ -64,11 +64,11 @@ def test_a_tiny_internvl_runs_bootstrap_train_and_index(ray_cluster, tmp_path):
     assert summary["tokens"] > 0
 
     run_instruct(cfg)
-    adapter = run_train(cfg)
+    adapter = run_train(cfg).path
     config = json.loads((Path(adapter) / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] and "language_model" in str(config["target_modules"])
 
-    version = run_index(cfg)
+    version = run_index(cfg).path
     loaded = fi.load_index(str(Path(version).parent))
     assert loaded.index.ntotal == 32
     encoder = load_vision_encoder(cfg.student, adapter)

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 
 from meddr_ray.config import ActorPoolConfig
-from meddr_ray.runtime import map_with_actor_pool
+from meddr_ray.stages.runtime import map_with_actor_pool
 
 pytestmark = pytest.mark.integration
 

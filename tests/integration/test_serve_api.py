@@ -93,7 +93,7 @@ def client(served):
 @pytest.fixture(scope="module")
 def index_ids(served):
     cfg, _ = served
-    index_dir = Path(cfg.stage_dir("index"))
+    index_dir = Path(cfg.layout.index_dir)
     version = (index_dir / "CURRENT").read_text().strip()
     return version, set(pq.read_table(index_dir / version / "values.parquet", columns=["id"]).column("id").to_pylist())
 

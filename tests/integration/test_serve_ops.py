@@ -30,8 +30,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from meddr_ray.config import PACKAGE_DIR, load_config
-from meddr_ray.faiss_index import current_version
+from meddr_ray.config import with_added_index_source, PACKAGE_DIR, load_config
+from meddr_ray.retrieval.store import current_version
 from serve_apps import launch
 
 pytestmark = pytest.mark.integration
@@ -105,21 +105,21 @@ def redeploy(cfg, user_configs: Optional[Dict[str, dict]] = None) -> float:
 
 def publish_v0002(run_copy: str) -> str:
     """``meddr-ray index --add``: test images 0..29 into a new version of the copied run's index."""
-    from meddr_ray.index import run_index
+    from meddr_ray.stages.index import run_index
 
     source = Path(run_copy) / "new_cases.yaml"
     source.write_text(f"name: breastmnist\nformat: medmnist\npath: {NPZ}\nsplits: [test]\nlimit: {ADDED}\n")
-    return run_index(load_config("tiny", [f"run_dir={run_copy}"]), add_source=str(source))
+    return run_index(with_added_index_source(load_config("tiny", [f"run_dir={run_copy}"]), str(source))).path
 
 
 def index_ids(cfg, version: str) -> set:
-    path = Path(cfg.stage_dir("index")) / version / "values.parquet"
+    path = Path(cfg.layout.index_dir) / version / "values.parquet"
     return set(pq.read_table(path, columns=["id"]).column("id").to_pylist())
 
 
 def case_ids(cfg, version: str, split: str) -> dict:
     """Row of the ``split`` -> the id of its image's case in ``version`` (a case is named by its image)."""
-    path = Path(cfg.stage_dir("index")) / version / "values.parquet"
+    path = Path(cfg.layout.index_dir) / version / "values.parquet"
     rows = pq.read_table(path, columns=["id", "split", "source_index"]).to_pylist()
     return {r["source_index"]: r["id"] for r in rows if r["split"] == split}
 
@@ -385,7 +385,7 @@ def test_a_new_index_version_is_taken_up_under_load_and_a_pin_takes_it_back(serv
     """`meddr-ray index --add` while searches run: answers move from v0001 to v0002 with no failed request and
     none answered from a mix; then a user_config pins v0001 again."""
     cfg, url = served
-    index_dir = cfg.stage_dir("index")
+    index_dir = cfg.layout.index_dir
     assert current_version(index_dir) == "v0001"
     load = Load(url, clients=4, max_requests=20_000, max_seconds=300).start()
     try:
@@ -431,11 +431,11 @@ def test_a_new_index_version_is_taken_up_under_load_and_a_pin_takes_it_back(serv
 def test_a_pin_is_not_undone_by_the_follower_loading_current_meanwhile(served, run_copy, monkeypatch):
     """The Retriever's follower wakes while a pinned version is loading (slow storage): the pin must win, not the
     CURRENT version the follower was about to load (it used to switch back right after the pin)."""
-    import meddr_ray.rag as rag
+    import meddr_ray.retrieval.rag as rag
     from serve_apps.retriever import Retriever
 
     cfg, _ = served
-    if current_version(cfg.stage_dir("index")) == "v0001":  # run on its own: the hot-swap test publishes it
+    if current_version(cfg.layout.index_dir) == "v0001":  # run on its own: the hot-swap test publishes it
         publish_v0002(run_copy)
     slow = rag.load_index
 

@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from meddr_ray.config import load_config
-from meddr_ray.instruct import published_mix_files, run_instruct
+from meddr_ray.stages.instruct import published_mix_files, run_instruct
 from meddr_ray.model.collate import IGNORE_INDEX, InstructionCollator
-from meddr_ray.train import run_train
+from meddr_ray.stages.train.stage import run_train
 
 pytestmark = [pytest.mark.integration]
 
@@ -39,7 +39,7 @@ def instruct_dir(ray_cluster, tmp_path_factory):
         "tiny",
         [f"run_dir={base}", "instruct.use_bootstrap=false", "instruct.sources.0.limit=null"],
     )
-    return run_instruct(cfg)
+    return run_instruct(cfg).path
 
 
 def _wait_for(predicate, timeout: float, what: str, thread: threading.Thread):
@@ -105,7 +105,7 @@ def test_learns_and_survives_a_killed_worker(instruct_dir, tmp_path):
 
     def train():
         try:
-            outcome["adapter"] = run_train(cfg)
+            outcome["adapter"] = run_train(cfg).path
         except BaseException as exc:  # noqa: BLE001 - reported by the test thread
             outcome["error"] = exc
 

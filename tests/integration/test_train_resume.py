@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from meddr_ray.config import TrainConfig
-from meddr_ray.train_loop import _DataPosition, epoch_batches
+from meddr_ray.stages.train.loop import _DataPosition, epoch_batches
 
 pytestmark = pytest.mark.integration
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from meddr_ray import prompts
-from meddr_ray.bootstrap import continuation_prefix, teacher_generate, trim_continuation
+from meddr_ray.stages.bootstrap import continuation_prefix, teacher_generate, trim_continuation
 from meddr_ray.config import GenerationConfig, load_config
 from meddr_ray.model import load_model
 
@@ -59,7 +59,7 @@ def test_a_report_without_impression_is_continued_with_the_header(teacher):
 
 
 def test_sampling_is_reproducible_per_batch_seed(teacher):
-    from meddr_ray.bootstrap import batch_seed
+    from meddr_ray.stages.bootstrap import batch_seed
 
     images, texts = _batch()
     gen = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=1.0, response_prefix="Findings:")
@@ -71,7 +71,7 @@ def test_sampling_is_reproducible_per_batch_seed(teacher):
 
 
 def test_drop_cut_sentence_keeps_every_section():
-    from meddr_ray.bootstrap import drop_cut_sentence
+    from meddr_ray.stages.bootstrap import drop_cut_sentence
 
     text = "Findings: a mass. Impression: benign. This can be confirmed as"
     assert drop_cut_sentence(text) == "Findings: a mass. Impression: benign."

@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from meddr_ray import bootstrap
+from meddr_ray.stages import bootstrap
 from meddr_ray.config import GenerationConfig, ModelConfig
-from meddr_ray.reports import split_report
+from meddr_ray.report_sections import split_report
 
 
 def test_findings_and_impression():

@@ -14,7 +14,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from meddr_ray import bootstrap, bootstrap_vllm
+from meddr_ray.stages import bootstrap
+
+from meddr_ray.stages import bootstrap_vllm
 from meddr_ray.config import ConfigError, GenerationConfig, load_config
 from meddr_ray.data import encode_png
 

@@ -4,6 +4,7 @@ import sys
 import pytest
 
 from meddr_ray import cli
+from meddr_ray.stages.registry import Stage
 
 
 def run_cli(*args):
@@ -30,6 +31,6 @@ def test_config_show_bad_key_fails_with_its_name():
 
 
 def test_a_stage_that_is_not_built_says_so(monkeypatch, capsys):
-    monkeypatch.setitem(cli.STAGES, "bootstrap", ("meddr_ray._no_such_module", "run", "x"))
+    monkeypatch.setitem(cli.COMMANDS, "bootstrap", Stage("bootstrap", "meddr_ray._no_such_module:run", "x"))
     assert cli.main(["bootstrap", "--config", "tiny"]) == cli.EXIT_NOT_BUILT
     assert "not built yet" in capsys.readouterr().err

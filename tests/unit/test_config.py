@@ -39,7 +39,7 @@ def test_run_dir_defaults_per_preset_and_is_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config("tiny", ["run_dir=runs/try1"])
     assert cfg.run_dir == str(tmp_path / "runs" / "try1")
-    assert cfg.stage_dir("bootstrap") == str(tmp_path / "runs" / "try1" / "bootstrap")
+    assert cfg.layout.bootstrap_dir == str(tmp_path / "runs" / "try1" / "bootstrap")
 
 
 @pytest.mark.parametrize(

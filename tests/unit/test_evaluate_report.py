@@ -4,7 +4,7 @@ answered row said so instead of left blank."""
 from __future__ import annotations
 
 from meddr_ray import metrics as mm
-from meddr_ray.evaluate.report import render_markdown, summary_line
+from meddr_ray.stages.evaluate.report import render_markdown, summary_line
 
 
 def _metrics(datasets: dict) -> dict:
@@ -39,7 +39,7 @@ def test_a_dataset_without_answered_rows_is_said_so():
 
 def test_an_empty_evaluation_folder_gives_each_configured_dataset_its_task(tmp_path):
     from meddr_ray.config import load_config
-    from meddr_ray.evaluate.report import dataset_metrics
+    from meddr_ray.stages.evaluate.report import dataset_metrics
 
     cfg = load_config("tiny", [f"run_dir={tmp_path}"])
     d = dataset_metrics(cfg, str(tmp_path / "eval"))["breastmnist"]

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from meddr_ray import cli
-from meddr_ray.bootstrap import FAILED_SCHEMA, write_table
+from meddr_ray.stages.bootstrap import FAILED_SCHEMA, write_table
 from meddr_ray.config import ConfigError, load_config
-from meddr_ray.evaluate.stage import (
+from meddr_ray.stages.evaluate.stage import (
     PREDICTION_SCHEMA,
     EvalArtifactError,
     StudentEvaluator,
@@ -95,7 +95,7 @@ def test_a_batch_skips_what_was_written_or_set_aside_before():
 def test_one_evaluation_at_a_time_per_output_folder(tmp_path, capsys):
     import fcntl
 
-    from meddr_ray.pipeline import LOCK_FILE
+    from meddr_ray.stages.pipeline import LOCK_FILE
 
     out = tmp_path / "eval"
     out.mkdir()
@@ -108,7 +108,7 @@ def test_one_evaluation_at_a_time_per_output_folder(tmp_path, capsys):
 
 
 def test_a_damaged_adapter_meta_file_is_an_error_naming_it(tmp_path):
-    from meddr_ray.evaluate.stage import _adapter
+    from meddr_ray.stages.evaluate.stage import _adapter
 
     adapter = tmp_path / "run" / "adapter"
     adapter.mkdir(parents=True)
@@ -122,7 +122,7 @@ def test_a_dataset_the_index_does_not_hold_is_refused_before_any_model_loads():
     """rag.same_dataset: each test source retrieves from its own dataset's cases; one the index lacks is a config
     error naming the key, the source and what the index holds."""
     from meddr_ray.config import ConfigError, load_config
-    from meddr_ray.evaluate.stage import _check_scope
+    from meddr_ray.stages.evaluate.stage import _check_scope
 
     manifest = {"version": "v0001", "path": "/runs/x/index/v0001", "summary": {"datasets": {"breastmnist": 624}}}
     cfg = load_config("tiny")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from meddr_ray import faiss_index as fi
+from meddr_ray.retrieval import store as fi
 
 
 def clustered(n: int, dim: int = 32, clusters: int = 20, seed: int = 0) -> np.ndarray:
@@ -110,7 +110,7 @@ def test_search_params_apply_to_ivf_and_hnsw():
 
 def test_gpu_is_used_only_when_asked_and_available(caplog):
     assert fi.use_gpu("cpu") is False
-    with caplog.at_level("WARNING", logger="meddr_ray.index"):
+    with caplog.at_level("WARNING", logger="meddr_ray.stages.index"):
         used = fi.use_gpu("gpu")
     assert used == fi.gpu_available()
     if not used:

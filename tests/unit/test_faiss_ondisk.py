@@ -16,8 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from meddr_ray import faiss_index as fi
-from meddr_ray.faiss_index import IndexArtifactError, IndexParams
+from meddr_ray.retrieval import store as fi
+from meddr_ray.retrieval.store import IndexArtifactError, IndexParams
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -72,7 +72,7 @@ def test_the_training_sample_reads_only_the_row_groups_of_its_rows(tmp_path):
     got = run_script(
         f"""
         import json, numpy as np, pyarrow as pa
-        from meddr_ray.index import read_entries
+        from meddr_ray.stages.index import read_entries
         rows = np.sort(np.random.default_rng(0).choice(50_000, 500, replace=False))
         pool = pa.default_memory_pool()
         x, _ = read_entries([({str(tmp_path / "e.parquet")!r}, rows)], 128, with_values=False)
@@ -87,7 +87,7 @@ def test_the_training_sample_reads_only_the_row_groups_of_its_rows(tmp_path):
 
 
 def test_rows_beyond_a_file_are_refused_by_name(tmp_path):
-    from meddr_ray.index import read_entries
+    from meddr_ray.stages.index import read_entries
 
     embedding_file(tmp_path / "e.parquet", unit(10, 8))
     with pytest.raises(IndexArtifactError, match=r"e.parquet: row 12 asked for, the file has 10 rows"):
@@ -101,7 +101,7 @@ def test_rows_beyond_a_file_are_refused_by_name(tmp_path):
 def test_shard_tasks_hand_over_files_and_the_merge_equals_one_index(tmp_path, kind):
     """Shard tasks return paths (never index bytes through the object store); the on-disk merge of their files
     finds exactly what one index of all the vectors finds."""
-    from meddr_ray.index import _shard_task
+    from meddr_ray.stages.index import _shard_task
 
     dim, n = 32, 6000
     x = unit(n, dim)
@@ -152,7 +152,7 @@ def test_the_ivf_merge_holds_one_shard_at_a_time(tmp_path):
     got = run_script(
         f"""
         import json, threading, time
-        from meddr_ray import faiss_index as fi
+        from meddr_ray.retrieval import store as fi
 
         def anon_mb():
             for line in open("/proc/self/status"):
@@ -259,7 +259,7 @@ def test_flat_and_hnsw_are_refused_above_the_in_memory_limit():
 def test_the_training_sample_is_drawn_from_a_bounded_share_of_row_groups(tmp_path):
     """A uniform sample of 1 % touches every row group (the training task would read the whole collection); the
     plan draws it from random whole row groups holding SAMPLE_READ_FACTOR x its size, spread over the files."""
-    from meddr_ray.index import SAMPLE_READ_FACTOR, _row_groups, make_plan
+    from meddr_ray.stages.index import SAMPLE_READ_FACTOR, _row_groups, make_plan
 
     for f in range(4):
         embedding_file(tmp_path / f"e{f}.parquet", unit(10_000, 8, seed=f), start=f * 10_000, row_group=500)

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from meddr_ray.config import PACKAGE_DIR, ConfigError
-from meddr_ray.faiss_index import IndexArtifactError
+from meddr_ray.retrieval.store import IndexArtifactError
 from meddr_ray.config import load_source_file as load_source_yaml
-from meddr_ray.index import ANNOTATION_SCHEMA, ROW_SCHEMA, Plan, _instruct_rows, _sample_rows, case_key, make_plan, merge_case, read_entries
+from meddr_ray.stages.index import ANNOTATION_SCHEMA, ROW_SCHEMA, Plan, _instruct_rows, _sample_rows, case_key, make_plan, merge_case, read_entries
 from meddr_ray.data.schema import rows_to_table
 
 NPZ = PACKAGE_DIR / "assets" / "breastmnist.npz"
@@ -75,7 +75,7 @@ def test_make_plan_orders_rows_sets_failed_aside_and_skips_repeated_cases(tmp_pa
 def test_the_plan_never_reads_the_vectors(tmp_path, monkeypatch):
     """The driver reads ids, datasets and errors; the dimension comes from the schema (a vector column of millions
     of rows never goes through it)."""
-    from meddr_ray import index
+    from meddr_ray.stages import index
 
     embedding_file(tmp_path / "1.parquet", ["a", "b"], dim=7)
     read = []

@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from meddr_ray import faiss_index as fi
-from meddr_ray.faiss_index import IndexArtifactError, load_index, publish
+from meddr_ray.retrieval import store as fi
+from meddr_ray.retrieval.store import IndexArtifactError, load_index, publish
 
 FP = "0123456789abcdef"
 
@@ -271,7 +271,7 @@ def test_concurrent_publisher_processes_on_one_parent_exactly_one_wins(tmp_path)
         import os, sys, time
         sys.path.insert(0, {os.path.dirname(__file__)!r})
         from test_faiss_publish import make_on
-        from meddr_ray import faiss_index as fi
+        from meddr_ray.retrieval import store as fi
         while not os.path.exists({str(go)!r}):
             time.sleep(0.005)
         try:

@@ -3,7 +3,9 @@
 import pyarrow as pa
 import pytest
 
-from meddr_ray import instruct, prompts
+from meddr_ray import prompts
+
+from meddr_ray.stages import instruct
 
 DIAG = {
     "id": "d1",

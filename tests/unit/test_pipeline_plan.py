@@ -1,7 +1,8 @@
 """Which pipeline steps a re-run may reuse: each step's fingerprint covers its config and every step before it."""
 
+from meddr_ray.stages.registry import StageResult
 from meddr_ray.config import load_config
-from meddr_ray.pipeline import STEPS, step_fingerprints
+from meddr_ray.stages.pipeline import STEPS, step_fingerprints
 
 
 def _changed(*overrides):
@@ -37,7 +38,7 @@ def test_a_change_invalidates_its_step_and_every_later_one_only():
 
 def test_training_with_retrieved_labels_builds_the_index_first():
     """train.rag_context_fraction: training reads the index, so it comes first and feeds training."""
-    from meddr_ray.pipeline import steps_for
+    from meddr_ray.stages.pipeline import steps_for
 
     rag = "train.rag_context_fraction=0.5"
     assert [s[0] for s in steps_for(load_config("tiny", [rag]))] == [
@@ -69,7 +70,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-from meddr_ray import pipeline  # noqa: E402
+from meddr_ray.stages import pipeline  # noqa: E402
 
 
 class _Killed(BaseException):
@@ -89,7 +90,7 @@ def fake_steps(monkeypatch):
             ran.append(step)
             if getattr(run_step, "kill", None) == step:
                 raise _Killed(step)
-            return str(out)
+            return StageResult(str(out))
 
         return run
 
@@ -97,7 +98,7 @@ def fake_steps(monkeypatch):
         return ran
 
     monkeypatch.setattr(pipeline, "init_ray", lambda cfg: None)
-    monkeypatch.setattr(pipeline, "_resolve", lambda module, func: make(func[len("run_"):]))
+    monkeypatch.setattr(pipeline, "_resolve", make)
     run_step.ran = ran
     return run_step
 

@@ -3,7 +3,8 @@ and resumes otherwise: a resume on changed data is refused by training itself, s
 
 from pathlib import Path
 
-from meddr_ray import pipeline
+from meddr_ray.stages.registry import StageResult
+from meddr_ray.stages import pipeline
 from meddr_ray.config import load_config
 
 
@@ -22,12 +23,12 @@ def _steps(monkeypatch):
             if step in kill:
                 kill.discard(step)
                 raise _Killed(step)
-            return str(out)
+            return StageResult(str(out))
 
         return run
 
     monkeypatch.setattr(pipeline, "init_ray", lambda cfg: None)
-    monkeypatch.setattr(pipeline, "_resolve", lambda module, func: make(func[len("run_"):]))
+    monkeypatch.setattr(pipeline, "_resolve", make)
     return seen, kill
 
 

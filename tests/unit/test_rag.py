@@ -6,10 +6,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from meddr_ray import faiss_index as fi
+from meddr_ray.retrieval import store as fi
 from meddr_ray import prompts
 from meddr_ray.config import RagConfig
-from meddr_ray.rag import (
+from meddr_ray.retrieval.rag import (
     IndexArtifactError,
     Neighbor,
     Retriever,
@@ -273,7 +273,7 @@ def test_search_scoped_to_datasets_returns_only_their_images_and_a_full_top_k(tm
 def test_training_context_gives_picked_diagnosis_prompts_the_labels_of_other_images(tmp_path, kind):
     """train.rag_context_fraction: a training image's key is read back from the index; its own case is left out,
     so its label never gives itself away; rows not picked, other tasks and images not indexed keep their prompt."""
-    from meddr_ray.rag import TrainingContext
+    from meddr_ray.retrieval.rag import TrainingContext
 
     images = [f"png-{i}".encode() for i in range(30)]
     ids = [fi.case_key("toy", img, f"s{i}") for i, img in enumerate(images)]

@@ -8,8 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from meddr_ray.config import TrainConfig, load_config
-from meddr_ray.train import TrainDataError, run_train
-from meddr_ray.train_loop import _DataPosition, deepspeed_config, lr_multiplier, make_plan
+from meddr_ray.stages.train.stage import TrainDataError, run_train
+from meddr_ray.stages.train.loop import _DataPosition, deepspeed_config, lr_multiplier, make_plan
 
 
 def test_plan_reaches_the_global_batch_with_accumulation():
@@ -132,8 +132,8 @@ def test_a_run_checkpointed_by_other_worker_count_is_refused_before_starting(tmp
     pq.write_table(table, folder / "part-0.parquet")
     checkpoint = tmp_path / "train" / "finetune" / "checkpoint_step0000005"
     checkpoint.mkdir(parents=True)
-    from meddr_ray.instruct import published_mix
-    from meddr_ray.train import run_description, run_identity
+    from meddr_ray.stages.instruct import published_mix
+    from meddr_ray.stages.train.stage import run_description, run_identity
 
     cfg = load_config("tiny", [f"run_dir={tmp_path}"])
     identity = run_identity(run_description(cfg, published_mix(str(folder))))  # the same run, other worker count
@@ -164,8 +164,8 @@ def _plain_mix(folder, rows=40, split="train"):
 
 def test_run_identity_changes_with_the_student_data_and_settings_not_with_operational_keys(tmp_path):
     """A run's checkpoints are only resumed by a run of the same student, data and settings."""
-    from meddr_ray.instruct import published_mix
-    from meddr_ray.train import run_description, run_identity
+    from meddr_ray.stages.instruct import published_mix
+    from meddr_ray.stages.train.stage import run_description, run_identity
 
     _plain_mix(tmp_path / "mix")
 
@@ -181,8 +181,8 @@ def test_run_identity_changes_with_the_student_data_and_settings_not_with_operat
 
 
 def _checkpoint(tmp_path, cfg, **state):
-    from meddr_ray.instruct import published_mix
-    from meddr_ray.train import run_description, run_identity
+    from meddr_ray.stages.instruct import published_mix
+    from meddr_ray.stages.train.stage import run_description, run_identity
 
     description = run_description(cfg, published_mix(str(tmp_path / "instruct")))
     folder = tmp_path / "train" / cfg.train.name / "checkpoint_step0000005"
@@ -200,7 +200,7 @@ def _no_ray(monkeypatch):
     def refuse(cfg):
         raise _ReachedRay("the run went on to start Ray")
 
-    monkeypatch.setattr("meddr_ray.runtime.init_ray", refuse)
+    monkeypatch.setattr("meddr_ray.stages.runtime.init_ray", refuse)
 
 
 def test_a_resume_on_changed_instruction_data_is_refused_naming_what_changed(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from meddr_ray.train import TrainResumeError, check_resume
+from meddr_ray.stages.train.stage import TrainResumeError, check_resume
 
 
 def test_restart_on_a_file_uri_moves_the_checkpoints_aside(tmp_path):
@@ -33,7 +33,7 @@ def test_restart_on_an_object_store_is_refused_by_name(monkeypatch):
 def test_the_adapter_folder_is_published_to_a_file_uri_run(tmp_path):
     """A flat adapter folder (no sub-folders) copied to a URI: pyarrow's copy_files makes only sub-folders, so
     the destination's root must be made first (a file:// pipeline failed right after training without it)."""
-    from meddr_ray.train import _copy_tree
+    from meddr_ray.stages.train.stage import _copy_tree
 
     src = tmp_path / "ckpt" / "adapter"
     src.mkdir(parents=True)

@@ -33,13 +33,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from meddr_ray import prompts, storage
-from meddr_ray.config import Config, ConfigError, GenerationConfig, ModelConfig, join_path, save_config
-from meddr_ray.reports import FLAGGED, QUALITIES, split_report
+from meddr_ray.stages.registry import StageResult
+from meddr_ray.config import Config, ConfigError, GenerationConfig, ModelConfig, save_config
+from meddr_ray.storage import join_path
+from meddr_ray.report_sections import FLAGGED, QUALITIES, split_report
 
-log = logging.getLogger("meddr_ray.bootstrap")
+log = logging.getLogger("meddr_ray.stages.bootstrap")
 
 PART_PREFIX = "part-"
-FAILED_DIR = "failed"
+from meddr_ray.layout import FAILED_DIR  # noqa: E402  (named once, in the run layout)
 SUMMARY_FILE = "summary.json"
 DEFAULT_MODALITY = "medical"  # a source with no modality: "a medical image"
 
@@ -58,7 +60,7 @@ REPORT_SCHEMA = pa.schema(
         pa.field("report", pa.string()),  # the teacher's whole text
         pa.field("findings", pa.string()),  # null when absent
         pa.field("impression", pa.string()),  # null when absent
-        pa.field("quality", pa.string()),  # ok | partial | no_sections | empty (meddr_ray.reports)
+        pa.field("quality", pa.string()),  # ok | partial | no_sections | empty (meddr_ray.report_sections)
         pa.field("teacher", pa.string()),  # teacher model name
         pa.field("teacher_path", pa.string()),  # teacher checkpoint directory
         pa.field("prompt_version", pa.string()),
@@ -433,10 +435,10 @@ def _samples_to_do(cfg: Config, finished: FinishedIds):
 
 def _teacher_stats(cfg: Config, ds, out_dir: str):
     """The teacher over ``ds`` (samples still to do): a Dataset of count rows (:data:`_STAT_KEYS`), one per batch."""
-    from meddr_ray.runtime import map_with_actor_pool
+    from meddr_ray.stages.runtime import map_with_actor_pool
 
     if cfg.bootstrap.backend == "vllm":  # a paper-scale teacher on GPUs: ray.data.llm's engine, same files
-        from meddr_ray.bootstrap_vllm import vllm_report_stats
+        from meddr_ray.stages.bootstrap_vllm import vllm_report_stats
         from meddr_ray.model import ensure_model
 
         return vllm_report_stats(cfg, ds, out_dir, str(ensure_model(cfg.teacher)))
@@ -457,13 +459,13 @@ def _teacher_stats(cfg: Config, ds, out_dir: str):
     )
 
 
-def run_bootstrap(cfg: Config) -> str:
+def run_bootstrap(cfg: Config) -> StageResult:
     """Bootstrap reports for every sample of ``cfg.bootstrap.sources``; returns the output folder."""
     from meddr_ray.model import ensure_model
 
     _check_sources(cfg)
     if cfg.bootstrap.backend == "vllm":
-        from meddr_ray.bootstrap_vllm import check_vllm_config
+        from meddr_ray.stages.bootstrap_vllm import check_vllm_config
 
         check_vllm_config(cfg)  # before any Ray work: settings vLLM cannot honour, vLLM not installed
     # Fail fast, before any Ray work, on a missing checkpoint; and build tiny/smol here once, so that the
@@ -471,7 +473,7 @@ def run_bootstrap(cfg: Config) -> str:
     teacher_path = ensure_model(cfg.teacher)
     log.info("teacher %s at %s", cfg.teacher.name, teacher_path)
 
-    out_dir = cfg.stage_dir("bootstrap")
+    out_dir = cfg.layout.bootstrap_dir
     failed_dir = join_path(out_dir, FAILED_DIR)
     storage.makedirs(failed_dir)
     remove_stale_temps(out_dir)
@@ -482,7 +484,7 @@ def run_bootstrap(cfg: Config) -> str:
     done = existing.column("id")
     save_config(cfg, out_dir)
 
-    from meddr_ray.runtime import init_ray
+    from meddr_ray.stages.runtime import init_ray
 
     init_ray(cfg)
     finished = FinishedIds(done.to_pylist(), failed_before.to_pylist())
@@ -520,10 +522,7 @@ def run_bootstrap(cfg: Config) -> str:
         finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
     storage.write_text(join_path(out_dir, SUMMARY_FILE), json.dumps(summary, indent=2, sort_keys=True))
-    line = format_summary(summary)
-    log.info(line)
-    print(line, flush=True)
-    return out_dir
+    return StageResult(out_dir, summary, format_summary(summary))
 
 
 def load_summary(out_dir: str) -> Optional[Dict[str, Any]]:

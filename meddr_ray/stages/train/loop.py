@@ -1,4 +1,4 @@
-"""The per-worker loop of instruction tuning: runs inside each Ray Train worker (see :mod:`meddr_ray.train`).
+"""The per-worker loop of instruction tuning: runs inside each Ray Train worker (see :mod:`meddr_ray.stages.train.stage`).
 
 Each worker loads the student, wraps it with LoRA, hands it to ``deepspeed.initialize`` (ZeRO-3 partitions the
 parameters, gradients and optimizer states over the workers) and trains on its shard of the instruction data
@@ -539,7 +539,7 @@ def train_loop_per_worker(loop_config: Dict[str, Any]) -> None:
     )
     checkpoint = ray.train.get_checkpoint()
     state, saved_position = _restore(engine, checkpoint, t, plan, schedule, rank)
-    state["identity"] = loop_config.get("identity")  # what the run computes from (meddr_ray.train.run_identity)
+    state["identity"] = loop_config.get("identity")  # what the run computes from (meddr_ray.stages.train.stage.run_identity)
     state["description"] = loop_config.get("description")  # its parts, to name what changed on a refused resume
     event = {"start_step": state["step"], "resumed": checkpoint is not None, "time": time.time()}
     state["events"].append(event)

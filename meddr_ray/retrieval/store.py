@@ -43,9 +43,10 @@ import numpy as np
 import pyarrow as pa
 
 from meddr_ray import storage
-from meddr_ray.config import IndexConfig, is_uri, join_path
+from meddr_ray.config import IndexConfig
+from meddr_ray.storage import is_uri, join_path
 
-log = logging.getLogger("meddr_ray.index")
+log = logging.getLogger("meddr_ray.stages.index")
 
 KINDS = ("flat", "ivf", "ivfpq", "hnsw")
 IVF_KINDS = ("ivf", "ivfpq")
@@ -54,7 +55,7 @@ INDEX_FILE = "index.faiss"
 IVFDATA_FILE = "index.ivfdata"  # the inverted lists of an IVF version, mapped into memory by readers
 VALUES_FILE = "values.parquet"
 MANIFEST_FILE = "manifest.json"
-CURRENT_FILE = "CURRENT"
+from meddr_ray.layout import CURRENT_FILE  # noqa: E402  (named once, in the run layout)
 FORMAT_VERSION = 2  # 2: one case per image (label, report, qa); 1 had one row per task (task, text)
 
 # The value of every FAISS id: one case per image (paper section 3.3: "the visual embedding as the key while the
@@ -62,7 +63,7 @@ FORMAT_VERSION = 2  # 2: one case per image (label, report, qa); 1 had one row p
 QA_TYPE = pa.list_(pa.struct([("question", pa.string()), ("answer", pa.string())]))
 VALUES_SCHEMA = pa.schema(
     [
-        pa.field("id", pa.string()),  # the case: one image of one dataset (meddr_ray.index.case_key)
+        pa.field("id", pa.string()),  # the case: one image of one dataset (meddr_ray.stages.index.case_key)
         pa.field("dataset", pa.string()),  # source name: what retrieval can be scoped to
         pa.field("modality", pa.string()),  # imaging modality
         pa.field("split", pa.string()),  # the source split the image came from

@@ -1,6 +1,6 @@
 """The teacher on vLLM, through ``ray.data.llm`` (``bootstrap.backend: vllm``): for a paper-scale teacher on GPUs.
 
-The default backend (``transformers``, :class:`meddr_ray.bootstrap.TeacherWriter`) runs ``generate`` in a Ray
+The default backend (``transformers``, :class:`meddr_ray.stages.bootstrap.TeacherWriter`) runs ``generate`` in a Ray
 Data actor; it is the one tested on CPUs. A 40B teacher on a GPU cluster wants continuous batching, paged KV
 cache and tensor parallelism instead, which is what vLLM's engine under ``ray.data.llm`` gives. Both backends
 read the same samples, see the same section 3.1 prompt and write the same files (:data:`REPORT_SCHEMA` parts
@@ -90,8 +90,8 @@ def engine_inputs(
 ) -> List[Dict[str, Any]]:
     """A batch of samples -> engine rows (Ray Data tasks); bad images go to ``failed/`` with their error, or,
     with ``on_error="raise"``, stop the job naming the file and row (as the transformers actor does)."""
-    from meddr_ray import bootstrap
-    from meddr_ray.config import join_path
+    from meddr_ray.stages import bootstrap
+    from meddr_ray.storage import join_path
     from meddr_ray.data import DataError, decode_image, encode_png
 
     good, bad = [], []
@@ -123,7 +123,7 @@ def engine_inputs(
 
 def report_from_engine(row: Dict[str, Any], cfg: Config) -> Dict[str, Any]:
     """A :data:`REPORT_SCHEMA` row from the engine's output row (``generated_text``, ``num_generated_tokens``)."""
-    from meddr_ray import bootstrap
+    from meddr_ray.stages import bootstrap
 
     generated = {"text": (row.get("generated_text") or "").strip(), "tokens": row.get("num_generated_tokens") or 0}
     return bootstrap.report_row(
@@ -164,9 +164,9 @@ def vllm_processor(cfg: Config, model_path: str):
 
 def write_reports(batch: pa.Table, *, out_dir: str) -> Dict[str, List[Any]]:
     """Writes a batch of report rows as one part file (named by its ids, so a retried batch rewrites the same
-    file) and returns one row of counts, as :class:`meddr_ray.bootstrap.TeacherWriter` does."""
-    from meddr_ray import bootstrap
-    from meddr_ray.reports import QUALITIES
+    file) and returns one row of counts, as :class:`meddr_ray.stages.bootstrap.TeacherWriter` does."""
+    from meddr_ray.stages import bootstrap
+    from meddr_ray.report_sections import QUALITIES
 
     rows = batch.select(bootstrap.REPORT_SCHEMA.names).to_pylist() if batch.num_rows else []
     if rows:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import logging
 import os
@@ -36,48 +35,40 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from meddr_ray import storage
 from meddr_ray.storage import LOCK_FILE, RunBusyError, run_lock  # noqa: F401  (RunBusyError: re-exported)
-from meddr_ray.config import Config, join_path, save_config
-from meddr_ray.runtime import init_ray
+from meddr_ray.config import Config, save_config
+from meddr_ray.layout import RunLayout
+from meddr_ray.progress import report
+from meddr_ray.stages.registry import PIPELINE_STEPS, STAGES, StageNotBuilt, StageResult
+from meddr_ray.stages.runtime import init_ray
 
-log = logging.getLogger("meddr_ray.pipeline")
+log = logging.getLogger("meddr_ray.stages.pipeline")
 
-# step -> (module, function, the config sections its output depends on besides the step before it)
-PIPELINE: List[Tuple[str, str, str, Tuple[str, ...]]] = [
-    ("bootstrap", "meddr_ray.bootstrap", "run_bootstrap", ("seed", "data", "teacher", "bootstrap")),
-    ("instruct", "meddr_ray.instruct", "run_instruct", ("instruct",)),
-    ("train", "meddr_ray.train", "run_train", ("student", "train")),
-    ("index", "meddr_ray.index", "run_index", ("index",)),
-    ("evaluate", "meddr_ray.evaluate", "run_evaluate", ("evaluate", "rag")),
-]
-STEPS = [step for step, *_ in PIPELINE]
+Step = Tuple[str, Tuple[str, ...]]
+"""A pipeline step: the stage's name and the config sections its output depends on."""
+STEPS = list(PIPELINE_STEPS)
 
 
-def steps_for(cfg: Config) -> List[Tuple[str, str, str, Tuple[str, ...]]]:
+def steps_for(cfg: Config) -> List[Step]:
     """The steps in the order this config runs them, each with the sections its output depends on: the index
     moves before training when training reads retrieved labels from it (and training then depends on ``rag``)."""
+    default = [(name, STAGES[name].depends_on) for name in PIPELINE_STEPS]
     if not cfg.train.rag_context_fraction:
-        return list(PIPELINE)
-    by_name = {row[0]: row for row in PIPELINE}
-    train = by_name["train"]
-    index = by_name["index"]
+        return default
+    by_name = dict(default)
     return [
-        by_name["bootstrap"],
-        by_name["instruct"],
-        (index[0], index[1], index[2], ("student",) + index[3]),  # the encoder no longer comes via train
-        (train[0], train[1], train[2], train[3] + ("rag",)),
-        by_name["evaluate"],
+        ("bootstrap", by_name["bootstrap"]),
+        ("instruct", by_name["instruct"]),
+        ("index", ("student",) + by_name["index"]),  # the encoder no longer comes via train
+        ("train", by_name["train"] + ("rag",)),
+        ("evaluate", by_name["evaluate"]),
     ]
-SUMMARY_FILE = "pipeline.json"
 
 
-def _resolve(module_name: str, func_name: str) -> Optional[Callable]:
+def _resolve(step: str) -> Optional[Callable[[Config], StageResult]]:
     try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            return None
-        raise
-    return getattr(module, func_name, None)
+        return STAGES[step].load()
+    except StageNotBuilt:
+        return None
 
 
 def step_fingerprints(cfg: Config) -> Dict[str, str]:
@@ -91,7 +82,7 @@ def step_fingerprints(cfg: Config) -> Dict[str, str]:
     package_dir = str(config_module.PACKAGE_DIR)
     out: Dict[str, str] = {}
     previous = ""
-    for step, _, _, sections in steps_for(cfg):
+    for step, sections in steps_for(cfg):
         values = {s: getattr(cfg, s) for s in sections}
         blob = json.dumps(
             {s: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for s, v in values.items()},
@@ -124,7 +115,7 @@ def output_signature(path: str) -> Optional[str]:
 def load_summary(run_dir: str) -> Dict[str, Any]:
     """``pipeline.json`` of a run ({} when there is none or it is unreadable or not of this shape: then nothing is
     reused, and every step resumes from what it finds on disk)."""
-    path = join_path(run_dir, SUMMARY_FILE)
+    path = RunLayout(run_dir, {}).pipeline_summary
     if not storage.exists(path):
         return {}
     try:
@@ -135,7 +126,7 @@ def load_summary(run_dir: str) -> Dict[str, Any]:
         why = "not a pipeline summary"
     steps = summary.get("steps") if isinstance(summary, dict) else None
     if not isinstance(steps, dict) or not all(isinstance(r, dict) for r in steps.values()):
-        print(f"[pipeline] ignoring unreadable {path} ({why}): no step is reused", flush=True)
+        report("pipeline", f"ignoring unreadable {path} ({why}): no step is reused")
         return {}
     return summary
 
@@ -144,7 +135,7 @@ def remove_run(run_dir: str) -> None:
     """Delete the run folder's contents (not the lock this process holds on it)."""
     if not storage.exists(run_dir):
         return
-    print(f"[pipeline] --fresh: removing {run_dir}", flush=True)
+    report("pipeline", f"--fresh: removing {run_dir}")
     if "://" in run_dir:
         storage.remove(run_dir)
         return
@@ -153,8 +144,9 @@ def remove_run(run_dir: str) -> None:
             storage.remove(os.path.join(run_dir, name))
 
 
-def run_pipeline(cfg: Config, steps: Optional[List[str]] = None, fresh: bool = False) -> str:
-    """Run the steps in order (all, or those named in ``steps``), reusing finished ones; returns the run folder."""
+def run_pipeline(cfg: Config, steps: Optional[List[str]] = None, fresh: bool = False) -> StageResult:
+    """Run the steps in order (all, or those named in ``steps``), reusing finished ones; returns the run folder
+    and the summary written to ``pipeline.json``."""
     unknown = sorted(set(steps or []) - set(STEPS))
     if unknown:
         raise ValueError(f"unknown pipeline step(s) {unknown}: choose from {STEPS}")
@@ -162,7 +154,7 @@ def run_pipeline(cfg: Config, steps: Optional[List[str]] = None, fresh: bool = F
         return _run_steps(cfg, steps, fresh)
 
 
-def _run_steps(cfg: Config, steps: Optional[List[str]], fresh: bool) -> str:
+def _run_steps(cfg: Config, steps: Optional[List[str]], fresh: bool) -> StageResult:
     if fresh:
         remove_run(cfg.run_dir)
     init_ray(cfg)
@@ -174,16 +166,16 @@ def _run_steps(cfg: Config, steps: Optional[List[str]], fresh: bool) -> str:
     rerun_downstream = False
     total = len([s for s in STEPS if not steps or s in steps])
     position = 0
-    for step, module_name, func_name, _ in steps_for(cfg):
+    for step, _ in steps_for(cfg):
         if steps and step not in steps:
             if step in previous and not rerun_downstream:  # a step that ran before it made its output stale
                 records[step] = previous[step]
             continue
         position += 1
-        func = _resolve(module_name, func_name)
+        func = _resolve(step)
         if func is None:
             missing.append(step)
-            print(f"[pipeline] {position}/{total} {step}: not built yet, skipped", flush=True)
+            report("pipeline", f"{position}/{total} {step}: not built yet, skipped")
             continue
         done = previous.get(step)
         if (
@@ -195,20 +187,21 @@ def _run_steps(cfg: Config, steps: Optional[List[str]], fresh: bool) -> str:
             and done.get("signature") is not None
         ):
             records[step] = {**done, "reused": True}
-            print(f"[pipeline] {position}/{total} {step}: reused (finished {done.get('finished')}) -> "
-                  f"{done['output']}", flush=True)  # fmt: skip
+            report("pipeline", f"{position}/{total} {step}: reused (finished {done.get('finished')}) -> "
+                               f"{done['output']}")  # fmt: skip
             continue
         # From here until it returns, this step (and every later one) is not finished: a kill now must not leave
         # the old record behind, or a later run with that old config would reuse a half-rewritten output.
         _write_summary(cfg, records, missing)
-        print(f"[pipeline] {position}/{total} {step}: starting", flush=True)
+        report("pipeline", f"{position}/{total} {step}: starting")
         start = time.time()
         step_cfg = cfg
         if step == "train" and (rerun_downstream or (done and done.get("fingerprint") != fingerprints[step])):
             # its input or settings changed since its checkpoints were made: start over (they are moved aside)
             # instead of being refused (train.restart)
             step_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, restart=True))
-        output = func(step_cfg)
+        result = func(step_cfg)
+        output = result.path
         records[step] = {
             "output": output,
             "seconds": round(time.time() - start, 1),
@@ -219,11 +212,12 @@ def _run_steps(cfg: Config, steps: Optional[List[str]], fresh: bool) -> str:
         }
         rerun_downstream = True  # later steps read this output: they must not reuse what they built before
         _write_summary(cfg, records, missing)
-        print(f"[pipeline] {position}/{total} {step}: done in {records[step]['seconds']} s -> {output}", flush=True)
+        if result.headline:
+            report(step, result.headline)
+        report("pipeline", f"{position}/{total} {step}: done in {records[step]['seconds']} s -> {output}")
     summary = _write_summary(cfg, records, missing)
-    print(f"[pipeline] finished: {json.dumps({k: summary[k] for k in ('run_dir', 'outputs', 'seconds')})}",
-          flush=True)  # fmt: skip
-    return cfg.run_dir
+    report("pipeline", f"finished: {json.dumps({k: summary[k] for k in ('run_dir', 'outputs', 'seconds')})}")
+    return StageResult(cfg.run_dir, summary)
 
 
 def _write_summary(cfg: Config, records: Dict[str, Dict[str, Any]], missing: List[str]) -> Dict[str, Any]:
@@ -234,5 +228,5 @@ def _write_summary(cfg: Config, records: Dict[str, Dict[str, Any]], missing: Lis
         "seconds": {s: r["seconds"] for s, r in records.items() if not r.get("reused")},
         "not_built": missing,
     }
-    storage.write_text(join_path(cfg.run_dir, SUMMARY_FILE), json.dumps(summary, indent=2))
+    storage.write_text(cfg.layout.pipeline_summary, json.dumps(summary, indent=2))
     return summary

@@ -26,7 +26,7 @@ import numpy as np
 
 from meddr_ray import prompts
 from meddr_ray.config import Config, RagConfig
-from meddr_ray.faiss_index import (
+from meddr_ray.retrieval.store import (
     IndexArtifactError,
     LoadedIndex,
     apply_search_params,
@@ -39,7 +39,7 @@ from meddr_ray.faiss_index import (
     use_gpu,
 )
 
-log = logging.getLogger("meddr_ray.rag")
+log = logging.getLogger("meddr_ray.retrieval.rag")
 
 
 class Neighbor(NamedTuple):
@@ -154,10 +154,10 @@ class Retriever:
 
     @classmethod
     def from_config(cls, cfg: Config, model=None, version: Optional[str] = None) -> "Retriever":
-        """The run's index (``cfg.stage_dir("index")``) with the configured search knobs; with ``model`` (a
+        """The run's index (``cfg.layout.index_dir``) with the configured search knobs; with ``model`` (a
         :class:`~meddr_ray.model.VisionLanguageModel`) its dimension and encoder fingerprint are enforced."""
         return cls.open(
-            cfg.stage_dir("index"),
+            cfg.layout.index_dir,
             expect_dim=model.embed_dim if model is not None else None,
             expect_fingerprint=model.encoder_fingerprint() if model is not None else None,
             version=version,

@@ -6,12 +6,12 @@ run's adapter and the run's index once) answers every row:
 
 1. the query images of a batch go through the vision tower ONCE (``encode_images``): the pooled keys find the
    neighbours in the index (paper section 3.3), and the same features feed both generations;
-2. ``no_rag``: the task's instruction alone; ``rag``: with the retrieved context (:func:`meddr_ray.rag.rag_prompt`:
+2. ``no_rag``: the task's instruction alone; ``rag``: with the retrieved context (:func:`meddr_ray.retrieval.rag.rag_prompt`:
    the labels of the top-5 images for diagnosis, the most similar image's QA pairs for VQA, its report for
    report generation), searched in the query's scope (``rag.same_dataset``: its own dataset, as section 4.5);
-3. ``voting``: the retrieved cases alone, from the same neighbours (:func:`meddr_ray.rag.vote` for diagnosis; the
+3. ``voting``: the retrieved cases alone, from the same neighbours (:func:`meddr_ray.retrieval.rag.vote` for diagnosis; the
    top-1 retrieved report as the prediction for report generation; VQA has no voting row);
-4. each answer is mapped / scored per row (:mod:`meddr_ray.evaluate.scoring`, MultiMedEval's definitions).
+4. each answer is mapped / scored per row (:mod:`meddr_ray.stages.evaluate.scoring`, MultiMedEval's definitions).
 
 Exactly once, resumable, as bootstrap: each actor call writes its rows (one per sample and mode) to one Parquet
 file, atomically, named by a hash of the batch's ids; a re-run skips the ids already written (before decoding
@@ -21,7 +21,7 @@ settings (``run_key``) are never mixed with new ones (``evaluate.on_change``).
 Layout of ``<eval_dir>`` (``evaluate.output_dir``, default ``<run_dir>/eval``):
 - ``predictions/part-<hash>.parquet``: :data:`PREDICTION_SCHEMA`;
 - ``failed/part-<hash>.parquet``: rows that could not be used, with their error;
-- ``metrics.json``, ``report.md``, ``*.png`` (:mod:`meddr_ray.evaluate.report`); ``config.yaml``.
+- ``metrics.json``, ``report.md``, ``*.png`` (:mod:`meddr_ray.stages.evaluate.report`); ``config.yaml``.
 """
 
 from __future__ import annotations
@@ -40,14 +40,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from meddr_ray import storage
-from meddr_ray.bootstrap import FAILED_SCHEMA, batch_seed, failed_row, part_files, remove_stale_temps, write_table
-from meddr_ray.config import Config, ConfigError, TASKS, join_path, save_config
-from meddr_ray.evaluate import scoring
+from meddr_ray.stages.bootstrap import FAILED_SCHEMA, batch_seed, failed_row, part_files, remove_stale_temps, write_table
+from meddr_ray.stages.registry import StageResult
+from meddr_ray.config import Config, ConfigError, TASKS, save_config
+from meddr_ray.storage import join_path
+from meddr_ray.stages.evaluate import scoring
 
-log = logging.getLogger("meddr_ray.evaluate")
+log = logging.getLogger("meddr_ray.stages.evaluate")
 
-PREDICTIONS_DIR = "predictions"
-FAILED_DIR = "failed"
+from meddr_ray.layout import FAILED_DIR, PREDICTIONS_DIR  # noqa: E402  (named once, in the run layout)
 DEFAULT_MODALITY = "medical"
 
 PREDICTION_SCHEMA = pa.schema(
@@ -91,7 +92,7 @@ class EvalArtifactError(ValueError):
 
 def eval_dir(cfg: Config) -> str:
     """``evaluate.output_dir``, default ``<run_dir>/eval``."""
-    return cfg.evaluate.output_dir or join_path(cfg.run_dir, "eval")
+    return cfg.layout.evaluate_dir
 
 
 def needs_index(modes: Sequence[str]) -> bool:
@@ -119,7 +120,7 @@ class StudentEvaluator:
         import ray
 
         from meddr_ray.model import load_model
-        from meddr_ray.rag import Retriever
+        from meddr_ray.retrieval.rag import Retriever
 
         done, failed = ray.get(skip_ref[0])  # wrapped in a list so Ray hands the ref over unresolved
         # Sets built once per actor: a batch's skip check then costs its own size, not that of every id written
@@ -193,7 +194,7 @@ class StudentEvaluator:
     def _neighbours(self, keys: np.ndarray, tasks: Sequence[str], datasets: Sequence[Optional[str]]):
         """Each query's retrieved images, searched in its scope (``rag.same_dataset`` / ``rag.datasets``): enough
         for its prompt and vote (``rag.top_k_*``) and for the figure."""
-        from meddr_ray.rag import scope_for, top_k_for
+        from meddr_ray.retrieval.rag import scope_for, top_k_for
 
         top_k = [top_k_for(t, self.cfg.rag) for t in tasks]
         if self.retriever is None:
@@ -210,7 +211,7 @@ class StudentEvaluator:
         return found, top_k
 
     def _prompt(self, row: Dict[str, Any], options: List[str], neighbours) -> str:
-        from meddr_ray.rag import rag_prompt
+        from meddr_ray.retrieval.rag import rag_prompt
 
         return rag_prompt(
             row["task"], neighbours, self.cfg.rag, modality=row.get("modality"), options=options,
@@ -238,7 +239,7 @@ class StudentEvaluator:
         return out
 
     def __call__(self, batch: pa.Table) -> Dict[str, List[Any]]:
-        from meddr_ray.rag import distinct_images, vote, vote_report
+        from meddr_ray.retrieval.rag import distinct_images, vote, vote_report
 
         stats = dict.fromkeys(_STAT_KEYS, 0)
         stats["rows_in"] = batch.num_rows
@@ -374,7 +375,7 @@ def _adapter(cfg: Config) -> Tuple[Optional[str], str, Optional[dict]]:
     """``(adapter or None, the folder looked in, its meddr.json)``; an error if one is required and absent."""
     from meddr_ray.model import default_adapter
 
-    folder = cfg.train.adapter_dir or join_path(cfg.run_dir, "adapter")
+    folder = cfg.layout.adapter_dir
     adapter = default_adapter(folder)
     if adapter is None and cfg.evaluate.require_adapter:
         raise FileNotFoundError(
@@ -394,11 +395,11 @@ def _adapter(cfg: Config) -> Tuple[Optional[str], str, Optional[dict]]:
 
 def _index_manifest(cfg: Config) -> Optional[dict]:
     """The manifest of the index version this evaluation uses (``CURRENT`` now, pinned for every actor)."""
-    from meddr_ray.faiss_index import published_manifest
+    from meddr_ray.retrieval.store import published_manifest
 
     if not needs_index(cfg.evaluate.modes):
         return None
-    manifest = published_manifest(cfg.stage_dir("index"), "evaluate", ", or set evaluate.modes=[no_rag]")
+    manifest = published_manifest(cfg.layout.index_dir, "evaluate", ", or set evaluate.modes=[no_rag]")
     _check_scope(cfg, manifest)
     return manifest
 
@@ -406,7 +407,7 @@ def _index_manifest(cfg: Config) -> Optional[dict]:
 def _check_scope(cfg: Config, manifest: dict) -> None:
     """Every dataset a query will search (its own, with ``rag.same_dataset``; ``rag.datasets``) has images in the
     index, said before any model loads rather than by an actor mid-run."""
-    from meddr_ray.rag import scope_for
+    from meddr_ray.retrieval.rag import scope_for
 
     held = (manifest.get("summary") or {}).get("datasets")
     if held is None:
@@ -530,7 +531,7 @@ def _source_dataset(cfg: Config):
     return datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
 
 
-def run_evaluate(cfg: Config) -> str:
+def run_evaluate(cfg: Config) -> StageResult:
     """Answer every row of ``evaluate.sources`` in every mode, then write metrics.json, report.md and the plots;
     returns the evaluation folder."""
     from meddr_ray.model import ensure_model
@@ -553,9 +554,9 @@ def run_evaluate(cfg: Config) -> str:
 
 def _answer_and_report(cfg: Config, student_path: str, adapter: Optional[str], adapter_folder: str,
                        adapter_meta: Optional[dict], manifest: Optional[dict], key: str,
-                       out_dir: str) -> str:  # fmt: skip
-    from meddr_ray.evaluate import report
-    from meddr_ray.runtime import init_ray, map_with_actor_pool
+                       out_dir: str) -> StageResult:  # fmt: skip
+    from meddr_ray.stages.evaluate import report
+    from meddr_ray.stages.runtime import init_ray, map_with_actor_pool
 
     done, failed_before = _prepare_output(cfg, out_dir, key)
     save_config(cfg, out_dir)
@@ -599,7 +600,4 @@ def _answer_and_report(cfg: Config, student_path: str, adapter: Optional[str], a
         adapter_folder=adapter_folder, adapter_meta=adapter_meta, manifest=manifest, run=run,
     )  # fmt: skip
     metrics = report.write_all(context)
-    line = report.summary_line(metrics)
-    log.info(line)
-    print(line, flush=True)
-    return out_dir
+    return StageResult(out_dir, run, report.summary_line(metrics))

@@ -36,11 +36,14 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from meddr_ray import prompts, storage
-from meddr_ray.config import Config, ConfigError, is_uri, join_path, save_config
+from meddr_ray.progress import report
+from meddr_ray.stages.registry import StageResult
+from meddr_ray.config import Config, ConfigError, save_config
+from meddr_ray.storage import is_uri, join_path
 from meddr_ray.data import NO_FINDING, medmnist_info
-from meddr_ray.reports import split_report
+from meddr_ray.report_sections import split_report
 
-log = logging.getLogger("meddr_ray.instruct")
+log = logging.getLogger("meddr_ray.stages.instruct")
 
 TASK_GUIDED_REPORT = "guided_report"
 TASK_DIAGNOSIS = "diagnosis"
@@ -48,7 +51,7 @@ TASK_VQA = "vqa"
 TASK_REPORT = "report"
 TASK_DESCRIPTION = "description"
 DEFAULT_MODALITY = "medical"
-FAILED_DIR = "failed"
+from meddr_ray.layout import FAILED_DIR  # noqa: E402  (named once, in the run layout)
 SUMMARY_FILE = "summary.json"
 
 MIX_SCHEMA = pa.schema(
@@ -266,9 +269,9 @@ def _within_cap(ds, threshold: Optional[float]):
 def _bootstrap_dataset(cfg: Config):
     import ray
 
-    from meddr_ray.bootstrap import part_files
+    from meddr_ray.stages.bootstrap import part_files
 
-    folder = cfg.stage_dir("bootstrap")
+    folder = cfg.layout.bootstrap_dir
     files = part_files(folder)
     if not files:
         raise FileNotFoundError(
@@ -403,7 +406,7 @@ def _write_blocks(blocks, version_dir: str, name: str) -> Dict[str, Any]:
 # renamed, and a crash at any step leaves CURRENT naming a whole version. A version no CURRENT names is a
 # leftover of a killed build and the only thing ever deleted.
 
-CURRENT_FILE = "CURRENT"
+from meddr_ray.layout import CURRENT_FILE  # noqa: E402
 MANIFEST_FILE = "manifest.json"
 VERSION_PREFIX = "mix-"
 _OLD_LAYOUT = (SUMMARY_FILE, "config.yaml", FAILED_DIR)  # what earlier versions wrote next to the Parquet files
@@ -541,14 +544,14 @@ def _publish(folder: str, version: str, results: List[Dict[str, Any]], summary: 
 # ---------------------------------------------------------------------------------------------- the stage
 
 
-def run_instruct(cfg: Config) -> str:
+def run_instruct(cfg: Config) -> StageResult:
     """Build the instruction mix of ``cfg.instruct`` and publish it; returns the stage folder."""
     ic = cfg.instruct
     if not ic.sources and not ic.use_bootstrap:
         raise ConfigError("key 'instruct.sources': nothing to mix (no sources and instruct.use_bootstrap is false)")
     if not 0.0 <= ic.val_fraction < 1.0:
         raise ConfigError(f"key 'instruct.val_fraction': {ic.val_fraction} is not in [0, 1)")
-    out_dir = cfg.stage_dir("instruct")
+    out_dir = cfg.layout.instruct_dir
     storage.makedirs(out_dir)
     with storage.run_lock(out_dir):  # a second build in this folder would delete this one's version as a leftover
         return _build(cfg, out_dir)
@@ -556,7 +559,7 @@ def run_instruct(cfg: Config) -> str:
 
 def _build(cfg: Config, out_dir: str) -> str:
     from meddr_ray.data import read_source
-    from meddr_ray.runtime import init_ray
+    from meddr_ray.stages.runtime import init_ray
 
     ic = cfg.instruct
     started = time.perf_counter()
@@ -627,8 +630,7 @@ def _build(cfg: Config, out_dir: str) -> str:
         f"capped {sum(capped.values())}, "
         f"in {summary['seconds']:.1f} s -> {version_dir}"
     )
-    print(text + "\n" + line, flush=True)
-    log.info(line)
+    report("instruct", text)
     if totals["total"] == 0:
         raise ValueError(f"the instruction mix is empty: every row was set aside; see {failed_dir}")
-    return out_dir
+    return StageResult(out_dir, summary, line)

@@ -16,8 +16,8 @@ question-answer pairs), so the top five neighbours are five different images, as
    run by ``benchmarks/index_scale.py`` on a folder of embedding files). Ray tasks build one FAISS index per shard
    in parallel, row group by row group (IVF / IVF-PQ: each a copy of one template trained on a sample that is
    read row group by row group), and write it to a file; a last task merges the shard files -- IVF on disk, one
-   shard at a time (:func:`meddr_ray.faiss_index.merge_ivf_on_disk`) -- and publishes a new version
-   (:func:`meddr_ray.faiss_index.publish_staged`: temporary folder, rename, then ``CURRENT``, compare-and-swap
+   shard at a time (:func:`meddr_ray.retrieval.store.merge_ivf_on_disk`) -- and publishes a new version
+   (:func:`meddr_ray.retrieval.store.publish_staged`: temporary folder, rename, then ``CURRENT``, compare-and-swap
    on the version the build started from, idempotent per build id). HNSW cannot be merged, so it is built in
    that last task from the gathered vectors (refused above ``index.max_in_memory_gb``). The manifest counts the
    cases of each dataset, which retrieval can be scoped to (``rag.same_dataset``, ``rag.datasets``).
@@ -45,16 +45,15 @@ import numpy as np
 import pyarrow as pa
 
 from meddr_ray import storage
+from meddr_ray.storage import is_uri, join_path
+from meddr_ray.stages.registry import StageResult
 from meddr_ray.config import (
     Config,
     DataConfig,
     ModelConfig,
     SourceConfig,
-    is_uri,
-    join_path,
-    load_source_file,
 )
-from meddr_ray.faiss_index import (  # noqa: F401  (case_key: the stage's own name for it)
+from meddr_ray.retrieval.store import (  # noqa: F401  (case_key: the stage's own name for it)
     IVF_KINDS,
     PublishConflict,
     QA_TYPE,
@@ -70,7 +69,7 @@ from meddr_ray.faiss_index import (  # noqa: F401  (case_key: the stage's own na
     resolve_kind,
 )
 
-log = logging.getLogger("meddr_ray.index")
+log = logging.getLogger("meddr_ray.stages.index")
 
 # One annotation of an image, as the readers and the instruction mix give it (an image has as many as it has
 # tasks and questions): what the grouping step turns into one case per image.
@@ -104,7 +103,7 @@ ROW_SCHEMA = pa.schema(
 WORK_DIR = "_work"
 # The IVF training sample is drawn from random whole row groups holding this many times its size (see Plan.sample)
 SAMPLE_READ_FACTOR = 4
-FAILED_DIR = "failed"
+from meddr_ray.layout import FAILED_DIR  # noqa: E402  (named once, in the run layout)
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -132,7 +131,7 @@ def _sample_rows(batch: pa.Table) -> pa.Table:
 
 
 def _instruct_rows(batch: pa.Table) -> pa.Table:
-    """Training rows of the instruction mix (``meddr_ray.instruct.MIX_SCHEMA``) -> annotations. The validation
+    """Training rows of the instruction mix (``meddr_ray.stages.instruct.MIX_SCHEMA``) -> annotations. The validation
     rows are not part of the database (the paper builds it on the training set); image descriptions repeat a
     report's findings and add nothing."""
     import pyarrow.compute as pc
@@ -192,8 +191,8 @@ def _read_sources(sources: Sequence[SourceConfig], data_cfg: DataConfig):
 
 
 def _instruct_parquet_files(folder: str) -> List[str]:
-    """The instruction Parquet files of the mix published at ``folder`` (:func:`meddr_ray.instruct.published_mix`)."""
-    from meddr_ray.instruct import MixNotFoundError, published_mix_files
+    """The instruction Parquet files of the mix published at ``folder`` (:func:`meddr_ray.stages.instruct.published_mix`)."""
+    from meddr_ray.stages.instruct import MixNotFoundError, published_mix_files
 
     try:
         return published_mix_files(folder)
@@ -209,9 +208,9 @@ def _input_dataset(cfg: Config) -> Tuple[Any, List[Dict[str, Any]]]:
 
     if cfg.index.sources:
         return _read_sources(cfg.index.sources, cfg.data), [asdict(s) for s in cfg.index.sources]
-    from meddr_ray.instruct import current_version
+    from meddr_ray.stages.instruct import current_version
 
-    folder = cfg.stage_dir("instruct")
+    folder = cfg.layout.instruct_dir
     files = _instruct_parquet_files(folder)
     ds = ray.data.read_parquet(files).map_batches(_instruct_rows, batch_format="pyarrow")
     return ds, [{"name": "instruct", "format": "parquet", "path": folder, "splits": ["train"],
@@ -352,7 +351,7 @@ def _embed(cfg: Config, ds, out_dir: str, adapter: Optional[str], known_ids: pa.
     """Run the encoder pool over the rows whose case key is not in ``known_ids``; returns how many were skipped."""
     import ray
 
-    from meddr_ray.runtime import map_with_actor_pool
+    from meddr_ray.stages.runtime import map_with_actor_pool
 
     if len(known_ids):
         ds = ds.map_batches(_drop_known_ids, fn_args=(ray.put(known_ids),), batch_format="pyarrow")
@@ -523,7 +522,7 @@ def iter_entries(entries: Sequence[Tuple[str, np.ndarray]], dim: int, with_value
     row group at a time (a shard task adds each to its index and writes its values before reading the next)."""
     import pyarrow.parquet as pq
 
-    from meddr_ray.faiss_index import conform_values
+    from meddr_ray.retrieval.store import conform_values
 
     for path, rows in entries:
         columns = ["embedding"]
@@ -564,7 +563,7 @@ def peak_rss_mb() -> float:
 
 def _train_ivf_task(entries, dim: int, params: IndexParams, nlist: int, device: str, cpus: float, out: str):
     """Train the IVF template on the sampled rows only (read row group by row group) and write it to ``out``."""
-    from meddr_ray import faiss_index as fi
+    from meddr_ray.retrieval import store as fi
 
     _threads(cpus)
     sample, _ = read_entries(entries, dim, with_values=False)
@@ -574,7 +573,7 @@ def _train_ivf_task(entries, dim: int, params: IndexParams, nlist: int, device: 
 
 def _template_from_parent_task(parent: Dict[str, Any], out: str):
     """The trained structure of an IVF parent version, without its vectors, as a template file."""
-    from meddr_ray import faiss_index as fi
+    from meddr_ray.retrieval import store as fi
 
     index = fi.open_index_file(_local_index_file(parent))
     fi.save_index(fi.empty_like(index), out)
@@ -583,7 +582,7 @@ def _template_from_parent_task(parent: Dict[str, Any], out: str):
 
 def _local_index_file(manifest: Dict[str, Any]) -> str:
     """A published version's ``index.faiss`` as a path FAISS can read with its on-disk lists beside it."""
-    from meddr_ray import faiss_index as fi
+    from meddr_ray.retrieval import store as fi
 
     path = join_path(manifest["path"], fi.INDEX_FILE)
     if is_uri(path) and fi.IVFDATA_FILE in manifest["files"]:
@@ -596,7 +595,7 @@ def _write_values(parts, path: str) -> int:
     half a file); returns the rows written."""
     import pyarrow.parquet as pq
 
-    from meddr_ray.faiss_index import VALUES_SCHEMA
+    from meddr_ray.retrieval.store import VALUES_SCHEMA
 
     fs, p = storage.resolve(path)
     tmp = p if is_uri(path) else f"{p}.tmp-{os.getpid()}"
@@ -614,7 +613,7 @@ def _shard_task(entries, dim: int, params: IndexParams, template: Optional[str],
     """Build one shard's index row group by row group and write it and its values to ``out`` + ``.faiss`` /
     ``.values.parquet``; returns their paths (never the index itself: it does not travel through the object
     store), its count and, for IVF, its list sizes (what the merge pre-sizes the on-disk lists with)."""
-    from meddr_ray import faiss_index as fi
+    from meddr_ray.retrieval import store as fi
 
     _threads(cpus)
     if params.kind in fi.IVF_KINDS:
@@ -644,7 +643,7 @@ def _read_value_files(paths: Sequence[str]):
     """The value rows of shard / version files, one row group at a time."""
     import pyarrow.parquet as pq
 
-    from meddr_ray.faiss_index import conform_values
+    from meddr_ray.retrieval.store import conform_values
 
     for path in paths:
         fs, p = storage.resolve(path)
@@ -662,7 +661,7 @@ def _merge_publish_task(
     sizes, never index bytes. IVF: the lists are copied one shard at a time into an on-disk ``index.ivfdata``
     (the task holds one shard); flat: the shards are concatenated in memory (bounded by
     ``index.max_in_memory_gb``)."""
-    from meddr_ray import faiss_index as fi
+    from meddr_ray.retrieval import store as fi
 
     _threads(cpus)
     done = fi.find_build(index_dir, build_id)  # a retry of a merge that already published
@@ -694,7 +693,7 @@ def _merge_publish_task(
 
 def _hnsw_publish_task(index_dir: str, manifest: dict, extra: dict, entries, dim: int, params, cpus: float,
                        parent: Optional[str], build_id: str):  # fmt: skip
-    from meddr_ray import faiss_index as fi
+    from meddr_ray.retrieval import store as fi
 
     _threads(cpus)
     vectors, values = read_entries(entries, dim)
@@ -705,7 +704,7 @@ def _hnsw_publish_task(index_dir: str, manifest: dict, extra: dict, entries, dim
 def _add_publish_task(index_dir: str, parent: str, manifest: dict, extra: dict, entries, dim: int, cpus: float,
                       build_id: str):  # fmt: skip
     """Flat / HNSW parents (in memory anyway): load the parent version, add the new vectors, publish."""
-    from meddr_ray import faiss_index as fi
+    from meddr_ray.retrieval import store as fi
 
     _threads(cpus)
     base = fi.load_index(index_dir, expect_dim=dim, expect_fingerprint=manifest["encoder_fingerprint"], version=parent)
@@ -778,22 +777,20 @@ def _gpu_for_tasks(cfg: Config) -> float:
     return 0
 
 
-def run_index(cfg: Config, add_source: Optional[str] = None) -> str:
+def run_index(cfg: Config) -> StageResult:
     """Build (or, with ``add_source`` / ``index.add_sources``, extend) the retrieval index; returns the path of
     the published version. Prints count, dimension, type and version."""
     from meddr_ray.model import default_adapter, ensure_model
-    from meddr_ray.runtime import init_ray
+    from meddr_ray.stages.runtime import init_ray
 
     init_ray(cfg)
-    index_dir = cfg.stage_dir("index")
-    adapter = default_adapter(cfg.train.adapter_dir or join_path(cfg.run_dir, "adapter"))
+    index_dir = cfg.layout.index_dir
+    adapter = default_adapter(cfg.layout.adapter_dir)
     log.info("index: encoder %s (%s)%s", cfg.student.name, cfg.student.path, f" + adapter {adapter}" if adapter else "")
     if cfg.student.build:
         ensure_model(cfg.student)  # build the offline model once here, not in every actor
 
     add_sources = list(cfg.index.add_sources)  # checked and made absolute by load_config
-    if add_source:
-        add_sources.append(load_source_file(add_source))
     if add_sources:
         parent = load_manifest(index_dir)
         known = _read_columns(join_path(parent["path"], VALUES_FILE), ["id"]).column("id").combine_chunks()
@@ -832,17 +829,16 @@ def run_index(cfg: Config, add_source: Optional[str] = None) -> str:
         storage.remove(join_path(work, BUILD_FILE))  # the next run builds on the version CURRENT names then
         raise
     if published is None:  # an add with nothing new
-        print(
+        _remove_work(work)
+        return StageResult(run.parent["path"], {"added": 0, "failed": plan.failed_count}, (
             f"index: nothing new to add (every case is already in version {run.parent['version']}"
             + (f"; {plan.failed_count} failed" if plan.failed_count else "")
             + f"); version {run.parent['version']} stays current"
-        )
-        _remove_work(work)
-        return run.parent["path"]
+        ))
     failed_path = _write_failed(run, plan, published["version"])
     _remove_work(work)
     build_s = published.get("summary", {}).get("build_seconds", 0.0)
-    print(
+    headline = (
         f"index: {published['count']} vectors, dimension {published['dim']}, {published['faiss_type']} "
         f"({published['index_type']}), version {published['version']}"
         + (f" (parent {run.parent['version']}, +{plan.count})" if run.parent else "")
@@ -850,7 +846,7 @@ def run_index(cfg: Config, add_source: Optional[str] = None) -> str:
         + (f", {plan.failed_count} failed -> {failed_path}" if failed_path else "")
         + "]"
     )
-    return published["path"]
+    return StageResult(published["path"], published.get("summary", {}), headline)
 
 
 BUILD_FILE = "build.json"
@@ -888,7 +884,7 @@ def build_from_embeddings(
     version the first attempt made. Also used by ``benchmarks/index_scale.py``."""
     import ray
 
-    from meddr_ray import faiss_index as fi
+    from meddr_ray.retrieval import store as fi
 
     index_dir = run.index_dir
     already = fi.find_build(index_dir, build_id)

@@ -19,9 +19,10 @@ import pyarrow.compute as pc
 
 from meddr_ray import metrics as mm
 from meddr_ray import storage
-from meddr_ray.bootstrap import part_files, read_columns
-from meddr_ray.config import Config, join_path
-from meddr_ray.evaluate import scoring
+from meddr_ray.stages.bootstrap import part_files, read_columns
+from meddr_ray.config import Config
+from meddr_ray.storage import join_path
+from meddr_ray.stages.evaluate import scoring
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
@@ -89,7 +90,7 @@ def _predictions(out_dir: str, columns: Sequence[str], filter=None) -> pa.Table:
     """Columns of every prediction file (optionally filtered while reading)."""
     import pyarrow.dataset as pads
 
-    from meddr_ray.evaluate.stage import PREDICTION_SCHEMA, PREDICTIONS_DIR
+    from meddr_ray.stages.evaluate.stage import PREDICTION_SCHEMA, PREDICTIONS_DIR
 
     files = part_files(join_path(out_dir, PREDICTIONS_DIR))
     if not files:
@@ -103,7 +104,7 @@ def dataset_metrics(cfg: Config, out_dir: str) -> Dict[str, Dict[str, Any]]:
     """Every figure of every configured dataset in every mode, from the prediction files' small columns, read one
     dataset at a time (the driver holds one dataset's ids and per-row scores, not every dataset's)."""
     from meddr_ray.data.common import default_task
-    from meddr_ray.evaluate.stage import FAILED_DIR
+    from meddr_ray.stages.evaluate.stage import FAILED_DIR
 
     failed = read_columns(join_path(out_dir, FAILED_DIR), ["id", "dataset"])
     out: Dict[str, Dict[str, Any]] = {}
@@ -128,7 +129,7 @@ def dataset_metrics(cfg: Config, out_dir: str) -> Dict[str, Dict[str, Any]]:
 def _options(out_dir: str, dataset: str) -> List[str]:
     import pyarrow.dataset as pads
 
-    from meddr_ray.evaluate.stage import PREDICTION_SCHEMA, PREDICTIONS_DIR
+    from meddr_ray.stages.evaluate.stage import PREDICTION_SCHEMA, PREDICTIONS_DIR
 
     files = part_files(join_path(out_dir, PREDICTIONS_DIR))
     if not files:  # nothing answered yet (an empty source)
@@ -168,7 +169,7 @@ def build_metrics(ctx: RunContext, datasets: Dict[str, Dict[str, Any]]) -> Dict[
             "note": None if ctx.adapter else f"no trained adapter at {ctx.adapter_folder}: the base student answered",
         },
         "index": None if manifest is None else {
-            "dir": cfg.stage_dir("index"), "version": manifest["version"], "path": manifest["path"],
+            "dir": cfg.layout.index_dir, "version": manifest["version"], "path": manifest["path"],
             "count": manifest["count"], "dim": manifest["dim"], "faiss_type": manifest.get("faiss_type"),
             "encoder_fingerprint": manifest["encoder_fingerprint"], "model_name": manifest.get("model_name"),
             "adapter_dir": manifest.get("adapter_dir"), "created": manifest.get("created"),
@@ -381,7 +382,7 @@ def write_all(ctx: RunContext) -> Dict[str, Any]:
     """metrics.json, the plots (in a Ray task) and report.md; returns the metrics."""
     import ray
 
-    from meddr_ray.evaluate import figures
+    from meddr_ray.stages.evaluate import figures
 
     datasets = dataset_metrics(ctx.cfg, ctx.out_dir)
     metrics = build_metrics(ctx, datasets)

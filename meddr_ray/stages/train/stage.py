@@ -2,7 +2,7 @@
 
 ``run_train(cfg)`` reads the instruction Parquet written by ``meddr-ray instruct`` (``<run_dir>/instruct``: rows
 ``id, image, prompt, answer, split, ...``), starts a ``TorchTrainer`` (Ray Train V2) with
-``cfg.train.num_workers`` workers, each running :func:`meddr_ray.train_loop.train_loop_per_worker`, and writes
+``cfg.train.num_workers`` workers, each running :func:`meddr_ray.stages.train.loop.train_loop_per_worker`, and writes
 the LoRA adapter to ``<run_dir>/adapter/`` (PEFT format + ``meddr.json``).
 
 Resume: checkpoints live under ``<storage_path>/<name>/`` (``train.storage_path``, default ``<run_dir>/train``).
@@ -26,11 +26,14 @@ from dataclasses import asdict
 from typing import Any, Dict, List, Optional
 
 from meddr_ray import storage
-from meddr_ray.config import Config, ConfigError, is_uri, join_path, save_config
-from meddr_ray.instruct import MixNotFoundError, PublishedMix, published_mix
-from meddr_ray.train_loop import ADAPTER_SUBDIR, STATE_FILE, Plan, make_plan, train_loop_per_worker
+from meddr_ray.progress import report
+from meddr_ray.stages.registry import StageResult
+from meddr_ray.config import Config, ConfigError, save_config
+from meddr_ray.storage import is_uri, join_path
+from meddr_ray.stages.instruct import MixNotFoundError, PublishedMix, published_mix
+from meddr_ray.stages.train.loop import ADAPTER_SUBDIR, STATE_FILE, Plan, make_plan, train_loop_per_worker
 
-log = logging.getLogger("meddr_ray.train")
+log = logging.getLogger("meddr_ray.stages.train.stage")
 
 INSTRUCT_COLUMNS = ["id", "image", "prompt", "answer", "split"]
 
@@ -41,17 +44,17 @@ class TrainDataError(FileNotFoundError):
 
 def storage_root(cfg: Config) -> str:
     """Where Ray Train keeps this run's checkpoints: ``train.storage_path`` or ``<run_dir>/train``."""
-    return cfg.train.storage_path or join_path(cfg.run_dir, "train")
+    return cfg.layout.checkpoints_root
 
 
 def adapter_dir(cfg: Config) -> str:
-    return cfg.train.adapter_dir or join_path(cfg.run_dir, "adapter")
+    return cfg.layout.adapter_dir
 
 
 def instruction_mix(cfg: Config) -> PublishedMix:
-    """The published instruction mix the run trains on (:func:`meddr_ray.instruct.published_mix`)."""
+    """The published instruction mix the run trains on (:func:`meddr_ray.stages.instruct.published_mix`)."""
     try:
-        return published_mix(cfg.stage_dir("instruct"))
+        return published_mix(cfg.layout.instruct_dir)
     except MixNotFoundError as exc:
         raise TrainDataError(
             f"no instruction data: {exc}. Run `meddr-ray instruct --config {cfg.preset}` first (or point "
@@ -96,13 +99,13 @@ CONTEXT_COLUMNS = ["task", "dataset", "source_id"]  # what train.rag_context_fra
 
 
 def _retrieval_context(cfg: Config) -> Optional[Dict[str, Any]]:
-    """Arguments of :class:`meddr_ray.rag.TrainingContext` for ``train.rag_context_fraction`` (None when 0): the
+    """Arguments of :class:`meddr_ray.retrieval.rag.TrainingContext` for ``train.rag_context_fraction`` (None when 0): the
     run's index, its version pinned, checked to be the student's."""
-    from meddr_ray.faiss_index import published_manifest
+    from meddr_ray.retrieval.store import published_manifest
 
     if not cfg.train.rag_context_fraction:
         return None
-    index_dir = cfg.stage_dir("index")
+    index_dir = cfg.layout.index_dir
     manifest = published_manifest(index_dir, f"train (train.rag_context_fraction={cfg.train.rag_context_fraction})",
                                   " (the pipeline builds it before training then)")  # fmt: skip
     if manifest.get("model_path") != cfg.student.path:
@@ -120,8 +123,8 @@ def _datasets(files: List[str], counts: Dict[str, int], cache_data: bool, contex
     from ray.data.expressions import col
 
     from meddr_ray.config import ActorPoolConfig
-    from meddr_ray.rag import TrainingContext
-    from meddr_ray.runtime import map_with_actor_pool
+    from meddr_ray.retrieval.rag import TrainingContext
+    from meddr_ray.stages.runtime import map_with_actor_pool
 
     ds = ray.data.read_parquet(files, columns=INSTRUCT_COLUMNS + (CONTEXT_COLUMNS if context else []))
     train = ds.filter(expr=col("split") == "train")
@@ -278,8 +281,8 @@ def check_resume(experiment: str, previous: Optional[dict], description: Dict[st
         if storage.exists(experiment):
             aside = f"{experiment}.replaced-{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}"
             storage.move(experiment, aside)
-            print(f"[train] train.restart: the checkpoints in {experiment} moved to {aside}; training starts from "
-                  "step 0", flush=True)  # fmt: skip
+            report("train", f"train.restart: the checkpoints in {experiment} moved to {aside}; training starts from "
+                               "step 0")  # fmt: skip
         return
     if not previous or previous.get("identity") == run_identity(description):
         return
@@ -291,14 +294,14 @@ def check_resume(experiment: str, previous: Optional[dict], description: Dict[st
     )
 
 
-def run_train(cfg: Config) -> str:
+def run_train(cfg: Config) -> StageResult:
     """Fine-tune the student with LoRA on the instruction data; returns the adapter folder."""
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from meddr_ray.model import ensure_model
-    from meddr_ray.runtime import init_ray
+    from meddr_ray.stages.runtime import init_ray
 
     t = cfg.train
     mix = instruction_mix(cfg)
@@ -306,7 +309,7 @@ def run_train(cfg: Config) -> str:
     _check_columns(files)
     counts = _split_counts(mix)
     if not counts.get("train"):
-        raise TrainDataError(f"{cfg.stage_dir('instruct')}: no rows with split == 'train' (splits: {counts})")
+        raise TrainDataError(f"{cfg.layout.instruct_dir}: no rows with split == 'train' (splits: {counts})")
     plan = make_plan(t, counts["train"])
     model_path = str(ensure_model(cfg.student))  # an offline build happens once, here, not in every worker
 
@@ -324,11 +327,11 @@ def run_train(cfg: Config) -> str:
         )
     init_ray(cfg)
     status_dir = None if is_uri(root) else os.path.join(root, t.name, "workers")
-    print(
-        f"[train] {counts['train']} train / {counts.get('val', 0)} val rows from {len(files)} file(s); "
+    report(
+        "train",
+        f"{counts['train']} train / {counts.get('val', 0)} val rows from {len(files)} file(s); "
         f"{t.num_workers} workers, ZeRO-{t.zero_stage}, {t.precision}; {plan.total_steps} steps "
         f"({plan.steps_per_epoch} per epoch); checkpoints in {join_path(root, t.name)}",
-        flush=True,
     )
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # the same order every time: a resumed epoch can skip what it already trained on
@@ -370,7 +373,7 @@ def run_train(cfg: Config) -> str:
     final = _final_metrics(state["history"])
     meta = {
         "base_model": {"name": cfg.student.name, "path": model_path},
-        "data": {"path": cfg.stage_dir("instruct"), "version": mix.version, "fingerprint": mix.fingerprint,
+        "data": {"path": cfg.layout.instruct_dir, "version": mix.version, "fingerprint": mix.fingerprint,
                  "files": files, "rows": counts},
         "config_fingerprint": cfg.fingerprint(),
         "preset": cfg.preset,
@@ -385,11 +388,10 @@ def run_train(cfg: Config) -> str:
     storage.write_text(join_path(out, "meddr.json"), json.dumps(meta, indent=2))
     save_config(cfg, out, "config.yaml")
     if t.merge_lora:
-        merged = join_path(cfg.run_dir, "merged")
+        merged = cfg.layout.merged_dir
         ray.get(ray.remote(_merge_task).options(num_cpus=1).remote(cfg, out, merged))
-        print(f"[train] merged model: {merged}", flush=True)
-    _print_summary(state, plan, final, out, time.time() - started)
-    return out
+        report("train", f"merged model: {merged}")
+    return StageResult(out, meta, _summary_text(state, plan, final, out, time.time() - started))
 
 
 def _final_metrics(history: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -405,7 +407,7 @@ def _final_metrics(history: List[Dict[str, Any]]) -> Dict[str, Any]:
     return final
 
 
-def _print_summary(state: Dict[str, Any], plan: Plan, final: Dict[str, Any], out: str, seconds: float) -> None:
+def _summary_text(state: Dict[str, Any], plan: Plan, final: Dict[str, Any], out: str, seconds: float) -> str:
     resumes = [e for e in state["events"] if e.get("resumed")]
     lines = [
         f"[train] done: step {state['step']}/{plan.total_steps}, epoch {state['epoch']}, {seconds:.0f} s",
@@ -429,7 +431,7 @@ def _print_summary(state: Dict[str, Any], plan: Plan, final: Dict[str, Any], out
             f"[train]   rank {w['rank']}: peak RSS {w['peak_rss_mb']:.0f} MB, parameters {w['param_mb']:.2f} MB, "
             f"optimizer state {w['optimizer_mb']:.2f} MB"
         )
-    print("\n".join(lines), flush=True)
+    return "\n".join(line.replace("[train] ", "", 1) for line in lines)
 
 
 def read_adapter_meta(folder: str) -> Optional[dict]:

@@ -6,6 +6,6 @@ retrieval and by voting, and writes ``<run_dir>/eval/`` (predictions, metrics.js
 - :mod:`.report`: metrics.json and report.md; :mod:`.figures`: the PNG plots, drawn in a Ray task.
 """
 
-from meddr_ray.evaluate.stage import PREDICTION_SCHEMA, eval_dir, run_evaluate
+from meddr_ray.stages.evaluate.stage import PREDICTION_SCHEMA, eval_dir, run_evaluate
 
 __all__ = ["PREDICTION_SCHEMA", "eval_dir", "run_evaluate"]

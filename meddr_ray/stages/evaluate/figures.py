@@ -17,7 +17,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from meddr_ray import storage
-from meddr_ray.config import Config, DataConfig, SourceConfig, join_path
+from meddr_ray.config import Config, DataConfig, SourceConfig
+from meddr_ray.storage import join_path
 
 MODE_ORDER = ("voting", "no_rag", "rag")
 MODE_LABELS = {"voting": "voting", "no_rag": "w/o RAG", "rag": "w/ RAG"}
@@ -155,7 +156,7 @@ def neighbour_locations(manifest: dict, ids: Sequence[str]) -> Dict[str, Dict[st
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    from meddr_ray.faiss_index import VALUES_FILE
+    from meddr_ray.retrieval.store import VALUES_FILE
 
     if not ids:
         return {}
@@ -266,7 +267,7 @@ def config_sources(cfg: Config) -> List[SourceConfig]:
 def draw_all(metrics: Dict[str, Any], cases: List[Dict[str, Any]], cfg: Config, out_dir: str,
              manifest: Optional[dict]) -> Dict[str, Any]:  # fmt: skip
     """Ray task: every plot of an evaluation; returns ``{"files": [...], "notes": [...]}``."""
-    from meddr_ray.evaluate.report import TABLE4_ROWS
+    from meddr_ray.stages.evaluate.report import TABLE4_ROWS
 
     files: List[str] = []
     notes: List[str] = []
