@@ -83,3 +83,18 @@ def test_every_preset_key_has_a_comment():
             if stripped.endswith(":") and not stripped.startswith("- "):
                 continue  # a section header: its keys carry the comments
             assert "#" in line, f"{path.name}:{n} has no comment: {line!r}"
+
+
+def test_tiny_fingerprint_is_pinned(tmp_path, monkeypatch):
+    """Artifacts record ``Config.fingerprint()`` and stages redo work when it changes: a change to how the config
+    is declared (types, validation) must leave it as it was. Paths are pinned so that the value is the same on
+    every machine: the cache, the package folder and the working directory."""
+    import meddr_ray.config as config_module
+    from pathlib import Path
+
+    monkeypatch.setenv("MEDDR_RAY_CACHE", "/meddr-cache")
+    monkeypatch.setattr(config_module, "PACKAGE_DIR", Path("/meddr-pkg"))
+    monkeypatch.chdir("/")
+    cfg = load_config("tiny")
+    assert cfg.run_dir == "/runs/tiny" and cfg.bootstrap.sources[0].path == "/meddr-pkg/assets/breastmnist.npz"
+    assert cfg.fingerprint() == "c4a73fcc7425ddb9"
