@@ -28,13 +28,13 @@ def read_source(src, data_cfg, skip=None):
     ``skip``: a predicate on row ids, called on the driver for every row before any image is read; rows it is
     true for are left out (a resumed stage skips its finished rows without reading their images).
     """
-    from meddr_ray.data import dicom, image_folder, medmnist, reports, vqa_json
+    from meddr_ray.data import dicom, image_folder, medmnist, report_files, vqa_json
 
     readers = {
         "medmnist": medmnist.read_medmnist,
         "image_folder": image_folder.read_image_folder,
         "vqa_json": vqa_json.read_vqa_json,
-        "reports": reports.read_reports,
+        "reports": report_files.read_reports,
         "dicom": dicom.read_dicom,
     }
     if src.format not in readers:

@@ -17,7 +17,7 @@ import io
 import json
 import os
 import posixpath
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, NamedTuple, Optional, Sequence
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -25,7 +25,7 @@ import pyarrow.fs as pafs
 from meddr_ray import storage
 from meddr_ray.config import DataConfig, SourceConfig
 from meddr_ray.storage import join_path
-from meddr_ray.data.errors import DataError
+from meddr_ray.data.errors import DataError, where
 from meddr_ray.data.images import load_image
 from meddr_ray.data.schema import SAMPLE_SCHEMA, keyed_id, make_row, rows_to_table
 
@@ -50,10 +50,6 @@ def default_split(src: SourceConfig) -> str:
 
 def image_root(src: SourceConfig) -> str:
     return src.image_root or os.path.dirname(src.path.rstrip("/"))
-
-
-def row_where(path: str, index: int) -> str:
-    return f"{os.path.basename(path)} row {index}"
 
 
 def check_on_error(data_cfg: DataConfig) -> str:
@@ -106,7 +102,7 @@ def read_records(path: str) -> List[Dict[str, Any]]:
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError as exc:
-                    raise DataError(f"{name} line {i + 1}: not valid JSON ({exc})") from None
+                    raise DataError(f"{name} line {i + 1}: not valid JSON ({exc})") from None  # a line, not a row
     else:
         try:
             records = json.loads(text)
@@ -187,6 +183,78 @@ def confine_image_ref(ref: Any, column: str, src: SourceConfig, where: str) -> O
 def limit_reached(rows: List[Dict[str, Any]], src: SourceConfig) -> bool:
     """``src.limit`` counts rows after the split/language filters; rows past it are not even checked."""
     return src.limit is not None and len(rows) >= src.limit
+
+
+# -------------------------------------------------------------------------------- the table-reader loop
+
+
+class Record(NamedTuple):
+    """What a reader takes from one record of its table before any check: the image it names (``None``: none),
+    the column that named it (for messages), and the sample columns it fills in :func:`make_row`."""
+
+    image: Optional[str]
+    image_column: Optional[str]
+    fields: Dict[str, Any]
+
+
+def metadata_row(src: SourceConfig, *, image_ref: Optional[str], where: str, **columns: Any) -> Dict[str, Any]:
+    """A row of the metadata table: the sample's columns (``dataset`` is the source's name) plus where its image
+    is and how to name it in errors."""
+    row = make_row(dataset=src.name, **columns)
+    row[IMAGE_REF], row[WHERE] = image_ref, where
+    return row
+
+
+def table_rows(
+    src: SourceConfig,
+    data_cfg: DataConfig,
+    records: Iterable[Dict[str, Any]],
+    *,
+    id_fields: Sequence[str],
+    take: Callable[[Dict[str, Any]], Record],
+    check: Callable[[Dict[str, Any], Dict[str, Any], str], None],
+    keep: Callable[[Dict[str, Any]], bool] = lambda rec: True,
+) -> List[Dict[str, Any]]:
+    """Metadata rows of a table's records, the loop every table reader shares (driver side: no image is read).
+
+    Per record, in order: stop at ``src.limit``; leave it out unless ``keep(rec)`` (the VQA language filter) and
+    its ``split`` (default: the first configured) is one of ``src.splits``; ``take`` its image and columns; give
+    it an id (:class:`RowIds` over ``id_fields``); confine its image to the image root; then ``check(row, rec,
+    where)`` may fill more columns and raises :class:`DataError` for a bad row. A bad row raises or is kept with
+    its error, as ``data_cfg.on_error`` says.
+    """
+    on_error = check_on_error(data_cfg)
+    task, fallback_split = default_task(src), default_split(src)
+    row_id = RowIds(src, id_fields)
+    rows: List[Dict[str, Any]] = []
+    for index, rec in enumerate(records):
+        if limit_reached(rows, src):
+            break
+        if not keep(rec):
+            continue
+        split = rec.get("split") or fallback_split
+        if split not in src.splits:
+            continue
+        here = where(src.path, index)
+        image, image_column, fields = take(rec)
+        row = metadata_row(
+            src,
+            image_ref=None,
+            where=here,
+            id=row_id(rec, split, image, here),
+            split=split,
+            source_index=index,
+            source_file=src.path,
+            task=task,
+            **fields,
+        )
+        try:
+            row[IMAGE_REF] = confine_image_ref(image, image_column, src, here)
+            check(row, rec, here)
+        except DataError as exc:
+            fail(row, str(exc), on_error)
+        rows.append(row)
+    return rows
 
 
 # ------------------------------------------------------------------------------- the image-loading step

@@ -23,11 +23,11 @@ import pyarrow.fs as pafs
 
 from meddr_ray import storage
 from meddr_ray.config import DataConfig, SourceConfig
-from meddr_ray.data.common import IMAGE_REF, WHERE, default_split, default_task, metadata_dataset
+from meddr_ray.data.common import default_split, default_task, metadata_dataset, metadata_row
 from meddr_ray.data.errors import DataError
 from meddr_ray.data.image_folder import read_image_folder
 from meddr_ray.data.images import is_dicom
-from meddr_ray.data.schema import keyed_id, make_row
+from meddr_ray.data.schema import keyed_id
 
 _EXTENSIONS = (".dcm", ".dicom")
 
@@ -77,9 +77,11 @@ def dicom_rows(src: SourceConfig) -> List[Dict[str, Any]]:
     rows = []
     for index, path in enumerate(files):
         relative = _relative(path, base)
-        row = make_row(
+        row = metadata_row(
+            src,
+            image_ref=path,  # absolute, from the listing (inside the folder): find_image uses it as it is
+            where=f"{relative if '://' not in path else path} (file {index})",
             id=keyed_id(src.name, split, relative),
-            dataset=src.name,
             split=split,
             source_index=index,
             source_file=path,
@@ -87,8 +89,6 @@ def dicom_rows(src: SourceConfig) -> List[Dict[str, Any]]:
             task=task,
             label_set=list(src.label_names) if src.label_names else None,
         )
-        row[IMAGE_REF] = path  # absolute, from the listing (inside the folder): find_image uses it as it is
-        row[WHERE] = f"{relative if '://' not in path else path} (file {index})"
         rows.append(row)
     return rows
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Optional
 
@@ -13,6 +14,21 @@ class DataError(ValueError):
     Row numbers are the ``source_index`` of the row: 0-based, counting data rows (not the CSV header), before
     any split/language filter, so the row in the message is the row with that ``source_index``.
     """
+
+
+def where(file: str, row: Optional[int] = None, field: Optional[str] = None, *, split: Optional[str] = None) -> str:
+    """How an error message names a place in the input: the file's name (without its folder), then the split,
+    the row (its ``source_index``) and the field if given. ``where("/d/breast.csv", 3)`` is
+    ``"breast.csv row 3"``; ``where("b.npz", 3, split="test")`` is ``"b.npz split test row 3"``;
+    ``where("b.csv", 3, "label")`` is ``"b.csv row 3, column 'label'"``."""
+    text = os.path.basename(str(file).rstrip("/")) or str(file)
+    if split is not None:
+        text += f" split {split}"
+    if row is not None:
+        text += f" row {row}"
+    if field is not None:
+        text += f", column {field!r}"
+    return text
 
 
 _RAY_TEXT = re.compile(r"DataError: (.+)")

@@ -17,23 +17,8 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional
 
 from meddr_ray.config import DataConfig, SourceConfig
-from meddr_ray.data.common import (
-    IMAGE_REF,
-    WHERE,
-    RowIds,
-    check_on_error,
-    confine_image_ref,
-    default_split,
-    default_task,
-    fail,
-    limit_reached,
-    metadata_dataset,
-    read_records,
-    require_columns,
-    row_where,
-)
+from meddr_ray.data.common import IMAGE_REF, Record, metadata_dataset, read_records, require_columns, table_rows
 from meddr_ray.data.errors import DataError
-from meddr_ray.data.schema import make_row
 
 
 def _parts(value: Optional[str]) -> List[str]:
@@ -50,47 +35,26 @@ def _resolve_label(part: str, label_set: List[str], explicit: bool, where: str) 
 
 def labelled_rows(src: SourceConfig, data_cfg: DataConfig) -> List[Dict[str, Any]]:
     """Metadata rows of a labels CSV (shared with the DICOM reader's CSV mode)."""
-    on_error = check_on_error(data_cfg)
     records = read_records(src.path)
     require_columns(src.path, records, [src.image_column, src.label_column])
     explicit = bool(src.label_names)
     label_set = list(src.label_names) if explicit else sorted({p for r in records for p in _parts(r[src.label_column])})
-    task, fallback_split = default_task(src), default_split(src)
-    row_id = RowIds(src, [src.image_column, src.label_column, "split", "modality"])
 
-    rows = []
-    for index, rec in enumerate(records):
-        if limit_reached(rows, src):
-            break
-        split = rec.get("split") or fallback_split
-        if split not in src.splits:
-            continue
-        where = row_where(src.path, index)
-        image = rec.get(src.image_column)
-        row = make_row(
-            id=row_id(rec, split, image, where),
-            dataset=src.name,
-            split=split,
-            source_index=index,
-            source_file=src.path,
-            modality=src.modality or rec.get("modality"),
-            task=task,
-            label_set=label_set,
-        )
-        row[IMAGE_REF], row[WHERE] = None, where
-        try:
-            row[IMAGE_REF] = confine_image_ref(image, src.image_column, src, where)
-            if not row[IMAGE_REF] and src.require_images:
-                raise DataError(f"{where}: no image file named in column {src.image_column!r}")
-            parts = _parts(rec.get(src.label_column))
-            if not parts:
-                raise DataError(f"{where}: empty label in column {src.label_column!r}")
-            row["labels"] = [_resolve_label(p, label_set, explicit, where) for p in parts]
-            row["label"] = ", ".join(row["labels"])
-        except DataError as exc:
-            fail(row, str(exc), on_error)
-        rows.append(row)
-    return rows
+    def take(rec: Dict[str, Any]) -> Record:
+        fields = {"modality": src.modality or rec.get("modality"), "label_set": label_set}
+        return Record(rec.get(src.image_column), src.image_column, fields)
+
+    def check(row: Dict[str, Any], rec: Dict[str, Any], where: str) -> None:
+        if not row[IMAGE_REF] and src.require_images:
+            raise DataError(f"{where}: no image file named in column {src.image_column!r}")
+        parts = _parts(rec.get(src.label_column))
+        if not parts:
+            raise DataError(f"{where}: empty label in column {src.label_column!r}")
+        row["labels"] = [_resolve_label(p, label_set, explicit, where) for p in parts]
+        row["label"] = ", ".join(row["labels"])
+
+    id_fields = [src.image_column, src.label_column, "split", "modality"]
+    return table_rows(src, data_cfg, records, id_fields=id_fields, take=take, check=check)
 
 
 def read_image_folder(

@@ -33,7 +33,7 @@ import numpy as np
 from meddr_ray import storage
 from meddr_ray.config import DataConfig, SourceConfig, cache_dir
 from meddr_ray.data.common import check_on_error, default_task, fail
-from meddr_ray.data.errors import DataError
+from meddr_ray.data.errors import DataError, where
 from meddr_ray.data.images import encode_png
 from meddr_ray.data.schema import SAMPLE_SCHEMA, make_row, rows_to_table, sample_id
 
@@ -236,7 +236,6 @@ def _label_names(raw: np.ndarray, names: List[str], multi: bool, where: str, dat
 
 def _chunk_rows(batch, *, path, mtime, src_name, names, multi, modality, task, on_error):
     """Ray task: the rows of some (split, start, end) chunks of the npz."""
-    file_name = os.path.basename(path)
     out = []
     for chunk in batch.to_pylist():
         split, start, end = chunk["split"], chunk["start"], chunk["end"]
@@ -253,9 +252,9 @@ def _chunk_rows(batch, *, path, mtime, src_name, names, multi, modality, task, o
                 task=task,
                 label_set=names,
             )
-            where = f"{file_name} split {split} row {index}"
+            here = where(path, index, split=split)
             try:
-                row["labels"] = _label_names(labels[k], names, multi, where, src_name)
+                row["labels"] = _label_names(labels[k], names, multi, here, src_name)
                 row["label"] = ", ".join(row["labels"]) or NO_FINDING
                 row["image"] = encode_png(images[k])
             except DataError as exc:

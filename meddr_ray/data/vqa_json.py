@@ -18,22 +18,8 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from meddr_ray.config import DataConfig, SourceConfig
-from meddr_ray.data.common import (
-    IMAGE_REF,
-    WHERE,
-    RowIds,
-    check_on_error,
-    confine_image_ref,
-    default_split,
-    default_task,
-    fail,
-    limit_reached,
-    metadata_dataset,
-    read_records,
-    row_where,
-)
+from meddr_ray.data.common import IMAGE_REF, Record, metadata_dataset, read_records, table_rows
 from meddr_ray.data.errors import DataError
-from meddr_ray.data.schema import make_row
 
 _IMAGE_FIELDS = ("img_name", "image_name", "image")
 
@@ -58,49 +44,36 @@ def _answer_type(rec: Dict[str, Any], answer: str) -> str:
     return "CLOSED" if answer.strip().lower() in ("yes", "no") else "OPEN"
 
 
+def _stripped(value: Any) -> Optional[str]:
+    return None if value is None else str(value).strip()
+
+
 def vqa_rows(src: SourceConfig, data_cfg: DataConfig) -> List[Dict[str, Any]]:
     """Metadata rows of a VQA file (driver side: no image is read)."""
-    on_error = check_on_error(data_cfg)
-    records = read_records(src.path)
-    task, fallback_split = default_task(src), default_split(src)
     image_fields = tuple(dict.fromkeys((src.image_column, *_IMAGE_FIELDS)))
-    content = (*image_fields, "question", "answer", "answer_type", "split", "modality", "image_organ", "q_lang")
-    row_id = RowIds(src, content)
-    rows = []
-    for index, rec in enumerate(records):
-        if limit_reached(rows, src):
-            break
-        if src.language and "q_lang" in rec and rec["q_lang"] != src.language:
-            continue
-        split = rec.get("split") or fallback_split
-        if split not in src.splits:
-            continue
-        where = row_where(src.path, index)
-        question, answer = rec.get("question"), rec.get("answer")
+
+    def in_language(rec: Dict[str, Any]) -> bool:
+        return not (src.language and "q_lang" in rec and rec["q_lang"] != src.language)
+
+    def take(rec: Dict[str, Any]) -> Record:
         image_field, image = _first_field(rec, *image_fields)
-        row = make_row(
-            id=row_id(rec, split, image, where),
-            dataset=src.name,
-            split=split,
-            source_index=index,
-            source_file=src.path,
-            modality=src.modality or _first_present(rec, "modality", "image_organ"),
-            task=task,
-            question=None if question is None else str(question).strip(),
-            answer=None if answer is None else str(answer).strip(),
-        )
-        row[IMAGE_REF], row[WHERE] = None, where
-        try:
-            row[IMAGE_REF] = confine_image_ref(image, image_field, src, where)
-            if not row["question"] or row["answer"] is None:
-                raise DataError(f"{where}: a VQA record needs 'question' and 'answer'")
-            row["answer_type"] = _answer_type(rec, row["answer"])
-            if row[IMAGE_REF] is None and src.require_images:
-                raise DataError(f"{where}: no image named (looked for {', '.join(image_fields)})")
-        except DataError as exc:
-            fail(row, str(exc), on_error)
-        rows.append(row)
-    return rows
+        fields = {
+            "modality": src.modality or _first_present(rec, "modality", "image_organ"),
+            "question": _stripped(rec.get("question")),
+            "answer": _stripped(rec.get("answer")),
+        }
+        return Record(image, image_field, fields)
+
+    def check(row: Dict[str, Any], rec: Dict[str, Any], where: str) -> None:
+        if not row["question"] or row["answer"] is None:
+            raise DataError(f"{where}: a VQA record needs 'question' and 'answer'")
+        row["answer_type"] = _answer_type(rec, row["answer"])
+        if row[IMAGE_REF] is None and src.require_images:
+            raise DataError(f"{where}: no image named (looked for {', '.join(image_fields)})")
+
+    id_fields = (*image_fields, "question", "answer", "answer_type", "split", "modality", "image_organ", "q_lang")
+    records = read_records(src.path)
+    return table_rows(src, data_cfg, records, id_fields=id_fields, take=take, check=check, keep=in_language)
 
 
 def read_vqa_json(src: SourceConfig, data_cfg: DataConfig, *, skip: Optional[Callable[[str], bool]] = None):

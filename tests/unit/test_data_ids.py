@@ -54,7 +54,7 @@ def test_identical_rows_get_distinct_ids_and_edited_rows_new_ones(tmp_path):
 
 
 def test_vqa_and_report_ids_survive_inserts(tmp_path):
-    from meddr_ray.data.reports import report_rows
+    from meddr_ray.data.report_files import report_rows
     from meddr_ray.data.vqa_json import vqa_rows
 
     q = [{"img_name": "x/1.jpg", "question": f"Q{i}?", "answer": "yes"} for i in range(3)]
@@ -115,7 +115,7 @@ def test_image_paths_outside_the_image_root_are_refused(tmp_path, ref, why):
 
 
 def test_vqa_and_report_paths_are_confined_and_name_their_field(tmp_path):
-    from meddr_ray.data.reports import report_rows
+    from meddr_ray.data.report_files import report_rows
     from meddr_ray.data.vqa_json import vqa_rows
 
     (tmp_path / "q.json").write_text(json.dumps([{"image_name": "../../x.jpg", "question": "Q?", "answer": "no"}]))

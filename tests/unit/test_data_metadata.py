@@ -16,7 +16,7 @@ from meddr_ray.data import MEDMNIST_INFO, DataError, medmnist_info
 from meddr_ray.data import medmnist as mm
 from meddr_ray.data.common import read_records
 from meddr_ray.data.image_folder import labelled_rows
-from meddr_ray.data.reports import report_text
+from meddr_ray.data.report_files import report_text
 
 
 @pytest.mark.parametrize(

@@ -14,22 +14,8 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional
 
 from meddr_ray.config import DataConfig, SourceConfig
-from meddr_ray.data.common import (
-    IMAGE_REF,
-    WHERE,
-    RowIds,
-    check_on_error,
-    confine_image_ref,
-    default_split,
-    default_task,
-    fail,
-    limit_reached,
-    metadata_dataset,
-    read_records,
-    row_where,
-)
+from meddr_ray.data.common import IMAGE_REF, Record, metadata_dataset, read_records, table_rows
 from meddr_ray.data.errors import DataError
-from meddr_ray.data.schema import make_row
 
 
 def _text(value: Any) -> Optional[str]:
@@ -47,43 +33,22 @@ def report_text(rec: Dict[str, Any], text_column: str) -> Optional[str]:
 
 def report_rows(src: SourceConfig, data_cfg: DataConfig) -> List[Dict[str, Any]]:
     """Metadata rows of a reports file (driver side: no image is read)."""
-    on_error = check_on_error(data_cfg)
-    records = read_records(src.path)
-    task, fallback_split = default_task(src), default_split(src)
-    content = (src.image_column, src.text_column, "report", "findings", "impression", "split", "modality")
-    row_id = RowIds(src, content)
-    rows = []
-    for index, rec in enumerate(records):
-        if limit_reached(rows, src):
-            break
-        split = rec.get("split") or fallback_split
-        if split not in src.splits:
-            continue
-        where = row_where(src.path, index)
+
+    def take(rec: Dict[str, Any]) -> Record:
         image = rec.get(src.image_column)
         image = (image[0] if image else None) if isinstance(image, list) else _text(image)
-        row = make_row(
-            id=row_id(rec, split, image, where),
-            dataset=src.name,
-            split=split,
-            source_index=index,
-            source_file=src.path,
-            modality=src.modality or _text(rec.get("modality")),
-            task=task,
-            report=report_text(rec, src.text_column),
-        )
-        row[IMAGE_REF], row[WHERE] = None, where
-        try:
-            row[IMAGE_REF] = confine_image_ref(image, src.image_column, src, where)
-            if row["report"] is None:
-                looked = f"{src.text_column!r}, 'report', 'findings'/'impression'"
-                raise DataError(f"{where}: no report text (looked for {looked})")
-            if row[IMAGE_REF] is None and src.require_images:
-                raise DataError(f"{where}: no image named in column {src.image_column!r}")
-        except DataError as exc:
-            fail(row, str(exc), on_error)
-        rows.append(row)
-    return rows
+        fields = {"modality": src.modality or _text(rec.get("modality")), "report": report_text(rec, src.text_column)}
+        return Record(image, src.image_column, fields)
+
+    def check(row: Dict[str, Any], rec: Dict[str, Any], where: str) -> None:
+        if row["report"] is None:
+            looked = f"{src.text_column!r}, 'report', 'findings'/'impression'"
+            raise DataError(f"{where}: no report text (looked for {looked})")
+        if row[IMAGE_REF] is None and src.require_images:
+            raise DataError(f"{where}: no image named in column {src.image_column!r}")
+
+    id_fields = (src.image_column, src.text_column, "report", "findings", "impression", "split", "modality")
+    return table_rows(src, data_cfg, read_records(src.path), id_fields=id_fields, take=take, check=check)
 
 
 def read_reports(src: SourceConfig, data_cfg: DataConfig, *, skip: Optional[Callable[[str], bool]] = None):
