@@ -21,6 +21,10 @@ from typing import Optional, Sequence
 
 SYSTEM = "You are a helpful medical assistant."
 
+# The modality a template names for a sample whose source gives none: "a medical image" (the word the paper's
+# templates use when they name no modality). Bootstrap, instruct and evaluate word their prompts with it.
+DEFAULT_MODALITY = "medical"
+
 # Section 3.1. The paper's "{Modality} image" has no article; one is added ("a breast ultrasound image", "an X-ray
 # image") so that the sentence reads as the paper's other templates do.
 BOOTSTRAP = (

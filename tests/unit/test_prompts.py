@@ -91,3 +91,10 @@ def test_retrieved_context_follows_the_task_sentences():
     )
     rep = prompts.report_prompt(context="No acute disease")
     assert rep == prompts.report_prompt() + " The report of the most similar image is: No acute disease."
+
+
+def test_a_sample_without_modality_is_a_medical_image():
+    from meddr_ray.prompts import DEFAULT_MODALITY
+
+    assert "You are given a medical image." in prompts.guided_report_prompt(DEFAULT_MODALITY)
+    assert "You are given a medical image and the diagnosis" in prompts.bootstrap_prompt(DEFAULT_MODALITY, ["x"])
