@@ -27,12 +27,14 @@ import pyarrow.parquet as pq
 from meddr_ray import storage
 from meddr_ray.config import Config, ConfigError
 from meddr_ray.storage import join_path
+from meddr_ray.progress import report
 from meddr_ray.stages.pipeline import load_summary, run_lock, run_pipeline
+from meddr_ray.stages.registry import StageResult
 
 RULE = "=" * 100
 
 
-def run_demo(cfg: Config, fresh: bool = False) -> str:
+def run_demo(cfg: Config, fresh: bool = False) -> StageResult:
     """Run the recipe, serve it, send one request, print the summary; stops the Serve app and the local Ray
     cluster it started. Returns the run folder."""
     import ray
@@ -49,7 +51,7 @@ def run_demo(cfg: Config, fresh: bool = False) -> str:
         finally:
             if owns_ray and ray.is_initialized():
                 ray.shutdown()
-    return cfg.run_dir
+    return StageResult(cfg.run_dir)
 
 
 def check_port_free(cfg: Config) -> None:
@@ -119,10 +121,10 @@ def serve_one_request(cfg: Config) -> Dict[str, Any]:
     check_port_free(cfg)  # taken while the pipeline ran?
     # the token of $serve.auth_token_env if set, else one made for this demo (the app never runs without one)
     token = os.environ.get(cfg.serve.auth_token_env, "").strip() or secrets.token_urlsafe(24)
-    print("[demo] serve: starting the application (retriever, generator, ingress)", flush=True)
+    report("demo", "serve: starting the application (retriever, generator, ingress)")
     t0 = time.time()
     url = start_app(cfg, token=token)
-    print(f"[demo] serve: up at {url} in {time.time() - t0:.0f} s; POST /v1/diagnose", flush=True)
+    report("demo", f"serve: up at {url} in {time.time() - t0:.0f} s; POST /v1/diagnose")
     try:
         body = {
             "image": base64.b64encode(sample["image"]).decode(),

@@ -212,8 +212,8 @@ def _run_steps(cfg: Config, steps: Optional[List[str]], fresh: bool) -> StageRes
         }
         rerun_downstream = True  # later steps read this output: they must not reuse what they built before
         _write_summary(cfg, records, missing)
-        if result.headline:
-            report(step, result.headline)
+        for line in result.headline.splitlines():
+            report("pipeline", line)
         report("pipeline", f"{position}/{total} {step}: done in {records[step]['seconds']} s -> {output}")
     summary = _write_summary(cfg, records, missing)
     report("pipeline", f"finished: {json.dumps({k: summary[k] for k in ('run_dir', 'outputs', 'seconds')})}")

@@ -20,7 +20,8 @@ class StageResult:
     summary: Dict[str, Any] = field(default_factory=dict)
     """Counts and timings, JSON-serialisable (also written next to the output where the stage keeps one)."""
     headline: str = ""
-    """One line for a person: what was done, in the stage's words."""
+    """For a person: what was done, in the stage's words, starting with its name (``index: 624 vectors, ...``);
+    a line, or a few. The CLI prints it; the pipeline reports it after each step."""
 
 
 class StageNotBuilt(RuntimeError):
