@@ -33,15 +33,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from meddr_ray import prompts, storage
-from meddr_ray.stages.registry import StageResult
 from meddr_ray.config import Config, ConfigError, GenerationConfig, ModelConfig, save_config
-from meddr_ray.storage import join_path
+from meddr_ray.layout import FAILED_DIR
 from meddr_ray.report_sections import FLAGGED, QUALITIES, split_report
+from meddr_ray.stages.registry import StageResult
+from meddr_ray.storage import join_path
 
 log = logging.getLogger("meddr_ray.stages.bootstrap")
 
 PART_PREFIX = "part-"
-from meddr_ray.layout import FAILED_DIR  # noqa: E402  (named once, in the run layout)
 SUMMARY_FILE = "summary.json"
 DEFAULT_MODALITY = "medical"  # a source with no modality: "a medical image"
 
@@ -459,49 +459,53 @@ def _teacher_stats(cfg: Config, ds, out_dir: str):
     )
 
 
-def run_bootstrap(cfg: Config) -> StageResult:
-    """Bootstrap reports for every sample of ``cfg.bootstrap.sources``; returns the output folder."""
+def _check_inputs(cfg: Config) -> str:
+    """Every check that needs no Ray, before any Ray work; returns the teacher's checkpoint folder."""
     from meddr_ray.model import ensure_model
 
     _check_sources(cfg)
     if cfg.bootstrap.backend == "vllm":
         from meddr_ray.stages.bootstrap_vllm import check_vllm_config
 
-        check_vllm_config(cfg)  # before any Ray work: settings vLLM cannot honour, vLLM not installed
-    # Fail fast, before any Ray work, on a missing checkpoint; and build tiny/smol here once, so that the
-    # actors find it ready instead of racing to build it.
+        check_vllm_config(cfg)  # settings vLLM cannot honour, vLLM not installed
+    # Fail fast on a missing checkpoint; and build tiny/smol here once, so that the actors find it ready instead
+    # of racing to build it.
     teacher_path = ensure_model(cfg.teacher)
     log.info("teacher %s at %s", cfg.teacher.name, teacher_path)
+    return str(teacher_path)
 
-    out_dir = cfg.layout.bootstrap_dir
-    failed_dir = join_path(out_dir, FAILED_DIR)
+
+def _finished_ids(cfg: Config) -> FinishedIds:
+    """Prepare the output folders for a (re-)run and read what earlier runs finished there: reports written (of
+    this teacher and prompt version only) and rows set aside."""
+    out_dir, failed_dir = cfg.layout.bootstrap_dir, cfg.layout.failed_dir("bootstrap")
     storage.makedirs(failed_dir)
     remove_stale_temps(out_dir)
     remove_stale_temps(failed_dir)
     existing = read_columns(out_dir, ["id", "teacher", "prompt_version"])
     _check_compatible(existing, cfg, out_dir)
     failed_before = read_columns(failed_dir, ["id"]).column("id")
-    done = existing.column("id")
-    save_config(cfg, out_dir)
+    return FinishedIds(existing.column("id").to_pylist(), failed_before.to_pylist())
 
-    from meddr_ray.stages.runtime import init_ray
 
-    init_ray(cfg)
-    finished = FinishedIds(done.to_pylist(), failed_before.to_pylist())
-    ds = _samples_to_do(cfg, finished)
-    stats_ds = _teacher_stats(cfg, ds, out_dir)
+def _set_aside_rows(cfg: Config) -> int:
+    return read_columns(cfg.layout.failed_dir("bootstrap"), ["id"]).num_rows
 
+
+def _sum_stats(stats_ds) -> Tuple[Dict[str, float], float]:
+    """Runs the job (the driver pulls the count rows) and sums the counts; and the seconds it took."""
     started = time.perf_counter()
     totals: Dict[str, float] = dict.fromkeys(_STAT_KEYS + ("generate_seconds",), 0)
     for batch in stats_ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for key in totals:
             if key in batch.column_names:
                 totals[key] += sum(batch.column(key).to_pylist())
-    seconds = time.perf_counter() - started
-    if cfg.bootstrap.backend == "vllm":  # its bad rows are set aside before the engine, which counts only reports
-        totals["failed"] = read_columns(failed_dir, ["id"]).num_rows - len(failed_before)
-        totals["rows_in"] = totals["written"] + totals["failed"]
+    return totals, time.perf_counter() - started
 
+
+def _summary(cfg: Config, totals: Dict[str, float], seconds: float, finished: FinishedIds,
+             teacher_path: str) -> Dict[str, Any]:  # fmt: skip
+    """The accounting of a run (``summary.json``): this run's counts plus what earlier runs had done."""
     summary: Dict[str, Any] = {k: int(v) for k, v in totals.items() if k != "generate_seconds"}
     pool = cfg.bootstrap.pool
     summary["skipped"], summary["skipped_failed"] = finished.skipped, finished.skipped_failed
@@ -511,16 +515,37 @@ def run_bootstrap(cfg: Config) -> StageResult:
     summary["seconds"] = round(seconds, 3)
     summary["generate_seconds"] = round(float(totals["generate_seconds"]), 3)
     summary["tokens_per_s"] = summary["tokens"] / seconds if seconds > 0 else 0.0
-    summary["total_reports"] = len(done) + summary["written"]
+    summary["total_reports"] = len(finished.done) + summary["written"]
     summary["total_failed"] = len(finished.failed_before) + summary["failed"]
     summary.update(
-        output_dir=out_dir,
+        output_dir=cfg.layout.bootstrap_dir,
         teacher=cfg.teacher.name,
-        teacher_path=str(teacher_path),
+        teacher_path=teacher_path,
         prompt_version=cfg.bootstrap.prompt_version,
         actors={"min": pool.min_actors, "max": pool.max_actors, "batch_size": pool.batch_size},
         finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     )
+    return summary
+
+
+def run_bootstrap(cfg: Config) -> StageResult:
+    """Bootstrap reports for every sample of ``cfg.bootstrap.sources``; returns the output folder."""
+    from meddr_ray.stages.runtime import init_ray
+
+    teacher_path = _check_inputs(cfg)
+    out_dir = cfg.layout.bootstrap_dir
+    finished = _finished_ids(cfg)
+    vllm = cfg.bootstrap.backend == "vllm"
+    set_aside_before = _set_aside_rows(cfg) if vllm else 0
+    save_config(cfg, out_dir)
+
+    init_ray(cfg)
+    totals, seconds = _sum_stats(_teacher_stats(cfg, _samples_to_do(cfg, finished), out_dir))
+    if vllm:  # its bad rows are set aside before the engine, which counts only reports
+        totals["failed"] = _set_aside_rows(cfg) - set_aside_before
+        totals["rows_in"] = totals["written"] + totals["failed"]
+
+    summary = _summary(cfg, totals, seconds, finished, teacher_path)
     storage.write_text(join_path(out_dir, SUMMARY_FILE), json.dumps(summary, indent=2, sort_keys=True))
     return StageResult(out_dir, summary, format_summary(summary))
 

@@ -36,12 +36,13 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from meddr_ray import prompts, storage
-from meddr_ray.progress import report
-from meddr_ray.stages.registry import StageResult
 from meddr_ray.config import Config, ConfigError, save_config
-from meddr_ray.storage import is_uri, join_path
 from meddr_ray.data import NO_FINDING, medmnist_info
+from meddr_ray.layout import CURRENT_FILE, FAILED_DIR
+from meddr_ray.progress import report
 from meddr_ray.report_sections import split_report
+from meddr_ray.stages.registry import StageResult
+from meddr_ray.storage import is_uri, join_path
 
 log = logging.getLogger("meddr_ray.stages.instruct")
 
@@ -51,7 +52,6 @@ TASK_VQA = "vqa"
 TASK_REPORT = "report"
 TASK_DESCRIPTION = "description"
 DEFAULT_MODALITY = "medical"
-from meddr_ray.layout import FAILED_DIR  # noqa: E402  (named once, in the run layout)
 SUMMARY_FILE = "summary.json"
 
 MIX_SCHEMA = pa.schema(
@@ -406,7 +406,6 @@ def _write_blocks(blocks, version_dir: str, name: str) -> Dict[str, Any]:
 # renamed, and a crash at any step leaves CURRENT naming a whole version. A version no CURRENT names is a
 # leftover of a killed build and the only thing ever deleted.
 
-from meddr_ray.layout import CURRENT_FILE  # noqa: E402
 MANIFEST_FILE = "manifest.json"
 VERSION_PREFIX = "mix-"
 _OLD_LAYOUT = (SUMMARY_FILE, "config.yaml", FAILED_DIR)  # what earlier versions wrote next to the Parquet files
@@ -449,7 +448,8 @@ def published_mix(folder: str) -> PublishedMix:
     if version is None:
         files = storage.list_files(folder, ".parquet")
         if not files:
-            raise MixNotFoundError(f"no instruction mix at {folder} (no {CURRENT_FILE}, no .parquet files)")
+            raise MixNotFoundError(f"no instruction mix at {folder} (no {CURRENT_FILE}, no .parquet files): run "
+                                   "`meddr-ray instruct` first, or point instruct.output_dir at the mix")
         sizes = [_size(f) for f in files]
         return PublishedMix(folder, None, folder, files, sizes, {}, _fingerprint([_base_name(f) for f in files], sizes))
     path = join_path(folder, version)
@@ -557,16 +557,13 @@ def run_instruct(cfg: Config) -> StageResult:
         return _build(cfg, out_dir)
 
 
-def _build(cfg: Config, out_dir: str) -> str:
+def _rendered_sources(cfg: Config) -> List[Tuple[str, Any, Optional[int]]]:
+    """``(name, rendered rows, cap)`` per input: the bootstrapped reports (checked first: a missing folder fails
+    before any source is read), then every ``instruct.sources`` entry. Lazy Datasets: nothing runs yet."""
     from meddr_ray.data import read_source
-    from meddr_ray.stages.runtime import init_ray
 
     ic = cfg.instruct
-    started = time.perf_counter()
-    remove_unpublished(out_dir)
-    init_ray(cfg)
     parts = []
-    # The bootstrap input is checked first: a missing one fails before any source is read.
     if ic.use_bootstrap:
         ds = _bootstrap_dataset(cfg).map_batches(
             _render_bootstrap,
@@ -582,55 +579,82 @@ def _build(cfg: Config, out_dir: str) -> str:
             fn_kwargs=dict(weight=src.weight, val_fraction=ic.val_fraction, descriptions=ic.descriptions),
         )
         parts.append((src.name, ds, src.cap))
+    return parts
 
+
+def _capped_mix(parts: List[Tuple[str, Any, Optional[int]]]) -> Tuple[Any, Dict[str, int]]:
+    """Every input within its cap, as one Dataset; and how many rows each cap dropped."""
     capped, streams = {}, []
     for name, ds, cap in parts:  # a capped source is rendered twice: once for its ranks, once to write
         threshold, capped[name] = cap_threshold(ds, cap, name)
         streams.append(_within_cap(ds, threshold))
-    mix = streams[0].union(*streams[1:]) if len(streams) > 1 else streams[0]
+    return (streams[0].union(*streams[1:]) if len(streams) > 1 else streams[0]), capped
 
-    version = f"{VERSION_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
-    version_dir = join_path(out_dir, version)
-    storage.makedirs(version_dir)
-    sink = mix_sink(version_dir)
-    mix.write_datasink(sink)
 
-    good = [{"task": t, "dataset": d, "split": s, "count()": n} for r in sink.results for t, d, s, n in r["counts"]]
+def _new_version_name() -> str:
+    return f"{VERSION_PREFIX}{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:8]}"
+
+
+def _mix_summary(cfg: Config, out_dir: str, version: str, results: List[Dict[str, Any]], capped: Dict[str, int],
+                 seconds: float) -> Dict[str, Any]:  # fmt: skip
+    """The accounting of one built version (its ``summary.json``), from the write tasks' counts."""
+    good = [{"task": t, "dataset": d, "split": s, "count()": n} for r in results for t, d, s, n in r["counts"]]
     table = summary_table(good)
     set_aside: Dict[Tuple[str, str], int] = {}
-    for r in sink.results:
+    for r in results:
         for t, d, n in r["set_aside"]:
             set_aside[(t, d)] = set_aside.get((t, d), 0) + n
-    n_bad = sum(set_aside.values())
-    failed_dir = join_path(version_dir, FAILED_DIR)
     totals = {s: sum(r[s] for r in table) for s in ("train", "val", "total")}
-    summary = {
+    return {
         "output_dir": out_dir,
         "version": version,
         "rows": totals["total"],
         "train": totals["train"],
         "val": totals["val"],
-        "set_aside": n_bad,
+        "set_aside": sum(set_aside.values()),
         "set_aside_by": [{"task": t, "dataset": d, "count": n}
                          for (t, d), n in sorted(set_aside.items(), key=lambda kv: [str(k) for k in kv[0]])],
         "capped": capped,
         "by_task_dataset": table,
-        "val_fraction": ic.val_fraction,
-        "seconds": round(time.perf_counter() - started, 3),
+        "val_fraction": cfg.instruct.val_fraction,
+        "seconds": round(seconds, 3),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }  # fmt: skip
+
+
+def _headline(summary: Dict[str, Any], version_dir: str) -> str:
+    n_bad = summary["set_aside"]
+    failed_dir = join_path(version_dir, FAILED_DIR)
+    return (
+        f"instruct: {summary['rows']} instructions ({summary['train']} train, {summary['val']} val), "
+        f"{n_bad} rows set aside{f' (see {failed_dir})' if n_bad else ''}, "
+        f"capped {sum(summary['capped'].values())}, "
+        f"in {summary['seconds']:.1f} s -> {version_dir}"
+    )
+
+
+def _build(cfg: Config, out_dir: str) -> StageResult:
+    """Render, write and publish one new version of the mix in ``out_dir`` (the caller holds its lock)."""
+    from meddr_ray.stages.runtime import init_ray
+
+    started = time.perf_counter()
+    remove_unpublished(out_dir)
+    init_ray(cfg)
+    mix, capped = _capped_mix(_rendered_sources(cfg))
+
+    version = _new_version_name()
+    version_dir = join_path(out_dir, version)
+    storage.makedirs(version_dir)
+    sink = mix_sink(version_dir)
+    mix.write_datasink(sink)
+
+    summary = _mix_summary(cfg, out_dir, version, sink.results, capped, time.perf_counter() - started)
     storage.write_text(join_path(version_dir, SUMMARY_FILE), json.dumps(summary, indent=2, sort_keys=True))
     save_config(cfg, version_dir)
     _publish(out_dir, version, sink.results, summary)
 
-    text = format_table(table)
-    line = (
-        f"instruct: {totals['total']} instructions ({totals['train']} train, {totals['val']} val), "
-        f"{n_bad} rows set aside{f' (see {failed_dir})' if n_bad else ''}, "
-        f"capped {sum(capped.values())}, "
-        f"in {summary['seconds']:.1f} s -> {version_dir}"
-    )
-    report("instruct", text)
-    if totals["total"] == 0:
+    report("instruct", format_table(summary["by_task_dataset"]))
+    if summary["rows"] == 0:
+        failed_dir = join_path(version_dir, FAILED_DIR)
         raise ValueError(f"the instruction mix is empty: every row was set aside; see {failed_dir}")
-    return StageResult(out_dir, summary, line)
+    return StageResult(out_dir, summary, _headline(summary, version_dir))

@@ -24,7 +24,7 @@ from meddr_ray.stages.bootstrap import part_files
 from meddr_ray.config import ConfigError, SourceConfig, load_config
 from meddr_ray.data import sample_id, unwrap_data_error
 from meddr_ray.stages.evaluate import run_evaluate
-from meddr_ray.stages.evaluate.stage import FAILED_DIR, PREDICTIONS_DIR
+from meddr_ray.layout import FAILED_DIR, PREDICTIONS_DIR
 from meddr_ray.retrieval.store import load_index
 from meddr_ray.stages.index import run_index
 from meddr_ray.retrieval.rag import Neighbor, rag_prompt, vote, vote_report

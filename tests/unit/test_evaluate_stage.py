@@ -37,7 +37,7 @@ def test_resume_reads_the_ids_to_skip(tmp_path):
     out = tmp_path / "eval"
     _write(out / "predictions", [_prediction(0), _prediction(1)])
     _write(out / "failed", [{"id": "id9", "error": "bad"}], FAILED_SCHEMA)
-    done, failed = _prepare_output(_cfg(tmp_path), str(out), "k")
+    done, failed = _prepare_output(_cfg(tmp_path, f"evaluate.output_dir={out}"), "k")
     assert sorted(done.to_pylist()) == ["id0", "id1"] and failed.to_pylist() == ["id9"]
 
 
@@ -54,7 +54,7 @@ def test_a_damaged_or_foreign_prediction_file_is_an_error_naming_it_and_nothing_
         data = open(good, "rb").read()
         bad.write_bytes(data[: len(data) // 2] if damage == "truncated" else b"")
     with pytest.raises(EvalArtifactError, match=f"{bad}: not a "):
-        _prepare_output(_cfg(tmp_path), str(out), "k")
+        _prepare_output(_cfg(tmp_path, f"evaluate.output_dir={out}"), "k")
     assert open(good, "rb").read()  # the good file is still there: no restart was triggered by the bad one
 
 
@@ -71,9 +71,9 @@ def test_a_damaged_file_is_a_one_line_cli_error(tmp_path, capsys):
 def test_a_source_renamed_onto_another_task_is_found_before_answering(tmp_path):
     out = tmp_path / "eval"
     _write(out / "predictions", [_prediction(0, dataset="slake", task="diagnosis")])
-    cfg = _cfg(tmp_path, "evaluate.sources.0.name=slake", "evaluate.sources.0.task=vqa")
+    cfg = _cfg(tmp_path, "evaluate.sources.0.name=slake", "evaluate.sources.0.task=vqa", f"evaluate.output_dir={out}")
     with pytest.raises(ConfigError, match="holds diagnosis predictions of dataset 'slake'"):
-        _prepare_output(cfg, str(out), "k")
+        _prepare_output(cfg, "k")
 
 
 def test_one_source_name_is_one_task(tmp_path):

@@ -19,10 +19,11 @@ import pyarrow.compute as pc
 
 from meddr_ray import metrics as mm
 from meddr_ray import storage
-from meddr_ray.stages.bootstrap import part_files, read_columns
 from meddr_ray.config import Config
-from meddr_ray.storage import join_path
+from meddr_ray.layout import FAILED_DIR, PREDICTIONS_DIR
+from meddr_ray.stages.bootstrap import part_files, read_columns
 from meddr_ray.stages.evaluate import scoring
+from meddr_ray.storage import join_path
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
@@ -86,17 +87,27 @@ class RunContext:
 # ------------------------------------------------------------------------------------------------ metrics
 
 
-def _predictions(out_dir: str, columns: Sequence[str], filter=None) -> pa.Table:
-    """Columns of every prediction file (optionally filtered while reading)."""
+def _prediction_files(out_dir: str):
+    """Every prediction file of ``out_dir`` as one pyarrow dataset, or None before anything was answered."""
     import pyarrow.dataset as pads
 
-    from meddr_ray.stages.evaluate.stage import PREDICTION_SCHEMA, PREDICTIONS_DIR
+    from meddr_ray.stages.evaluate.stage import PREDICTION_SCHEMA
 
     files = part_files(join_path(out_dir, PREDICTIONS_DIR))
     if not files:
-        return pa.schema([PREDICTION_SCHEMA.field(c) for c in columns]).empty_table()
+        return None
     fs, _ = storage.resolve(files[0])
-    ds = pads.dataset([storage.resolve(f)[1] for f in files], format="parquet", filesystem=fs, schema=PREDICTION_SCHEMA)
+    return pads.dataset([storage.resolve(f)[1] for f in files], format="parquet", filesystem=fs,
+                        schema=PREDICTION_SCHEMA)  # fmt: skip
+
+
+def _predictions(out_dir: str, columns: Sequence[str], filter=None) -> pa.Table:
+    """Columns of every prediction file (optionally filtered while reading)."""
+    from meddr_ray.stages.evaluate.stage import PREDICTION_SCHEMA
+
+    ds = _prediction_files(out_dir)
+    if ds is None:
+        return pa.schema([PREDICTION_SCHEMA.field(c) for c in columns]).empty_table()
     return ds.to_table(columns=list(columns), filter=filter)
 
 
@@ -104,7 +115,6 @@ def dataset_metrics(cfg: Config, out_dir: str) -> Dict[str, Dict[str, Any]]:
     """Every figure of every configured dataset in every mode, from the prediction files' small columns, read one
     dataset at a time (the driver holds one dataset's ids and per-row scores, not every dataset's)."""
     from meddr_ray.data.common import default_task
-    from meddr_ray.stages.evaluate.stage import FAILED_DIR
 
     failed = read_columns(join_path(out_dir, FAILED_DIR), ["id", "dataset"])
     out: Dict[str, Dict[str, Any]] = {}
@@ -127,15 +137,10 @@ def dataset_metrics(cfg: Config, out_dir: str) -> Dict[str, Dict[str, Any]]:
 
 
 def _options(out_dir: str, dataset: str) -> List[str]:
-    import pyarrow.dataset as pads
-
-    from meddr_ray.stages.evaluate.stage import PREDICTION_SCHEMA, PREDICTIONS_DIR
-
-    files = part_files(join_path(out_dir, PREDICTIONS_DIR))
-    if not files:  # nothing answered yet (an empty source)
+    """The options a diagnosis dataset's prompts offered (its first answered row's), in order."""
+    ds = _prediction_files(out_dir)
+    if ds is None:  # nothing answered yet (an empty source)
         return []
-    fs, _ = storage.resolve(files[0])
-    ds = pads.dataset([storage.resolve(f)[1] for f in files], format="parquet", filesystem=fs, schema=PREDICTION_SCHEMA)
     first = ds.head(1, columns=["options"], filter=(pc.field("dataset") == dataset) & pc.field("options").is_valid())
     return list(first.column("options")[0].as_py() or []) if first.num_rows else []
 

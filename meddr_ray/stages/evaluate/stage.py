@@ -18,7 +18,7 @@ file, atomically, named by a hash of the batch's ids; a re-run skips the ids alr
 their images) and the ids set aside before. Predictions made with another student, adapter, index version or
 settings (``run_key``) are never mixed with new ones (``evaluate.on_change``).
 
-Layout of ``<eval_dir>`` (``evaluate.output_dir``, default ``<run_dir>/eval``):
+Layout of the evaluation folder (``cfg.layout.evaluate_dir``: ``evaluate.output_dir``, default ``<run_dir>/eval``):
 - ``predictions/part-<hash>.parquet``: :data:`PREDICTION_SCHEMA`;
 - ``failed/part-<hash>.parquet``: rows that could not be used, with their error;
 - ``metrics.json``, ``report.md``, ``*.png`` (:mod:`meddr_ray.stages.evaluate.report`); ``config.yaml``.
@@ -40,16 +40,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from meddr_ray import storage
-from meddr_ray.stages.bootstrap import FAILED_SCHEMA, batch_seed, failed_row, part_files, remove_stale_temps, write_table
-from meddr_ray.stages.registry import StageResult
 from meddr_ray.config import Config, ConfigError, TASKS, save_config
-from meddr_ray.storage import join_path
+from meddr_ray.progress import report
+from meddr_ray.stages.bootstrap import FAILED_SCHEMA, batch_seed, failed_row, part_files, remove_stale_temps, write_table
 from meddr_ray.stages.evaluate import scoring
+from meddr_ray.stages.registry import StageResult
+from meddr_ray.storage import join_path
 
 log = logging.getLogger("meddr_ray.stages.evaluate")
-
-from meddr_ray.layout import FAILED_DIR, PREDICTIONS_DIR  # noqa: E402  (named once, in the run layout)
-DEFAULT_MODALITY = "medical"
 
 PREDICTION_SCHEMA = pa.schema(
     [
@@ -90,11 +88,6 @@ class EvalArtifactError(ValueError):
     """A file in the evaluation folder that this stage cannot have written (unreadable, or another schema)."""
 
 
-def eval_dir(cfg: Config) -> str:
-    """``evaluate.output_dir``, default ``<run_dir>/eval``."""
-    return cfg.layout.evaluate_dir
-
-
 def needs_index(modes: Sequence[str]) -> bool:
     return "rag" in modes or "voting" in modes
 
@@ -115,8 +108,8 @@ class StudentEvaluator:
     returns one row of counts.
     """
 
-    def __init__(self, *, cfg: Config, adapter: Optional[str], index_version: Optional[str], out_dir: str,
-                 skip_ref: List[Any], run_key: str):  # fmt: skip
+    def __init__(self, *, cfg: Config, adapter: Optional[str], index_version: Optional[str], skip_ref: List[Any],
+                 run_key: str):  # fmt: skip
         import ray
 
         from meddr_ray.model import load_model
@@ -130,9 +123,8 @@ class StudentEvaluator:
         self.modes = list(cfg.evaluate.modes)
         self.model = load_model(cfg.student, adapter)
         self.retriever = Retriever.from_config(cfg, self.model, version=index_version) if index_version else None
-        self.out_dir = out_dir
-        self.failed_dir = join_path(out_dir, FAILED_DIR)
-        self.pred_dir = join_path(out_dir, PREDICTIONS_DIR)
+        self.failed_dir = cfg.layout.failed_dir("evaluate")
+        self.pred_dir = cfg.layout.predictions_dir
         self.run_key = run_key
         self.limits = dict(max_bytes=cfg.data.max_image_bytes, max_pixels=cfg.data.max_image_pixels)
         from ray.util.metrics import Counter
@@ -238,12 +230,8 @@ class StudentEvaluator:
                 out[(pos, mode)] = answer
         return out
 
-    def __call__(self, batch: pa.Table) -> Dict[str, List[Any]]:
-        from meddr_ray.retrieval.rag import distinct_images, vote, vote_report
-
-        stats = dict.fromkeys(_STAT_KEYS, 0)
-        stats["rows_in"] = batch.num_rows
-        todo, stats["skipped"], stats["skipped_failed"] = self._todo(batch)
+    def _usable(self, todo: pa.Table) -> Tuple[List[Dict[str, Any]], List[Any], List[Dict[str, Any]]]:
+        """The rows that can be asked and scored with their decoded images; and the failed rows of the rest."""
         rows, images, bad = [], [], []
         for row in todo.to_pylist():
             image, error = self._decode(row)
@@ -254,41 +242,47 @@ class StudentEvaluator:
             else:
                 rows.append(row)
                 images.append(image)
+        return rows, images, bad
 
-        out_rows: List[Dict[str, Any]] = []
-        seconds = 0.0
-        if rows:
-            started = time.perf_counter()
-            tasks = [r.get("task") or "diagnosis" for r in rows]
-            encoding = self.model.encode_images(images)
-            neighbours, top_k = self._neighbours(encoding.keys, tasks, [r.get("dataset") for r in rows])
-            options = [scoring.diagnosis_options(r.get("dataset"), r.get("label_set")) if t == "diagnosis" else []
-                       for r, t in zip(rows, tasks)]  # fmt: skip
-            jobs, prompts = [], {}
-            for i, (row, task) in enumerate(zip(rows, tasks)):
-                for mode in scoring.modes_for(task, self.modes):
-                    if mode in scoring.GENERATED_MODES:
-                        used = neighbours[i] if mode == "rag" else None  # rag_context takes the top k
-                        prompts[(i, mode)] = self._prompt(row, options[i], used)
-                        jobs.append((i, mode, prompts[(i, mode)], task))
-            seed = batch_seed(self.cfg.seed, [r["id"] for r in rows])
-            answers = self._generate(encoding, jobs, seed) if jobs else {}
-            for i, (row, task) in enumerate(zip(rows, tasks)):
-                for mode in scoring.modes_for(task, self.modes):
-                    if mode == "voting":  # the top-k labelled images' majority; for reports the top-1 report
-                        labelled = [n for n in distinct_images(neighbours[i]) if n.label][: top_k[i]]
-                        output = vote(labelled) if task == "diagnosis" else vote_report(neighbours[i])
-                        answer = {"text": output, "tokens": 0}
-                    else:
-                        answer = answers[(i, mode)]
-                    out_rows.append(self._row(row, task, mode, options[i], prompts.get((i, mode)), answer,
-                                              neighbours[i], top_k[i]))  # fmt: skip
-            seconds = time.perf_counter() - started
-        if out_rows:
-            write_table(self.pred_dir, pa.Table.from_pylist(out_rows, schema=PREDICTION_SCHEMA))
-        if bad:
-            write_table(self.failed_dir, pa.Table.from_pylist(bad, schema=FAILED_SCHEMA))
+    def _generated(self, rows, tasks, options, neighbours, encoding) -> Tuple[Dict[Tuple[int, str], dict],
+                                                                              Dict[Tuple[int, str], str]]:  # fmt: skip
+        """The student's answers and the prompts it saw, by ``(row position, mode)``, for the generated modes."""
+        jobs, prompts = [], {}
+        for i, (row, task) in enumerate(zip(rows, tasks)):
+            for mode in scoring.modes_for(task, self.modes):
+                if mode in scoring.GENERATED_MODES:
+                    used = neighbours[i] if mode == "rag" else None  # rag_context takes the top k
+                    prompts[(i, mode)] = self._prompt(row, options[i], used)
+                    jobs.append((i, mode, prompts[(i, mode)], task))
+        seed = batch_seed(self.cfg.seed, [r["id"] for r in rows])
+        return (self._generate(encoding, jobs, seed) if jobs else {}), prompts
 
+    @staticmethod
+    def _voted(task: str, neighbours, top_k: int) -> dict:
+        """The retrieved cases' answer: the top-k labelled images' majority; for reports the top-1 report."""
+        from meddr_ray.retrieval.rag import distinct_images, vote, vote_report
+
+        labelled = [n for n in distinct_images(neighbours) if n.label][:top_k]
+        return {"text": vote(labelled) if task == "diagnosis" else vote_report(neighbours), "tokens": 0}
+
+    def _answer(self, rows: List[Dict[str, Any]], images: List[Any]) -> List[Dict[str, Any]]:
+        """Prediction rows of ``rows``, one per row and mode; the images go through the vision tower once."""
+        tasks = [r.get("task") or "diagnosis" for r in rows]
+        encoding = self.model.encode_images(images)
+        neighbours, top_k = self._neighbours(encoding.keys, tasks, [r.get("dataset") for r in rows])
+        options = [scoring.diagnosis_options(r.get("dataset"), r.get("label_set")) if t == "diagnosis" else []
+                   for r, t in zip(rows, tasks)]  # fmt: skip
+        answers, prompts = self._generated(rows, tasks, options, neighbours, encoding)
+        out_rows = []
+        for i, (row, task) in enumerate(zip(rows, tasks)):
+            for mode in scoring.modes_for(task, self.modes):
+                answer = self._voted(task, neighbours[i], top_k[i]) if mode == "voting" else answers[(i, mode)]
+                out_rows.append(self._row(row, task, mode, options[i], prompts.get((i, mode)), answer,
+                                          neighbours[i], top_k[i]))  # fmt: skip
+        return out_rows
+
+    def _count(self, stats: Dict[str, int], rows, bad, out_rows) -> None:
+        """This call's counts into ``stats`` and the Ray metrics."""
         stats["written"] = len(rows)
         stats["failed"] = len(bad)
         stats["tokens"] = sum(int(r["tokens"]) for r in out_rows)
@@ -296,6 +290,25 @@ class StudentEvaluator:
         for counter, value in counts:
             if value:
                 counter.inc(value, tags=self.tags)
+
+    def __call__(self, batch: pa.Table) -> Dict[str, List[Any]]:
+        stats = dict.fromkeys(_STAT_KEYS, 0)
+        stats["rows_in"] = batch.num_rows
+        todo, stats["skipped"], stats["skipped_failed"] = self._todo(batch)
+        rows, images, bad = self._usable(todo)
+
+        out_rows: List[Dict[str, Any]] = []
+        seconds = 0.0
+        if rows:
+            started = time.perf_counter()
+            out_rows = self._answer(rows, images)
+            seconds = time.perf_counter() - started
+        if out_rows:
+            write_table(self.pred_dir, pa.Table.from_pylist(out_rows, schema=PREDICTION_SCHEMA))
+        if bad:
+            write_table(self.failed_dir, pa.Table.from_pylist(bad, schema=FAILED_SCHEMA))
+
+        self._count(stats, rows, bad, out_rows)
         out = {k: [v] for k, v in stats.items()}
         out["seconds"] = [seconds]
         out["datasets"] = [",".join(sorted({str(r.get("dataset")) for r in rows + bad}))]
@@ -482,11 +495,11 @@ def read_parts(folder: str, schema: pa.Schema, columns: Sequence[str]) -> pa.Tab
     return pads.dataset(paths, format="parquet", filesystem=fs, schema=schema).to_table(columns=list(columns))
 
 
-def _prepare_output(cfg: Config, out_dir: str, key: str) -> Tuple[pa.Array, pa.Array]:
+def _prepare_output(cfg: Config, key: str) -> Tuple[pa.Array, pa.Array]:
     """Make the folders, drop stale temporary files and predictions of another run key; the ids to skip."""
     from meddr_ray.data.common import default_task
 
-    pred_dir, failed_dir = join_path(out_dir, PREDICTIONS_DIR), join_path(out_dir, FAILED_DIR)
+    pred_dir, failed_dir = cfg.layout.predictions_dir, cfg.layout.failed_dir("evaluate")
     for folder in (pred_dir, failed_dir):
         storage.makedirs(folder)
         remove_stale_temps(folder)
@@ -499,7 +512,7 @@ def _prepare_output(cfg: Config, out_dir: str, key: str) -> Tuple[pa.Array, pa.A
         if cfg.evaluate.on_change == "error":
             raise ConfigError(f"{what}: use another evaluate.output_dir, delete the folder, or set "
                               f"evaluate.on_change=restart")  # fmt: skip
-        print(f"evaluate: {what}; removing them and answering every row again", flush=True)
+        report("evaluate", f"{what}; removing them and answering every row again")
         for folder in (pred_dir, failed_dir):
             storage.remove(folder)
             storage.makedirs(folder)
@@ -541,44 +554,37 @@ def run_evaluate(cfg: Config) -> StageResult:
     student_path = ensure_model(cfg.student)  # fail fast on a missing checkpoint; build tiny/smol once, here
     adapter, adapter_folder, adapter_meta = _adapter(cfg)
     if adapter is None:
-        print(f"evaluate: no trained adapter at {adapter_folder}: evaluating the base student {cfg.student.name}",
-              flush=True)  # fmt: skip
+        report("evaluate", f"no trained adapter at {adapter_folder}: evaluating the base student {cfg.student.name}")
     manifest = _index_manifest(cfg)
     key = run_key(cfg, adapter, adapter_meta, manifest)
-    out_dir = eval_dir(cfg)
+    out_dir = cfg.layout.evaluate_dir
     # Two evaluations writing one folder at once would answer the same rows in differently cut batches: the
     # same (id, mode) in two files. The second stops instead (not locked on object stores).
     with run_lock(out_dir):
         return _answer_and_report(cfg, str(student_path), adapter, adapter_folder, adapter_meta, manifest, key, out_dir)
 
 
-def _answer_and_report(cfg: Config, student_path: str, adapter: Optional[str], adapter_folder: str,
-                       adapter_meta: Optional[dict], manifest: Optional[dict], key: str,
-                       out_dir: str) -> StageResult:  # fmt: skip
-    from meddr_ray.stages.evaluate import report
-    from meddr_ray.stages.runtime import init_ray, map_with_actor_pool
+def _answer_all(cfg: Config, adapter: Optional[str], manifest: Optional[dict], key: str, skip) -> Any:
+    """The student pool over every source row: a Dataset of count rows, one per batch (lazy: nothing runs yet)."""
+    import ray
 
-    done, failed_before = _prepare_output(cfg, out_dir, key)
-    save_config(cfg, out_dir)
-    if len(done):
-        print(f"evaluate: resuming, {len(done)} ids already answered in {join_path(out_dir, PREDICTIONS_DIR)}",
-              flush=True)  # fmt: skip
+    from meddr_ray.stages.runtime import map_with_actor_pool
 
-    ray = init_ray(cfg)
-    pool = cfg.evaluate.pool
-    skip_ref = ray.put((done, failed_before))
-    stats_ds = map_with_actor_pool(
+    return map_with_actor_pool(
         _source_dataset(cfg),
         StudentEvaluator,
-        pool,
+        cfg.evaluate.pool,
         cfg=cfg,
         adapter=adapter,
         index_version=manifest["version"] if manifest else None,
-        out_dir=out_dir,
-        skip_ref=[skip_ref],
+        skip_ref=[ray.put(skip)],
         run_key=key,
     )
 
+
+def _sum_stats(stats_ds) -> Tuple[Dict[str, float], float]:
+    """Runs the job (the driver pulls the count rows), reporting each answered batch; the summed counts and the
+    seconds it took."""
     started = time.perf_counter()
     totals: Dict[str, float] = dict.fromkeys(_STAT_KEYS + ("seconds",), 0)
     for batch in stats_ds.iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -587,17 +593,32 @@ def _answer_and_report(cfg: Config, student_path: str, adapter: Optional[str], a
                 totals[k] += batch.column(k)[i].as_py()
             elapsed = time.perf_counter() - started
             if batch.column("written")[i].as_py() or batch.column("failed")[i].as_py():
-                print(f"evaluate: batch done ({batch.column('datasets')[i].as_py()}): {int(totals['written'])} rows "
-                      f"answered, {int(totals['failed'])} failed, {int(totals['skipped'])} skipped so far; "
-                      f"{totals['written'] / max(elapsed, 1e-9):.2f} rows/s", flush=True)  # fmt: skip
-    seconds = time.perf_counter() - started
+                report("evaluate", f"batch done ({batch.column('datasets')[i].as_py()}): {int(totals['written'])} "
+                       f"rows answered, {int(totals['failed'])} failed, {int(totals['skipped'])} skipped so far; "
+                       f"{totals['written'] / max(elapsed, 1e-9):.2f} rows/s")  # fmt: skip
+    return totals, time.perf_counter() - started
+
+
+def _answer_and_report(cfg: Config, student_path: str, adapter: Optional[str], adapter_folder: str,
+                       adapter_meta: Optional[dict], manifest: Optional[dict], key: str,
+                       out_dir: str) -> StageResult:  # fmt: skip
+    from meddr_ray.stages.evaluate import report as evaluation_report
+    from meddr_ray.stages.runtime import init_ray
+
+    done, failed_before = _prepare_output(cfg, key)
+    save_config(cfg, out_dir)
+    if len(done):
+        report("evaluate", f"resuming, {len(done)} ids already answered in {cfg.layout.predictions_dir}")
+
+    init_ray(cfg)
+    totals, seconds = _sum_stats(_answer_all(cfg, adapter, manifest, key, (done, failed_before)))
 
     run = {k: int(v) for k, v in totals.items() if k != "seconds"}
     run.update(seconds=round(seconds, 3), answer_seconds=round(float(totals["seconds"]), 3),
                rows_per_s=round(run["written"] / seconds, 3) if seconds > 0 else 0.0)  # fmt: skip
-    context = report.RunContext(
+    context = evaluation_report.RunContext(
         cfg=cfg, out_dir=out_dir, run_key=key, student_path=student_path, adapter=adapter,
         adapter_folder=adapter_folder, adapter_meta=adapter_meta, manifest=manifest, run=run,
     )  # fmt: skip
-    metrics = report.write_all(context)
-    return StageResult(out_dir, run, report.summary_line(metrics))
+    metrics = evaluation_report.write_all(context)
+    return StageResult(out_dir, run, evaluation_report.summary_line(metrics))
