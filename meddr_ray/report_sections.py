@@ -17,7 +17,7 @@ QUALITY_PARTIAL = "partial"  # exactly one of the two sections (e.g. the teacher
 QUALITY_NO_SECTIONS = "no_sections"  # text, but neither header
 QUALITY_EMPTY = "empty"  # no text at all
 QUALITIES = (QUALITY_OK, QUALITY_PARTIAL, QUALITY_NO_SECTIONS, QUALITY_EMPTY)
-# The flags the issue counts as "bad reports": kept, flagged, counted in the summary.
+# The flags counted as "bad reports": such a report is kept, flagged, and counted in the stage summary.
 FLAGGED = (QUALITY_NO_SECTIONS, QUALITY_EMPTY)
 
 # A header is the word followed by a colon (anywhere, after optional markdown decoration: "**Findings:**"), or

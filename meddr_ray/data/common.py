@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from meddr_ray import storage
-from meddr_ray.config import DataConfig, SourceConfig
+from meddr_ray.config import DataConfig, SourceConfig, source_task
 from meddr_ray.storage import join_path
 from meddr_ray.data.errors import DataError, where
 from meddr_ray.data.images import load_image
@@ -36,11 +36,9 @@ META_SCHEMA = SAMPLE_SCHEMA.append(pa.field(IMAGE_REF, pa.string())).append(pa.f
 # Tried in this order when an image name has no extension (HAM10000's image_id, DICOM series exports).
 IMAGE_EXTENSIONS = ("", ".jpg", ".jpeg", ".png", ".dcm")
 
-_DEFAULT_TASK = {"vqa_json": "vqa", "reports": "report"}
-
-
 def default_task(src: SourceConfig) -> str:
-    return src.task or _DEFAULT_TASK.get(src.format, "diagnosis")
+    """The task of the source's rows (:func:`meddr_ray.config.source_task`)."""
+    return source_task(src)
 
 
 def default_split(src: SourceConfig) -> str:

@@ -98,3 +98,47 @@ def test_tiny_fingerprint_is_pinned(tmp_path, monkeypatch):
     cfg = load_config("tiny")
     assert cfg.run_dir == "/runs/tiny" and cfg.bootstrap.sources[0].path == "/meddr-pkg/assets/breastmnist.npz"
     assert cfg.fingerprint() == "c4a73fcc7425ddb9"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("data.on_error=ignore", "key 'data.on_error': 'ignore' is not one of ['raise', 'skip']"),
+        ("train.zero_stage=5", "key 'train.zero_stage': 5 is not one of [0, 1, 2, 3]"),
+        ("evaluate.modes=[rag,votes]", "key 'evaluate.modes[1]': 'votes' is not one of ['no_rag', 'rag', 'voting']"),
+        ("bootstrap.sources.0.task=segment", "key 'bootstrap.sources[0].task': 'segment' is not one of"),
+    ],
+)
+def test_a_value_outside_a_fields_choices_names_the_key_and_the_choices(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", [override])
+    assert message in str(err.value)
+
+
+def test_a_bad_choice_inside_a_preset_list_names_the_item(tmp_path):
+    from meddr_ray.config import PRESET_DIR
+
+    text = (PRESET_DIR / "tiny.yaml").read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text.replace("format: medmnist", "format: xls", 2).replace("format: xls", "format: medmnist", 1))
+    with pytest.raises(ConfigError, match=r"bad.yaml: key 'instruct.sources\[0\].format': 'xls' is not one of"):
+        load_config(str(bad))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["instruct.val_fraction=1.0"], r"key 'instruct.val_fraction': 1.0 is not in \[0, 1\)"),
+        (["evaluate.modes=[]"], r"key 'evaluate.modes': empty"),
+        (["evaluate.task_max_new_tokens={caption: 9}"], r"key 'evaluate.task_max_new_tokens.caption': not a task"),
+        (["evaluate.figure_top_k=0"], r"'evaluate.figure_top_k' \(>= 1\)"),
+        (["bootstrap.sources=[{name: b, format: medmnist, path: a.npz}, {name: b, format: medmnist, path: c.npz}]"],
+         r"key 'bootstrap.sources\[1\]': source 'b' split 'train' is already bootstrap.sources\[0\]"),
+        (["evaluate.sources=[{name: s, format: medmnist, path: a.npz}, "
+          "{name: s, format: vqa_json, path: b.json, splits: [test]}]"],
+         r"key 'evaluate.sources\[1\]': source 's' is a vqa source, but evaluate.sources\[0\]"),
+    ],
+)
+def test_values_a_type_cannot_check_are_checked_at_load(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny", overrides)
