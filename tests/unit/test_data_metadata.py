@@ -157,3 +157,37 @@ def test_report_text_fallbacks():
     assert report_text({"report": "R"}, "text") == "R"
     assert report_text({"findings": "F.", "impression": "I."}, "text") == "F. I."
     assert report_text({"findings": "", "impression": None}, "text") is None
+
+
+def test_where_names_file_split_row_and_column():
+    from meddr_ray.data.errors import where
+
+    assert where("/data/breast.csv", 3) == "breast.csv row 3"
+    assert where("s3://bucket/b.npz", 0, split="test") == "b.npz split test row 0"
+    assert where("b.csv", 3, "label") == "b.csv row 3, column 'label'"
+    assert where("/data/folder/") == "folder"
+
+
+def test_the_table_loop_filters_before_the_limit_and_keeps_bad_rows_with_skip(tmp_path):
+    from meddr_ray.data.common import IMAGE_REF, WHERE, Record, table_rows
+
+    records = [{"split": "test", "x": "a"}, {"x": "drop"}, {"x": "b"}, {"x": ""}, {"x": "c"}]
+    src = SourceConfig(name="t", format="image_folder", path=str(tmp_path / "t.csv"), limit=2, id_column=None)
+
+    def check(row, rec, where):
+        if not rec["x"]:
+            raise DataError(f"{where}: empty x")
+
+    def run(on_error, limit):
+        src.limit = limit
+        return table_rows(src, DataConfig(on_error=on_error), records, id_fields=["x"],
+                          take=lambda rec: Record(rec["x"] + ".png" if rec["x"] else None, "x", {"label": rec["x"]}),
+                          check=check, keep=lambda rec: rec["x"] != "drop")  # fmt: skip
+
+    rows = run("skip", 2)
+    assert [(r["label"], r["source_index"], r[WHERE], r[IMAGE_REF]) for r in rows] == [
+        ("b", 2, "t.csv row 2", "b.png"), ("", 3, "t.csv row 3", None)
+    ]  # fmt: skip
+    assert rows[1]["error"] == "t.csv row 3: empty x" and rows[0]["error"] is None
+    with pytest.raises(DataError, match="t.csv row 3: empty x"):
+        run("raise", None)
