@@ -81,7 +81,7 @@ def plain_loop(cfg_overrides, instruct_dir: str, steps: int) -> dict:
 
         from meddr_ray.model import apply_lora, ensure_model
         from meddr_ray.model.collate import InstructionCollator
-        from meddr_ray.stages.train.loop import lr_multiplier
+        from meddr_ray.stages.train.schedule import lr_multiplier
 
         cfg = load_config("tiny", cfg_overrides)
         t = cfg.train

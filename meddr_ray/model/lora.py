@@ -55,8 +55,13 @@ def _check_tower_has_no_lora(peft_model) -> None:
         raise ValueError(f"LoRA targets reached the vision tower ({adapted[0]}, ...): only the language model is adapted")
 
 
+def _numel(param) -> int:
+    """Full size of a parameter, also when DeepSpeed ZeRO-3 has partitioned it (then ``numel()`` is 0)."""
+    return int(getattr(param, "ds_numel", 0) or param.numel())
+
+
 def trainable_parameters(model) -> Tuple[int, int, float]:
-    """(trainable, total, share in %)."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    """(trainable, total, share in %), counting partitioned (ZeRO-3) parameters at their full size."""
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
     return trainable, total, 100.0 * trainable / max(total, 1)

@@ -9,7 +9,10 @@ import pytest
 
 from meddr_ray.config import TrainConfig, load_config
 from meddr_ray.stages.train.stage import TrainDataError, run_train
-from meddr_ray.stages.train.loop import _DataPosition, deepspeed_config, lr_multiplier, make_plan
+from meddr_ray.stages.train.deepspeed_config import deepspeed_config
+from meddr_ray.stages.train.plan import make_plan
+from meddr_ray.stages.train.schedule import lr_multiplier
+from meddr_ray.stages.train.state import DataPosition
 
 
 def test_plan_reaches_the_global_batch_with_accumulation():
@@ -76,17 +79,17 @@ def _ids(seed, n=3):
 
 
 def test_data_position_verifies_the_skipped_batches():
-    before = _DataPosition(0)
+    before = DataPosition(0)
     before.new_epoch(2)
     for ids in _ids(0):
         before.add(ids)
-    saved = before.snapshot({})
-    again = _DataPosition(0)
+    saved = before.snapshot()
+    again = DataPosition(0)
     again.new_epoch(2)
     for ids in _ids(0):
         again.add(ids)
     assert again.verify(saved, epoch=2, skipped=3, reducer=_LocalReducer()) == "verified"
-    other = _DataPosition(0)
+    other = DataPosition(0)
     other.new_epoch(2)
     for ids in _ids(1):  # another order of the data
         other.add(ids)
@@ -133,7 +136,7 @@ def test_a_run_checkpointed_by_other_worker_count_is_refused_before_starting(tmp
     checkpoint = tmp_path / "train" / "finetune" / "checkpoint_step0000005"
     checkpoint.mkdir(parents=True)
     from meddr_ray.stages.instruct import published_mix
-    from meddr_ray.stages.train.stage import run_description, run_identity
+    from meddr_ray.stages.train.resume import run_description, run_identity
 
     cfg = load_config("tiny", [f"run_dir={tmp_path}"])
     identity = run_identity(run_description(cfg, published_mix(str(folder))))  # the same run, other worker count
@@ -165,7 +168,7 @@ def _plain_mix(folder, rows=40, split="train"):
 def test_run_identity_changes_with_the_student_data_and_settings_not_with_operational_keys(tmp_path):
     """A run's checkpoints are only resumed by a run of the same student, data and settings."""
     from meddr_ray.stages.instruct import published_mix
-    from meddr_ray.stages.train.stage import run_description, run_identity
+    from meddr_ray.stages.train.resume import run_description, run_identity
 
     _plain_mix(tmp_path / "mix")
 
@@ -182,7 +185,7 @@ def test_run_identity_changes_with_the_student_data_and_settings_not_with_operat
 
 def _checkpoint(tmp_path, cfg, **state):
     from meddr_ray.stages.instruct import published_mix
-    from meddr_ray.stages.train.stage import run_description, run_identity
+    from meddr_ray.stages.train.resume import run_description, run_identity
 
     description = run_description(cfg, published_mix(str(tmp_path / "instruct")))
     folder = tmp_path / "train" / cfg.train.name / "checkpoint_step0000005"

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from meddr_ray.stages.train.stage import TrainResumeError, check_resume
+from meddr_ray.stages.train.resume import TrainResumeError, check_resume
 
 
 def test_restart_on_a_file_uri_moves_the_checkpoints_aside(tmp_path):
