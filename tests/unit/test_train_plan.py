@@ -241,3 +241,46 @@ def test_the_same_run_resumes_and_restart_moves_the_checkpoints_aside(tmp_path, 
     (aside,) = (tmp_path / "train").glob("finetune.replaced-*")
     assert (aside / "checkpoint_step0000005" / "state.json").is_file()  # kept, not deleted
     assert "starts from step 0" in capsys.readouterr().out
+
+
+def test_the_metrics_window_averages_over_micro_batches_and_steps():
+    from meddr_ray.stages.train.state import MetricsWindow
+
+    window = MetricsWindow()
+    for loss in (2.0, 4.0):
+        window.add(loss, tokens=10.0, samples=2)
+    window.steps, window.seconds = 1, 2.0
+    metrics = window.metrics(_LocalReducer())
+    assert metrics == {"loss": 3.0, "tokens_per_s": 10.0, "samples_per_s": 2.0, "step_time_s": 2.0,
+                       "steps_in_window": 1}  # fmt: skip
+
+
+def test_a_checkpoint_without_a_data_position_reads_as_none(tmp_path):
+    from meddr_ray.stages.train.checkpoint import read_position, read_state
+
+    (tmp_path / "state.json").write_text(json.dumps({"step": 3}))
+    assert read_state(str(tmp_path)) == {"step": 3}
+    assert read_position(str(tmp_path), rank=0) is None  # written by an earlier release: the epoch restarts
+
+
+def test_the_summary_names_the_losses_the_resumes_and_each_ranks_memory():
+    from meddr_ray.stages.train.plan import TrainPlan
+    from meddr_ray.stages.train.stage import _final_metrics, _summary_text
+
+    history = [{"step": 0, "epoch": 0, "val_loss": 6.0},
+               {"step": 5, "epoch": 0, "loss": 1.5, "lr": 1e-3, "tokens_per_s": 100.0, "val_loss": 1.0}]  # fmt: skip
+    final = _final_metrics(history)
+    assert final == {"step": 5, "epoch": 0, "loss": 1.5, "lr": 1e-3, "tokens_per_s_mean": 100.0, "val_loss": 1.0,
+                     "val_loss_first": 6.0}  # fmt: skip
+    state = {"step": 5, "epoch": 1, "history": history,
+             "events": [{"start_step": 0, "resumed": False}, {"start_step": 4, "resumed": True,
+                                                             "data_position": "verified"}],
+             "workers": [{"rank": 0, "peak_rss_mb": 900.0, "param_mb": 1.5, "optimizer_mb": 0.25}]}  # fmt: skip
+    text = _summary_text(state, TrainPlan(2, 4, 2, 40, 5, 5), final, "/run/adapter", 12.0)
+    assert text.splitlines() == [
+        "done: step 5/5, epoch 1, 12 s",
+        "  loss 1.5000, val_loss 6.0000 -> 1.0000",
+        "  resumed 1 time(s) (from step 4, data position verified)",
+        "  adapter: /run/adapter",
+        "  rank 0: peak RSS 900 MB, parameters 1.50 MB, optimizer state 0.25 MB",
+    ]
