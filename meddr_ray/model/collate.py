@@ -1,7 +1,7 @@
 """Instruction rows -> model inputs for supervised fine-tuning, with the loss on the answer only.
 
 A row is ``(image bytes, prompt, answer)``. The model sees exactly what it sees at inference: the chat-templated
-user turn with the image and the instruction, as :meth:`VisionLanguageModel.chat_prompt` renders it, run through
+user turn with the image and the instruction, as :func:`meddr_ray.model.chat.chat_prompt` renders it, run through
 the processor (which expands the image placeholder into the model's image tokens). After it comes the assistant
 answer and the template's end-of-turn token, so the fine-tuned model learns to stop.
 
@@ -19,16 +19,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from meddr_ray.model.chat import chat_prompt, user_turn
+
 IGNORE_INDEX = -100
 """Label value that ``torch.nn.CrossEntropyLoss`` (and every HF causal-LM loss) skips."""
 
 _TEXT_KEYS = ("input_ids", "attention_mask")
-
-
-def chat_prompt(processor, prompt: str, with_image: bool = True) -> str:
-    """The user turn as the model sees it at inference (same as ``VisionLanguageModel.chat_prompt``)."""
-    content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
-    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
 def completion_text(processor, prompt: str, answer: str) -> str:
@@ -42,7 +38,7 @@ def completion_text(processor, prompt: str, answer: str) -> str:
     head = chat_prompt(processor, prompt)
     full = processor.apply_chat_template(
         [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
+            user_turn(prompt),
             {"role": "assistant", "content": [{"type": "text", "text": answer}]},
         ]
     )

@@ -10,6 +10,7 @@ several when one is too small (:mod:`meddr_ray.model.placement`).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import logging
 import os
@@ -21,6 +22,7 @@ import numpy as np
 
 from meddr_ray.config import GenerationConfig, ModelConfig
 from meddr_ray.model.build import BUILDERS, SMOL_INSTALL
+from meddr_ray.model.chat import chat_prompt
 from meddr_ray.model.internvl import load_processor
 from meddr_ray.model.placement import placement_for_checkpoint
 
@@ -29,6 +31,12 @@ log = logging.getLogger("meddr_ray.model")
 
 class ModelNotFoundError(FileNotFoundError):
     """A checkpoint directory that does not exist or is not a checkpoint; the message names the path."""
+
+
+def register_vision_towers() -> None:
+    """Registers the EfficientNet-Lite tower's config and model types with transformers (importing
+    :mod:`meddr_ray.model.vision_towers` does it; torch is imported only when a model is loaded)."""
+    importlib.import_module("meddr_ray.model.vision_towers")
 
 
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
@@ -140,7 +148,7 @@ class VisionLanguageModel:
     def __init__(self, cfg: ModelConfig, adapter_dir: Optional[str] = None):
         import torch
 
-        from meddr_ray.model import vision_towers  # noqa: F401  (before the processor, which reads the config too)
+        register_vision_towers()  # before the processor, which reads the config too
 
         self.cfg = cfg
         self.path = ensure_model(cfg)
@@ -169,8 +177,8 @@ class VisionLanguageModel:
     # ------------------------------------------------------------------------------------------ prompting
 
     def chat_prompt(self, text: str, with_image: bool = True) -> str:
-        content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": text}]
-        return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        """The user turn as this model sees it (:func:`meddr_ray.model.chat.chat_prompt`)."""
+        return chat_prompt(self.processor, text, with_image)
 
     @property
     def embed_dim(self) -> int:
@@ -372,7 +380,7 @@ def _load_weights(path: Path, dtype, trust_remote_code: bool, **placement):
     ``device_map`` / ``max_memory`` from :func:`gpu_placement` (none: on the CPU)."""
     from transformers import AutoModel, AutoModelForImageTextToText
 
-    from meddr_ray.model import vision_towers  # noqa: F401  (registers the EfficientNet-Lite tower's config type)
+    register_vision_towers()
 
     try:
         return AutoModelForImageTextToText.from_pretrained(

@@ -34,6 +34,7 @@ from meddr_ray.model.loading import (
     image_pixels,
     load_model,
     pooled_keys,
+    register_vision_towers,
     tower_fingerprint,
 )
 from meddr_ray.model.lora import VISION_TOWER_NAMES
@@ -124,7 +125,7 @@ def _load_tower(path: Path, cfg: ModelConfig):
     from transformers import AutoConfig, AutoModel
     from transformers.initialization import no_init_weights
 
-    from meddr_ray.model import vision_towers  # noqa: F401  (registers the EfficientNet-Lite tower's config type)
+    register_vision_towers()
 
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
     vision_config = getattr(config, "vision_config", None)
