@@ -35,6 +35,7 @@ import pyarrow.parquet as pq
 from meddr_ray import prompts, storage
 from meddr_ray.config import Config, ConfigError, GenerationConfig, ModelConfig, save_config
 from meddr_ray.layout import FAILED_DIR
+from meddr_ray.prompts import DEFAULT_MODALITY
 from meddr_ray.report_sections import FLAGGED, QUALITIES, split_report
 from meddr_ray.stages.registry import StageResult
 from meddr_ray.storage import join_path
@@ -43,7 +44,6 @@ log = logging.getLogger("meddr_ray.stages.bootstrap")
 
 PART_PREFIX = "part-"
 SUMMARY_FILE = "summary.json"
-DEFAULT_MODALITY = "medical"  # a source with no modality: "a medical image"
 
 REPORT_SCHEMA = pa.schema(
     [
@@ -91,6 +91,12 @@ def teacher_prompt(row: Dict[str, Any]) -> str:
     """The section 3.1 prompt of a sample: its modality and every one of its labels."""
     labels = [x for x in (row.get("labels") or []) if x] or [row.get("label") or ""]
     return prompts.bootstrap_prompt(row.get("modality") or DEFAULT_MODALITY, labels)
+
+
+def sample_where(row: Dict[str, Any]) -> str:
+    """Where a sample came from, for its error message: its source file (as the reader named it; the dataset
+    when there is none) and its row, e.g. ``/data/a.csv row 5``."""
+    return f"{row.get('source_file') or row.get('dataset')} row {row.get('source_index')}"
 
 
 def report_row(
@@ -325,7 +331,7 @@ class TeacherWriter:
         """The sample's image as RGB, or an error message naming the source row."""
         from meddr_ray.data import DataError, decode_image
 
-        where = f"{row.get('source_file') or row.get('dataset')} row {row.get('source_index')}"
+        where = sample_where(row)
         if row.get("error"):
             return None, row["error"]
         if not row.get("image"):

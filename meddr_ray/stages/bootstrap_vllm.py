@@ -96,7 +96,7 @@ def engine_inputs(
 
     good, bad = [], []
     for row in batch.to_pylist():
-        where = f"{row.get('source_file') or row.get('dataset')} row {row.get('source_index')}"
+        where = bootstrap.sample_where(row)
         try:
             if row.get("error"):
                 raise DataError(row["error"])

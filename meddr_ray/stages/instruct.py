@@ -40,7 +40,9 @@ from meddr_ray.config import Config, ConfigError, save_config
 from meddr_ray.data import NO_FINDING, medmnist_info
 from meddr_ray.layout import CURRENT_FILE, FAILED_DIR
 from meddr_ray.progress import report
+from meddr_ray.prompts import DEFAULT_MODALITY
 from meddr_ray.report_sections import split_report
+from meddr_ray.stages.bootstrap import part_files, sample_where
 from meddr_ray.stages.registry import StageResult
 from meddr_ray.storage import is_uri, join_path
 
@@ -51,7 +53,6 @@ TASK_DIAGNOSIS = "diagnosis"
 TASK_VQA = "vqa"
 TASK_REPORT = "report"
 TASK_DESCRIPTION = "description"
-DEFAULT_MODALITY = "medical"
 SUMMARY_FILE = "summary.json"
 
 MIX_SCHEMA = pa.schema(
@@ -186,10 +187,6 @@ def set_aside(row: Dict[str, Any], task: Optional[str], error: str) -> Dict[str,
             "image": None, "error": error, "rank": None}  # fmt: skip
 
 
-def _where(row: Dict[str, Any]) -> str:
-    return f"{row.get('source_file') or row.get('dataset')} row {row.get('source_index')}"
-
-
 # ------------------------------------------------------------------------------------------ Ray Data steps
 
 
@@ -205,7 +202,7 @@ def _render_samples(batch: pa.Table, *, weight: float, val_fraction: float, desc
                 raise RowError("no image")
             out.extend(expand(row, sample_instructions(row, descriptions), weight, val_fraction))
         except RowError as exc:
-            out.append(set_aside(row, None, f"{_where(row)}: {exc}"))
+            out.append(set_aside(row, None, f"{sample_where(row)}: {exc}"))
     return pa.Table.from_pylist(out, schema=_RENDERED_SCHEMA)
 
 
@@ -268,8 +265,6 @@ def _within_cap(ds, threshold: Optional[float]):
 
 def _bootstrap_dataset(cfg: Config):
     import ray
-
-    from meddr_ray.stages.bootstrap import part_files
 
     folder = cfg.layout.bootstrap_dir
     files = part_files(folder)

@@ -88,6 +88,13 @@ class EvalArtifactError(ValueError):
     """A file in the evaluation folder that this stage cannot have written (unreadable, or another schema)."""
 
 
+def _where(row: Dict[str, Any]) -> str:
+    """A test row's place in its source, for its error message: ``labels.csv row 2``."""
+    from meddr_ray.data.errors import where
+
+    return where(str(row.get("source_file") or row.get("dataset")), row.get("source_index"))
+
+
 def needs_index(modes: Sequence[str]) -> bool:
     return "rag" in modes or "voting" in modes
 
@@ -149,7 +156,7 @@ class StudentEvaluator:
         """The sample's image as RGB, or the error that sets the row aside (raised with ``on_error=raise``)."""
         from meddr_ray.data import DataError, decode_image
 
-        where = f"{os.path.basename(str(row.get('source_file') or row.get('dataset')))} row {row.get('source_index')}"
+        where = _where(row)
         if row.get("error"):
             return None, row["error"]  # the reader set it aside (on_error=skip)
         try:
@@ -175,8 +182,7 @@ class StudentEvaluator:
         what, ok = has.get(task, (f"known task (not {task!r})", False))
         if ok:
             return None
-        where = f"{os.path.basename(str(row.get('source_file') or row.get('dataset')))} row {row.get('source_index')}"
-        message = f"{where}: no {what} to evaluate (id {row['id']})"
+        message = f"{_where(row)}: no {what} to evaluate (id {row['id']})"
         if self.cfg.data.on_error == "raise":
             raise DataError(message)
         return message
