@@ -28,7 +28,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from meddr_ray.retrieval import store as fi  # noqa: E402
+from meddr_ray.retrieval import build  # noqa: E402
+from meddr_ray.retrieval import faiss_io  # noqa: E402
+from meddr_ray.retrieval import store  # noqa: E402
 
 K = 5
 
@@ -113,12 +115,12 @@ def bench_embedding(args) -> None:
     gc.collect()
 
     # the index job's embedding phase, on a local Ray cluster that is already up (as on a real cluster)
-    from meddr_ray.stages import index as index_mod
+    from meddr_ray.stages.index import stage as index_stage
     from meddr_ray.stages.index import run_index
 
     init_ray(cfg)
     embed_times = {}
-    real_embed = index_mod._embed
+    real_embed = index_stage.embed
 
     def timed_embed(*a, **kw):
         t = time.perf_counter()
@@ -126,11 +128,11 @@ def bench_embedding(args) -> None:
         embed_times["s"] = time.perf_counter() - t
         return out
 
-    index_mod._embed = timed_embed
+    index_stage.embed = timed_embed
     t2 = time.perf_counter()
     path = run_index(cfg).path
     job_s = time.perf_counter() - t2
-    index_mod._embed = real_embed
+    index_stage.embed = real_embed
     count = pq.read_metadata(Path(path) / "values.parquet").num_rows
     ray_s = embed_times["s"]
     import ray
@@ -196,7 +198,7 @@ def bench_faiss(args, sigma: float):
     print(f"    data generated in {time.perf_counter() - t:.1f} s")
     rows = []
 
-    build_s, flat = timed(lambda: fi.build_shard(x, fi.IndexParams("flat")))
+    build_s, flat = timed(lambda: build.build_shard(x, build.IndexParams("flat")))
     _, (_, truth) = timed(lambda: flat.search(q, K))
     fb, f1 = latency(flat, q, args.single)
     rows.append(("flat (IndexFlatIP)", build_s, fb, f1, 1.0))
@@ -208,20 +210,20 @@ def bench_faiss(args, sigma: float):
         return current if current and current[1] >= 0.95 else (knob, recall)
 
     # IVF as the job builds it: template trained on a sample, cloned per shard, merged
-    nlist = fi.effective_nlist(args.nlist, args.n)
-    params = fi.IndexParams("ivf", nlist=nlist)
+    nlist = build.effective_nlist(args.nlist, args.n)
+    params = build.IndexParams("ivf", nlist=nlist)
     rng = np.random.default_rng(1)
 
     def build_ivf():
-        sample = x[np.sort(rng.choice(args.n, fi.ivf_train_size(nlist, args.n), replace=False))]
-        template = fi.train_ivf(sample, params, nlist)
+        sample = x[np.sort(rng.choice(args.n, build.ivf_train_size(nlist, args.n), replace=False))]
+        template = build.train_ivf(sample, params, nlist)
         parts = np.array_split(np.arange(args.n), args.shards)
-        return fi.merge_shards([fi.build_shard(x[p], params, template) for p in parts])
+        return build.merge_shards([build.build_shard(x[p], params, template) for p in parts])
 
     ivf_s, ivf = timed(build_ivf)
     ivf_pick = None
     for nprobe in args.nprobe:
-        fi.apply_search_params(ivf, nprobe=nprobe)
+        faiss_io.apply_search_params(ivf, nprobe=nprobe)
         _, (_, found) = timed(lambda: ivf.search(q, K))
         b, s1 = latency(ivf, q, args.single)
         r = recall_at(found, truth)
@@ -229,10 +231,10 @@ def bench_faiss(args, sigma: float):
         ivf_pick = pick(ivf_pick, nprobe, r)
     hnsw, hnsw_pick = None, None
     if not args.skip_hnsw:
-        hp = fi.IndexParams("hnsw", hnsw_m=args.hnsw_m, ef_construction=args.ef_construction)
-        hnsw_s, hnsw = timed(lambda: fi.build_hnsw(x, hp))
+        hp = build.IndexParams("hnsw", hnsw_m=args.hnsw_m, ef_construction=args.ef_construction)
+        hnsw_s, hnsw = timed(lambda: build.build_hnsw(x, hp))
         for ef in args.ef_search:
-            fi.apply_search_params(hnsw, ef_search=ef)
+            faiss_io.apply_search_params(hnsw, ef_search=ef)
             _, (_, found) = timed(lambda: hnsw.search(q, K))
             b, s1 = latency(hnsw, q, args.single)
             r = recall_at(found, truth)
@@ -300,7 +302,7 @@ def bench_retriever(args, q, candidates) -> None:
         )
         root = tempfile.mkdtemp(prefix=f"index-bench-{name.lower()}-")
         t = time.perf_counter()
-        fi.publish(root, index, values, {"encoder_fingerprint": "bench", "model_name": "synthetic"})
+        store.publish(root, index, values, {"encoder_fingerprint": "bench", "model_name": "synthetic"})
         pub_s = time.perf_counter() - t
         t = time.perf_counter()
         r = Retriever.open(root, **knobs)

@@ -14,7 +14,7 @@ Phases (``all`` runs each in its own process, so each peak RSS is that phase's o
    held-out queries come from the same distribution and are not in the index.
 2. ``exact`` (beside ``build``): exact top-5 of every query, streamed over the embedding files row group by row group (a running
    top-5; never more than one row group of vectors in memory).
-3. ``build`` (beside ``exact``): ``meddr_ray.stages.index.build_from_embeddings`` -- the same function ``meddr-ray index`` runs after
+3. ``build`` (beside ``exact``): ``meddr_ray.stages.index.build_tasks.build_from_embeddings`` -- the same function ``meddr-ray index`` runs after
    embedding -- with ``index.type=ivfpq`` on a local Ray cluster: sample + train task, one task per shard, the
    on-disk merge + publish task. Peak RSS of each task comes from the published manifest
    (``summary.task_peak_rss_mb``), the driver's from this phase's process.
@@ -83,7 +83,7 @@ def key_id(i: int) -> str:
 
 
 def _values(start: int, n: int) -> dict:
-    from meddr_ray.retrieval.store import QA_TYPE
+    from meddr_ray.retrieval.format import QA_TYPE
 
     return {
         "id": pa.array([key_id(i) for i in range(start, start + n)], pa.string()),
@@ -166,9 +166,9 @@ def exact(a: argparse.Namespace) -> dict:
 def build(a: argparse.Namespace) -> dict:
     import ray
 
-    from meddr_ray.retrieval import store as fi
     from meddr_ray.config import load_config
-    from meddr_ray.stages.index import _Run, build_from_embeddings
+    from meddr_ray.retrieval import store
+    from meddr_ray.stages.index.build_tasks import IndexRun, build_from_embeddings
     from meddr_ray.stages.runtime import init_ray
 
     index_dir = str(Path(a.work) / "index")
@@ -180,14 +180,14 @@ def build(a: argparse.Namespace) -> dict:
     ])  # fmt: skip
     init_ray(cfg)
     files = sorted(str(p) for p in (Path(a.work) / "embeddings").glob("*.parquet"))
-    run = _Run(index_dir, "build", [{"name": "synthetic", "format": "parquet", "path": str(Path(a.work) / "embeddings")}])
+    run = IndexRun(index_dir, "build", [{"name": "synthetic", "format": "parquet", "path": str(Path(a.work) / "embeddings")}])
     t0 = time.time()
     published, plan = build_from_embeddings(
         cfg, files, run, str(Path(a.work) / "scratch"), build_id="index-scale", expected_parent=None
     )
     seconds = time.time() - t0
     ray.shutdown()
-    manifest = fi.load_manifest(index_dir)
+    manifest = store.load_manifest(index_dir)
     return {
         "build_seconds": round(seconds, 1),
         "driver_peak_rss_mb": peak_rss_mb(),
@@ -203,12 +203,13 @@ def build(a: argparse.Namespace) -> dict:
 
 
 def evaluate(a: argparse.Namespace) -> dict:
-    from meddr_ray.retrieval import store as fi
+    from meddr_ray.retrieval import faiss_io
+    from meddr_ray.retrieval import store
 
     q = np.load(Path(a.work) / "queries.npy")
     truth = np.load(Path(a.work) / "truth.npy")
     t0 = time.time()
-    loaded = fi.load_index(str(Path(a.work) / "index"), expect_dim=a.dim, expect_fingerprint=FINGERPRINT)
+    loaded = store.load_index(str(Path(a.work) / "index"), expect_dim=a.dim, expect_fingerprint=FINGERPRINT)
     load_s = time.time() - t0
     source_index = loaded.values.column("source_index").to_numpy()
     out = {"load_seconds": round(load_s, 1), "recall_at_5": {}, "exact_top5_in_top50": {}, "search_ms_per_query": {}}
@@ -219,7 +220,7 @@ def evaluate(a: argparse.Namespace) -> dict:
         return round(float(np.mean(hits)) / K, 4)
 
     for nprobe in a.nprobes:
-        fi.apply_search_params(loaded.index, nprobe=nprobe)
+        faiss_io.apply_search_params(loaded.index, nprobe=nprobe)
         t = time.time()
         _, ids = loaded.index.search(q, K)
         out["search_ms_per_query"][nprobe] = round((time.time() - t) * 1000 / len(q), 3)

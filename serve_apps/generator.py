@@ -27,10 +27,10 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import ray
 from ray import serve
 
-from meddr_ray.retrieval import rag
 from meddr_ray.config import Config, GenerationConfig
-from meddr_ray.retrieval.store import IndexArtifactError
 from meddr_ray.model import VisionLanguageModel, default_adapter, load_model
+from meddr_ray.retrieval import rag
+from meddr_ray.retrieval.format import IndexArtifactError
 from serve_apps import metrics
 from serve_apps.errors import replica_id
 from serve_apps.images import model_image

@@ -17,9 +17,10 @@ import numpy as np
 import ray
 from ray import serve
 
-from meddr_ray.retrieval import rag
 from meddr_ray.config import Config
-from meddr_ray.retrieval.store import IndexArtifactError, current_version
+from meddr_ray.retrieval import rag
+from meddr_ray.retrieval.format import IndexArtifactError
+from meddr_ray.retrieval.store import current_version
 from serve_apps import metrics
 from serve_apps.errors import replica_id
 

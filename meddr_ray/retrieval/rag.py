@@ -26,18 +26,9 @@ import numpy as np
 
 from meddr_ray import prompts
 from meddr_ray.config import Config, RagConfig
-from meddr_ray.retrieval.store import (
-    IndexArtifactError,
-    LoadedIndex,
-    apply_search_params,
-    check_vectors,
-    current_version,
-    case_key,
-    load_index,
-    scoped_search,
-    to_gpu,
-    use_gpu,
-)
+from meddr_ray.retrieval.faiss_io import apply_search_params, check_vectors, scoped_search, to_gpu, use_gpu
+from meddr_ray.retrieval.format import IndexArtifactError, case_key
+from meddr_ray.retrieval.store import LoadedIndex, current_version, load_index
 
 log = logging.getLogger("meddr_ray.retrieval.rag")
 

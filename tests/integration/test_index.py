@@ -16,8 +16,10 @@ import pyarrow as pa
 import pytest
 from PIL import Image
 
-from meddr_ray.retrieval import store as fi
-from meddr_ray.stages import index as index_mod
+from meddr_ray.retrieval import build
+from meddr_ray.retrieval import format as fmt
+from meddr_ray.retrieval import store
+from meddr_ray.stages.index import build_tasks, stage as index_stage
 from meddr_ray.config import with_added_index_source, PACKAGE_DIR, load_config
 from meddr_ray.data import sample_id
 from meddr_ray.stages.index import run_index
@@ -73,7 +75,7 @@ def test_build_publishes_a_checked_version(built, model, capsys):
     assert manifest["encoder_fingerprint"] == model.encoder_fingerprint()
     assert manifest["model_name"] == "tiny-llava" and manifest["parent_version"] is None
     assert manifest["summary"]["shards"] == 2 and manifest["summary"]["failed"] == 0
-    loaded = fi.load_index(index_dir, expect_dim=model.embed_dim, expect_fingerprint=model.encoder_fingerprint())
+    loaded = store.load_index(index_dir, expect_dim=model.embed_dim, expect_fingerprint=model.encoder_fingerprint())
     values = loaded.values.to_pydict()
     assert len(set(values["id"])) == 624  # one vector per image: no case twice
     assert Counter(values["dataset"]) == {"breastmnist": 624} and manifest["summary"]["datasets"] == {"breastmnist": 624}
@@ -98,7 +100,7 @@ def test_a_training_image_retrieves_itself_first(built, model):
 
 def test_voting_on_the_test_split_uses_the_retrieved_labels(built, model):
     cfg, _ = built
-    loaded = fi.load_index(cfg.layout.index_dir, version="v0001")
+    loaded = store.load_index(cfg.layout.index_dir, version="v0001")
     retriever = Retriever(loaded)
     data = np.load(NPZ)
     names = ["malignant", "normal, benign"]
@@ -152,16 +154,16 @@ def test_resume_bad_rows_and_sharded_equals_single_build(ray_cluster, tmp_path, 
         f"{{name: folder, format: image_folder, path: {csv}, modality: ultrasound}}]"
     )
     cfg = tiny(tmp_path / "one", "data.on_error=skip", sources, "index.num_shards=1")
-    real_plan, real_embed = index_mod.make_plan, index_mod._embed
+    real_plan, real_embed = build_tasks.plan_shards, index_stage.embed
 
     def interrupted(*a, **kw):
         raise KeyboardInterrupt("driver killed after embedding")
 
-    monkeypatch.setattr(index_mod, "make_plan", interrupted)
+    monkeypatch.setattr(build_tasks, "plan_shards", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_index(cfg)
     work = Path(cfg.layout.index_dir) / "_work"
-    assert any(work.rglob("*.parquet")) and fi.current_version(cfg.layout.index_dir) is None
+    assert any(work.rglob("*.parquet")) and store.current_version(cfg.layout.index_dir) is None
 
     skipped = []
 
@@ -169,8 +171,8 @@ def test_resume_bad_rows_and_sharded_equals_single_build(ray_cluster, tmp_path, 
         skipped.append(len(known_ids))
         return real_embed(cfg_, ds, out_dir, adapter, known_ids)
 
-    monkeypatch.setattr(index_mod, "make_plan", real_plan)
-    monkeypatch.setattr(index_mod, "_embed", spy)
+    monkeypatch.setattr(build_tasks, "plan_shards", real_plan)
+    monkeypatch.setattr(index_stage, "embed", spy)
     one = run_index(cfg).path
     assert skipped == [47]  # every row embedded by the interrupted run, the bad one included, is not redone
     manifest = json.loads((Path(one) / "manifest.json").read_text())
@@ -199,7 +201,7 @@ def test_incremental_add_appends_a_new_version(built, model, tmp_path):
     source = tmp_path / "new_cases.yaml"
     source.write_text(f"name: breastmnist\nformat: medmnist\npath: {NPZ}\nsplits: [test]\nlimit: 30\n")
     path = run_index(with_added_index_source(cfg, str(source))).path
-    assert Path(path).name == "v0002" and fi.current_version(index_dir) == "v0002"
+    assert Path(path).name == "v0002" and store.current_version(index_dir) == "v0002"
     manifest = json.loads((Path(path) / "manifest.json").read_text())
     assert manifest["parent_version"] == "v0001" and manifest["count"] == 654 and manifest["summary"]["added"] == 30
     assert manifest["encoder_fingerprint"] == model.encoder_fingerprint()
@@ -208,10 +210,10 @@ def test_incremental_add_appends_a_new_version(built, model, tmp_path):
     assert retriever.version == "v0002"
     hits = retriever.search(model.embed(images("test", [0, 29])), k=1)
     assert rows_of(retriever.loaded, [h[0].id for h in hits]) == [("test", 0), ("test", 29)]
-    assert fi.load_index(index_dir, version="v0001").count == 624
+    assert store.load_index(index_dir, version="v0001").count == 624
     # adding the same cases again embeds nothing and publishes nothing
     assert run_index(with_added_index_source(cfg, str(source))).path == path
-    assert fi.list_versions(index_dir) == ["v0001", "v0002"]
+    assert store.list_versions(index_dir) == ["v0001", "v0002"]
 
 
 def test_build_from_the_instruction_parquet(ray_cluster, tmp_path):
@@ -278,7 +280,7 @@ def test_approximate_indexes_through_the_job_and_incremental_add(ray_cluster, tm
     retriever = Retriever.from_config(cfg, model)
     queries = model.embed(images("train", range(0, 200, 7)))
     # exact neighbours over the same 200 images, embedded here
-    exact = fi.build_shard(model.embed(images("train", range(200))), fi.IndexParams("flat"))
+    exact = build.build_shard(model.embed(images("train", range(200))), build.IndexParams("flat"))
     ids = np.array(ids_of(retriever.loaded, [("train", i) for i in range(200)]))
     _, expected = exact.search(queries, 5)
     for row, want in zip(retriever.search(queries, 5), expected):
@@ -288,12 +290,12 @@ def test_approximate_indexes_through_the_job_and_incremental_add(ray_cluster, tm
     source = tmp_path / "more.yaml"
     source.write_text(f"name: breastmnist\nformat: medmnist\npath: {NPZ}\nsplits: [test]\nlimit: 10\n")
     second = run_index(with_added_index_source(cfg, str(source))).path
-    grown = fi.load_index(cfg.layout.index_dir)
+    grown = store.load_index(cfg.layout.index_dir)
     assert (grown.version, grown.count, grown.manifest["index_type"]) == ("v0002", 210, kind)
     hits = Retriever(grown).search(model.embed(images("test", range(10))), k=1)
     assert rows_of(grown, [h[0].id for h in hits]) == [("test", i) for i in range(10)]
     if kind == "ivf":
-        parent = fi.load_index(cfg.layout.index_dir, version="v0001")  # keep it alive: faiss views borrow it
+        parent = store.load_index(cfg.layout.index_dir, version="v0001")  # keep it alive: faiss views borrow it
         before, after = faiss.extract_index_ivf(parent.index), faiss.extract_index_ivf(grown.index)
         np.testing.assert_array_equal(before.quantizer.reconstruct_n(0, 4), after.quantizer.reconstruct_n(0, 4))
         assert "index.ivfdata" in grown.manifest["files"] and parent.count == 200  # the parent is untouched
@@ -339,7 +341,7 @@ def test_cli_builds_the_demo_index_and_the_job_adds_to_it(tmp_path):
         tmp_path,
     )
     assert "index: 629 vectors, dimension 1280, IndexFlatIP (flat), version v0002 (parent v0001, +5)" in out
-    assert fi.current_version(str(run_dir / "index")) == "v0002"
+    assert store.current_version(str(run_dir / "index")) == "v0002"
 
 
 def test_the_build_half_on_embedding_files_is_idempotent_and_refuses_a_stale_parent(ray_cluster, tmp_path):
@@ -358,16 +360,16 @@ def test_the_build_half_on_embedding_files_is_idempotent_and_refuses_a_stale_par
     cfg = tiny(tmp_path / "run", "index.type=ivfpq", "index.nlist=8", "index.pq_m=8", "index.pq_nbits=6",
                "index.num_shards=3")  # fmt: skip
     index_dir = cfg.layout.index_dir
-    run = index_mod._Run(index_dir, "build", [{"name": "toy", "format": "parquet", "path": str(tmp_path)}])
+    run = build_tasks.IndexRun(index_dir, "build", [{"name": "toy", "format": "parquet", "path": str(tmp_path)}])
 
-    first, plan = index_mod.build_from_embeddings(cfg, files, run, str(tmp_path / "s1"), "build-a", None)
+    first, plan = build_tasks.build_from_embeddings(cfg, files, run, str(tmp_path / "s1"), "build-a", None)
     assert (first["version"], first["count"], first["index_type"], plan.count) == ("v0001", 3000, "ivfpq", 3000)
-    again, _ = index_mod.build_from_embeddings(cfg, files, run, str(tmp_path / "s2"), "build-a", None)
-    assert again["version"] == "v0001" and fi.list_versions(index_dir) == ["v0001"]
-    second, _ = index_mod.build_from_embeddings(cfg, files, run, str(tmp_path / "s3"), "build-b", "v0001")
+    again, _ = build_tasks.build_from_embeddings(cfg, files, run, str(tmp_path / "s2"), "build-a", None)
+    assert again["version"] == "v0001" and store.list_versions(index_dir) == ["v0001"]
+    second, _ = build_tasks.build_from_embeddings(cfg, files, run, str(tmp_path / "s3"), "build-b", "v0001")
     assert second["version"] == "v0002" and second["replaces"] == "v0001"
-    with pytest.raises(fi.PublishConflict, match="CURRENT names v0002, but this build was made on v0001"):
-        index_mod.build_from_embeddings(cfg, files, run, str(tmp_path / "s4"), "build-c", "v0001")
-    assert fi.current_version(index_dir) == "v0002" and fi.list_versions(index_dir) == ["v0001", "v0002"]
-    loaded = fi.load_index(index_dir, expect_dim=32, expect_fingerprint="fp")
+    with pytest.raises(fmt.PublishConflict, match="CURRENT names v0002, but this build was made on v0001"):
+        build_tasks.build_from_embeddings(cfg, files, run, str(tmp_path / "s4"), "build-c", "v0001")
+    assert store.current_version(index_dir) == "v0002" and store.list_versions(index_dir) == ["v0001", "v0002"]
+    loaded = store.load_index(index_dir, expect_dim=32, expect_fingerprint="fp")
     assert loaded.count == 3000 and loaded.values.column("id")[1700].as_py() == "case1700"

@@ -9,9 +9,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from meddr_ray.config import PACKAGE_DIR, ConfigError
-from meddr_ray.retrieval.store import IndexArtifactError
+from meddr_ray.retrieval.format import IndexArtifactError
 from meddr_ray.config import load_source_file as load_source_yaml
-from meddr_ray.stages.index import ANNOTATION_SCHEMA, ROW_SCHEMA, Plan, _instruct_rows, _sample_rows, case_key, make_plan, merge_case, read_entries
+from meddr_ray.retrieval.embedding_files import read_entries
+from meddr_ray.retrieval.format import case_key
+from meddr_ray.stages.index.inputs import ANNOTATION_SCHEMA, ROW_SCHEMA, _instruct_rows, _sample_rows, merge_case
+from meddr_ray.stages.index.shard_plan import ShardPlan, plan_shards
 from meddr_ray.data.schema import rows_to_table
 
 NPZ = PACKAGE_DIR / "assets" / "breastmnist.npz"
@@ -43,7 +46,7 @@ def embedding_file(path, keys, errors=None, fingerprint="fp", dim=4, seed=0):
 
 
 def test_shards_are_contiguous_slices_of_the_faiss_order():
-    plan = Plan(files=["a", "b", "c"], keep=[np.array([0, 2, 3]), np.array([], np.int64), np.array([1, 5])], failed=[])
+    plan = ShardPlan(files=["a", "b", "c"], keep=[np.array([0, 2, 3]), np.array([], np.int64), np.array([1, 5])], failed=[])
     assert plan.count == 5
     flat = lambda shards: [(f, int(r)) for shard in shards for f, rows in shard for r in rows]  # noqa: E731
     order = [("a", 0), ("a", 2), ("a", 3), ("c", 1), ("c", 5)]
@@ -57,10 +60,10 @@ def test_shards_are_contiguous_slices_of_the_faiss_order():
     assert len(sample) == 3 and set(sample) <= set(order) and sample == sorted(sample, key=order.index)
 
 
-def test_make_plan_orders_rows_sets_failed_aside_and_skips_repeated_cases(tmp_path):
+def test_plan_shards_orders_rows_sets_failed_aside_and_skips_repeated_cases(tmp_path):
     x1 = embedding_file(tmp_path / "1.parquet", ["a", "b", "c"], errors=[None, "bad.png row 1: not a readable image", None])
     x2 = embedding_file(tmp_path / "2.parquet", ["d", "a"], seed=1)
-    plan = make_plan([str(tmp_path / "1.parquet"), str(tmp_path / "2.parquet")], pa.array([], pa.string()))
+    plan = plan_shards([str(tmp_path / "1.parquet"), str(tmp_path / "2.parquet")], pa.array([], pa.string()))
     assert (plan.count, plan.failed_count, plan.duplicates, plan.dim, plan.fingerprint) == (3, 1, 1, 4, "fp")
     assert plan.keys.to_pylist() == ["a", "c", "d"]
     assert plan.datasets == {"toy": 3}
@@ -69,19 +72,19 @@ def test_make_plan_orders_rows_sets_failed_aside_and_skips_repeated_cases(tmp_pa
     assert values.column("id").to_pylist() == ["a", "c", "d"]
     embedding_file(tmp_path / "3.parquet", ["e"], fingerprint="other")
     with pytest.raises(IndexArtifactError, match="different encoders"):
-        make_plan([str(tmp_path / "1.parquet"), str(tmp_path / "3.parquet")], pa.array([], pa.string()))
+        plan_shards([str(tmp_path / "1.parquet"), str(tmp_path / "3.parquet")], pa.array([], pa.string()))
 
 
 def test_the_plan_never_reads_the_vectors(tmp_path, monkeypatch):
     """The driver reads ids, datasets and errors; the dimension comes from the schema (a vector column of millions
     of rows never goes through it)."""
-    from meddr_ray.stages import index
+    from meddr_ray.stages.index import shard_plan
 
     embedding_file(tmp_path / "1.parquet", ["a", "b"], dim=7)
     read = []
-    original = index._read_columns
-    monkeypatch.setattr(index, "_read_columns", lambda path, columns: read.append(columns) or original(path, columns))
-    plan = make_plan([str(tmp_path / "1.parquet")], pa.array([], pa.string()))
+    original = shard_plan.read_columns
+    monkeypatch.setattr(shard_plan, "read_columns", lambda path, columns: read.append(columns) or original(path, columns))
+    plan = plan_shards([str(tmp_path / "1.parquet")], pa.array([], pa.string()))
     assert plan.dim == 7 and plan.count == 2
     assert read and all("embedding" not in columns for columns in read)
 

@@ -11,8 +11,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from meddr_ray.retrieval import store as fi
-from meddr_ray.retrieval.store import IndexArtifactError, load_index, publish
+from meddr_ray.retrieval import build
+from meddr_ray.retrieval import format as fmt
+from meddr_ray.retrieval import store
+from meddr_ray.retrieval.format import IndexArtifactError
+from meddr_ray.retrieval.store import load_index, publish
 
 FP = "0123456789abcdef"
 
@@ -31,13 +34,13 @@ def values(n: int, start: int = 0) -> pa.Table:
             "modality": ["ultrasound"] * n,
             "label": [("malignant" if i % 2 else "benign") for i in range(start, start + n)],
             "report": pa.nulls(n, pa.string()),
-            "qa": pa.array([[]] * n, fi.QA_TYPE),
+            "qa": pa.array([[]] * n, fmt.QA_TYPE),
         }
     )
 
 
 def make(index_dir, n: int = 50, start: int = 0, seed: int = 0, fp: str = FP):
-    index = fi.build_shard(unit(n, seed=seed), fi.IndexParams("flat"))
+    index = build.build_shard(unit(n, seed=seed), build.IndexParams("flat"))
     return publish(str(index_dir), index, values(n, start), {"encoder_fingerprint": fp, "model_name": "toy"})
 
 
@@ -55,15 +58,15 @@ def test_publish_writes_a_version_and_switches_current(tmp_path):
     assert m2["version"] == "v0002"
     assert load_index(str(tmp_path)).count == 60
     assert load_index(str(tmp_path), version="v0001").count == 50  # the old version stays readable
-    assert fi.list_versions(str(tmp_path)) == ["v0001", "v0002"]
+    assert store.list_versions(str(tmp_path)) == ["v0001", "v0002"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
 
 
 def test_publish_refuses_values_that_do_not_line_up(tmp_path):
-    index = fi.build_shard(unit(10), fi.IndexParams("flat"))
+    index = build.build_shard(unit(10), build.IndexParams("flat"))
     with pytest.raises(IndexArtifactError, match="9 value rows for 10 vectors"):
         publish(str(tmp_path), index, values(9), {"encoder_fingerprint": FP})
-    assert fi.current_version(str(tmp_path)) is None
+    assert store.current_version(str(tmp_path)) is None
 
 
 def test_an_interrupted_publish_leaves_the_old_version_current(tmp_path, monkeypatch):
@@ -73,13 +76,13 @@ def test_an_interrupted_publish_leaves_the_old_version_current(tmp_path, monkeyp
         raise KeyboardInterrupt("killed before the switch")
 
     # killed after the new folder is complete but before CURRENT moves
-    monkeypatch.setattr(fi, "_switch_current", crash)
+    monkeypatch.setattr(store, "_switch_current", crash)
     with pytest.raises(KeyboardInterrupt):
         make(tmp_path, n=70, seed=2)
     loaded = load_index(str(tmp_path))
     assert (loaded.version, loaded.count) == ("v0001", 50)
     # killed while the files are still being written: only a hidden temporary folder exists
-    monkeypatch.setattr(fi, "_claim_and_rename", crash)
+    monkeypatch.setattr(store, "_claim_and_rename", crash)
     with pytest.raises(KeyboardInterrupt):
         make(tmp_path, n=80, seed=3)
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
@@ -180,7 +183,7 @@ def test_values_that_do_not_line_up_with_the_index_are_refused(published):
     manifest = json.loads((vdir / "manifest.json").read_text())  # a consistent manifest: only the count is off
     manifest["files"]["values.parquet"] = {
         "bytes": os.path.getsize(vdir / "values.parquet"),
-        "sha256": fi._sha256_file(str(vdir / "values.parquet")),
+        "sha256": store._sha256_file(str(vdir / "values.parquet")),
     }
     (vdir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(IndexArtifactError, match="values.parquet: 39 rows but the index holds 40 vectors"):
@@ -199,7 +202,7 @@ def test_publish_and_load_through_a_filesystem_uri(tmp_path):
     root = f"file://{tmp_path}"
     assert make(root, n=30)["version"] == "v0001"
     assert make(root, n=35, seed=1)["version"] == "v0002"
-    assert fi.list_versions(root) == ["v0001", "v0002"] and fi.current_version(root) == "v0002"
+    assert store.list_versions(root) == ["v0001", "v0002"] and store.current_version(root) == "v0002"
     loaded = load_index(root, expect_dim=16, expect_fingerprint=FP)
     assert (loaded.version, loaded.count, loaded.values.num_rows) == ("v0002", 35, 35)
     assert load_index(root, version="v0001").count == 30
@@ -210,7 +213,7 @@ def test_publish_and_load_through_a_filesystem_uri(tmp_path):
 
 
 def make_on(index_dir, parent, n: int = 30, seed: int = 0, build_id=None):
-    index = fi.build_shard(unit(n, seed=seed), fi.IndexParams("flat"))
+    index = build.build_shard(unit(n, seed=seed), build.IndexParams("flat"))
     manifest = {"encoder_fingerprint": FP, "model_name": "toy"}
     return publish(str(index_dir), index, values(n), manifest, parent=parent, build_id=build_id)
 
@@ -219,18 +222,18 @@ def test_a_build_on_a_stale_parent_never_moves_current_backwards(tmp_path):
     """An --add made on v0001 after v0002 was published is refused; CURRENT stays v0002, nothing is written."""
     make_on(tmp_path, None)
     make_on(tmp_path, "v0001", n=40)
-    with pytest.raises(fi.PublishConflict, match=r"CURRENT names v0002, but this build was made on v0001"):
+    with pytest.raises(fmt.PublishConflict, match=r"CURRENT names v0002, but this build was made on v0001"):
         make_on(tmp_path, "v0001", n=50)
-    assert fi.current_version(str(tmp_path)) == "v0002" and fi.list_versions(str(tmp_path)) == ["v0001", "v0002"]
+    assert store.current_version(str(tmp_path)) == "v0002" and store.list_versions(str(tmp_path)) == ["v0001", "v0002"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp-")]
-    with pytest.raises(fi.PublishConflict, match="this build was made on an empty index folder"):
+    with pytest.raises(fmt.PublishConflict, match="this build was made on an empty index folder"):
         make_on(tmp_path, None)  # a first build that finds a version already published
 
 
 def test_a_retried_publish_returns_the_same_version(tmp_path):
     first = make_on(tmp_path, None, build_id="build-1")
     again = make_on(tmp_path, None, build_id="build-1")  # the parent check is not what stops it: the build id is
-    assert again["version"] == first["version"] == "v0001" and fi.list_versions(str(tmp_path)) == ["v0001"]
+    assert again["version"] == first["version"] == "v0001" and store.list_versions(str(tmp_path)) == ["v0001"]
     assert load_index(str(tmp_path)).manifest["build_id"] == "build-1"
     assert make_on(tmp_path, "v0001", build_id="build-2")["version"] == "v0002"
 
@@ -244,7 +247,7 @@ def test_concurrent_publishers_on_one_parent_exactly_one_wins(tmp_path):
         barrier.wait()
         try:
             wins.append(make_on(tmp_path, "v0001", n=31 + i, seed=i)["version"])
-        except fi.PublishConflict as exc:
+        except fmt.PublishConflict as exc:
             conflicts.append(str(exc))
         except Exception as exc:  # noqa: BLE001 - reported below
             other.append(repr(exc))
@@ -256,7 +259,7 @@ def test_concurrent_publishers_on_one_parent_exactly_one_wins(tmp_path):
         t.join()
     assert not other, other
     assert wins == ["v0002"] and len(conflicts) == 5
-    assert fi.list_versions(str(tmp_path)) == ["v0001", "v0002"] and fi.current_version(str(tmp_path)) == "v0002"
+    assert store.list_versions(str(tmp_path)) == ["v0001", "v0002"] and store.current_version(str(tmp_path)) == "v0002"
 
 
 def test_concurrent_publisher_processes_on_one_parent_exactly_one_wins(tmp_path):
@@ -270,13 +273,14 @@ def test_concurrent_publisher_processes_on_one_parent_exactly_one_wins(tmp_path)
         f"""
         import os, sys, time
         sys.path.insert(0, {os.path.dirname(__file__)!r})
-        from test_faiss_publish import make_on
-        from meddr_ray.retrieval import store as fi
+        from test_retrieval_store import make_on
+        from meddr_ray.retrieval import format as fmt
+        from meddr_ray.retrieval import store
         while not os.path.exists({str(go)!r}):
             time.sleep(0.005)
         try:
             print("won", make_on({str(tmp_path)!r}, "v0001", n=40, seed=int(sys.argv[1]))["version"])
-        except fi.PublishConflict:
+        except fmt.PublishConflict:
             print("conflict")
         """
     )
@@ -291,7 +295,7 @@ def test_concurrent_publisher_processes_on_one_parent_exactly_one_wins(tmp_path)
     go.write_text("go")
     outs = sorted(p.communicate(timeout=120)[0].strip() for p in procs)
     assert outs == ["conflict", "conflict", "conflict", "won v0002"], outs
-    assert fi.list_versions(str(tmp_path)) == ["v0001", "v0002"] and fi.current_version(str(tmp_path)) == "v0002"
+    assert store.list_versions(str(tmp_path)) == ["v0001", "v0002"] and store.current_version(str(tmp_path)) == "v0002"
 
 
 def test_the_object_store_path_checks_the_parent_and_the_build_id(tmp_path):
@@ -299,6 +303,6 @@ def test_the_object_store_path_checks_the_parent_and_the_build_id(tmp_path):
     make_on(root, None, build_id="a")
     assert make_on(root, None, build_id="a")["version"] == "v0001"  # retried: same version
     make_on(root, "v0001", build_id="b")
-    with pytest.raises(fi.PublishConflict, match="names v0002, but this build was made on v0001"):
+    with pytest.raises(fmt.PublishConflict, match="names v0002, but this build was made on v0001"):
         make_on(root, "v0001", build_id="c")
-    assert fi.list_versions(root) == ["v0001", "v0002"] and fi.current_version(root) == "v0002"
+    assert store.list_versions(root) == ["v0001", "v0002"] and store.current_version(root) == "v0002"

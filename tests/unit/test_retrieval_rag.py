@@ -6,7 +6,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from meddr_ray.retrieval import store as fi
+from meddr_ray.retrieval import build
+from meddr_ray.retrieval import format as fmt
+from meddr_ray.retrieval import store
 from meddr_ray import prompts
 from meddr_ray.config import RagConfig
 from meddr_ray.retrieval.rag import (
@@ -141,7 +143,7 @@ def toy_values(ids, dataset, label, report=None, qa=None):
             "modality": ["CT"] * n,
             "label": label if isinstance(label, list) else [label] * n,
             "report": report or pa.nulls(n, pa.string()),
-            "qa": pa.array(qa or [[]] * n, fi.QA_TYPE),
+            "qa": pa.array(qa or [[]] * n, fmt.QA_TYPE),
         }
     )
 
@@ -152,14 +154,14 @@ def publish_toy(root, x, start=0, fp="f" * 16, datasets=None, kind="flat"):
                        ["a" if i % 3 else "b" for i in range(n)],
                        qa=[[{"question": "q?", "answer": f"a{i}"}] if i == 4 else [] for i in range(n)])  # fmt: skip
     if kind == "flat":
-        index = fi.build_shard(x, fi.IndexParams("flat"))
+        index = build.build_shard(x, build.IndexParams("flat"))
     elif kind == "ivf":
-        params = fi.IndexParams("ivf", nlist=4, nprobe=4)
-        index = fi.build_shard(x, params, fi.train_ivf(x, params, 4))
+        params = build.IndexParams("ivf", nlist=4, nprobe=4)
+        index = build.build_shard(x, params, build.train_ivf(x, params, 4))
     else:
-        index = fi.build_hnsw(x, fi.IndexParams("hnsw"))
-    index = fi.build_shard(x, fi.IndexParams("flat"))
-    return fi.publish(str(root), index, table, {"encoder_fingerprint": fp, "model_name": "toy"})
+        index = build.build_hnsw(x, build.IndexParams("hnsw"))
+    index = build.build_shard(x, build.IndexParams("flat"))
+    return store.publish(str(root), index, table, {"encoder_fingerprint": fp, "model_name": "toy"})
 
 
 def test_retriever_returns_neighbours_with_values_and_scores(tmp_path):
@@ -176,7 +178,7 @@ def test_retriever_returns_neighbours_with_values_and_scores(tmp_path):
     # fewer vectors than k: no padding ids leak out
     assert len(r.search(x[:1], k=50)[0]) == 30
     # retrieve() accepts a loaded index too
-    assert retrieve(fi.load_index(str(tmp_path)), x[4], 1)[0][0].id == "c4"
+    assert retrieve(store.load_index(str(tmp_path)), x[4], 1)[0][0].id == "c4"
     with pytest.raises(ValueError, match="dimension 4, the index has 8"):
         Retriever.open(str(tmp_path)).search(unit(1, dim=4), 1)
     with pytest.raises(IndexArtifactError, match="dimension 8 but the encoder produces 4"):
@@ -202,8 +204,8 @@ def publish_permuted(root, x, perm, version_tag):
     """A version holding the same vectors as every other in the order ``perm``: FAISS id r is case ``perm[r]``,
     and every value of the version carries its tag, so an answer mixing two versions cannot go unnoticed."""
     table = toy_values([f"c{i}" for i in perm], version_tag, version_tag)
-    index = fi.build_shard(x[perm], fi.IndexParams("flat"))
-    return fi.publish(str(root), index, table, {"encoder_fingerprint": "f" * 16, "model_name": "toy"})
+    index = build.build_shard(x[perm], build.IndexParams("flat"))
+    return store.publish(str(root), index, table, {"encoder_fingerprint": "f" * 16, "model_name": "toy"})
 
 
 def test_searches_stay_consistent_while_versions_change(tmp_path):
@@ -276,15 +278,15 @@ def test_training_context_gives_picked_diagnosis_prompts_the_labels_of_other_ima
     from meddr_ray.retrieval.rag import TrainingContext
 
     images = [f"png-{i}".encode() for i in range(30)]
-    ids = [fi.case_key("toy", img, f"s{i}") for i, img in enumerate(images)]
+    ids = [fmt.case_key("toy", img, f"s{i}") for i, img in enumerate(images)]
     x = unit(30, seed=11)
     labels = ["a" if i % 3 else "b" for i in range(30)]
     if kind == "ivf":  # every list probed: the same neighbours as exact search
-        params = fi.IndexParams("ivf", nlist=2, nprobe=2)
-        index = fi.build_shard(x, params, fi.train_ivf(x, params, 2))
+        params = build.IndexParams("ivf", nlist=2, nprobe=2)
+        index = build.build_shard(x, params, build.train_ivf(x, params, 2))
     else:
-        index = fi.build_shard(x, fi.IndexParams("flat")) if kind == "flat" else fi.build_hnsw(x, fi.IndexParams("hnsw"))
-    fi.publish(str(tmp_path), index, toy_values(ids, "toy", labels), {"encoder_fingerprint": "f" * 16})
+        index = build.build_shard(x, build.IndexParams("flat")) if kind == "flat" else build.build_hnsw(x, build.IndexParams("hnsw"))
+    store.publish(str(tmp_path), index, toy_values(ids, "toy", labels), {"encoder_fingerprint": "f" * 16})
     base = prompts.diagnosis_prompt("CT", ["a", "b"])
     n = 6
     batch = pa.table({

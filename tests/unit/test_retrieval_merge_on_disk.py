@@ -16,8 +16,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from meddr_ray.retrieval import store as fi
-from meddr_ray.retrieval.store import IndexArtifactError, IndexParams
+from meddr_ray.retrieval import build
+from meddr_ray.retrieval import faiss_io
+from meddr_ray.retrieval import format as fmt
+from meddr_ray.retrieval import store
+from meddr_ray.retrieval.build import IndexParams
+from meddr_ray.retrieval.format import IndexArtifactError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,7 +46,7 @@ def embedding_file(path: Path, x: np.ndarray, start: int = 0, row_group: int = 1
             "modality": ["x"] * n,
             "label": [f"l{i % 3}" for i in range(start, start + n)],
             "report": pa.nulls(n, pa.string()),
-            "qa": pa.array([[]] * n, fi.QA_TYPE),
+            "qa": pa.array([[]] * n, fmt.QA_TYPE),
             "error": pa.nulls(n, pa.string()),
             "fingerprint": ["fp"] * n,
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), dim),
@@ -72,7 +76,7 @@ def test_the_training_sample_reads_only_the_row_groups_of_its_rows(tmp_path):
     got = run_script(
         f"""
         import json, numpy as np, pyarrow as pa
-        from meddr_ray.stages.index import read_entries
+        from meddr_ray.retrieval.embedding_files import read_entries
         rows = np.sort(np.random.default_rng(0).choice(50_000, 500, replace=False))
         pool = pa.default_memory_pool()
         x, _ = read_entries([({str(tmp_path / "e.parquet")!r}, rows)], 128, with_values=False)
@@ -87,7 +91,7 @@ def test_the_training_sample_reads_only_the_row_groups_of_its_rows(tmp_path):
 
 
 def test_rows_beyond_a_file_are_refused_by_name(tmp_path):
-    from meddr_ray.stages.index import read_entries
+    from meddr_ray.retrieval.embedding_files import read_entries
 
     embedding_file(tmp_path / "e.parquet", unit(10, 8))
     with pytest.raises(IndexArtifactError, match=r"e.parquet: row 12 asked for, the file has 10 rows"):
@@ -101,21 +105,21 @@ def test_rows_beyond_a_file_are_refused_by_name(tmp_path):
 def test_shard_tasks_hand_over_files_and_the_merge_equals_one_index(tmp_path, kind):
     """Shard tasks return paths (never index bytes through the object store); the on-disk merge of their files
     finds exactly what one index of all the vectors finds."""
-    from meddr_ray.stages.index import _shard_task
+    from meddr_ray.retrieval.build_steps import build_shard_files
 
     dim, n = 32, 6000
     x = unit(n, dim)
     for f in range(3):
         embedding_file(tmp_path / f"e{f}.parquet", x[f * 2000 : (f + 1) * 2000], start=f * 2000, row_group=300)
     params = IndexParams(kind, nlist=16, nprobe=16, pq_m=8)
-    template = fi.train_ivf(x[:3000], params, 16)
-    fi.save_index(template, str(tmp_path / "template.faiss"))
+    template = build.train_ivf(x[:3000], params, 16)
+    faiss_io.save_index(template, str(tmp_path / "template.faiss"))
     shards = [
         [(str(tmp_path / "e0.parquet"), np.arange(2000)), (str(tmp_path / "e1.parquet"), np.arange(500))],
         [(str(tmp_path / "e1.parquet"), np.arange(500, 2000)), (str(tmp_path / "e2.parquet"), np.arange(2000))],
     ]
     built = [
-        _shard_task(e, dim, params, str(tmp_path / "template.faiss"), 1, str(tmp_path / f"shard-{i}"))
+        build_shard_files(e, dim, params, str(tmp_path / "template.faiss"), 1, str(tmp_path / f"shard-{i}"))
         for i, e in enumerate(shards)
     ]
     for b in built:
@@ -125,11 +129,11 @@ def test_shard_tasks_hand_over_files_and_the_merge_equals_one_index(tmp_path, ki
     assert sum(b["sizes"].sum() for b in built) == n
 
     out = tmp_path / "merged"
-    info = fi.merge_ivf_on_disk(template, [b["index"] for b in built], str(out), [b["sizes"] for b in built])
+    info = build.merge_ivf_on_disk(template, [b["index"] for b in built], str(out), [b["sizes"] for b in built])
     assert info == {"dim": dim, "count": n, "faiss_type": type(template).__name__, "index_type": kind}
-    assert sorted(os.listdir(out)) == [fi.INDEX_FILE, fi.IVFDATA_FILE]
-    merged = fi.open_index_file(str(out / fi.INDEX_FILE))
-    whole = fi.build_shard(x, params, template)
+    assert sorted(os.listdir(out)) == [fmt.INDEX_FILE, fmt.IVFDATA_FILE]
+    merged = faiss_io.open_index_file(str(out / fmt.INDEX_FILE))
+    whole = build.build_shard(x, params, template)
     merged.nprobe = whole.nprobe = 16
     d1, i1 = merged.search(x[:200], 5)
     d2, i2 = whole.search(x[:200], 5)
@@ -143,23 +147,24 @@ def test_the_ivf_merge_holds_one_shard_at_a_time(tmp_path):
     dim, per_shard, shards = 256, 10_000, 8
     params = IndexParams("ivf", nlist=64)
     x = unit(per_shard, dim)
-    template = fi.train_ivf(x, params, 64)
-    fi.save_index(template, str(tmp_path / "template.faiss"))
+    template = build.train_ivf(x, params, 64)
+    faiss_io.save_index(template, str(tmp_path / "template.faiss"))
     for s in range(shards):
-        shard = fi.build_shard(unit(per_shard, dim, seed=s + 1), params, template)
-        fi.save_index(shard, str(tmp_path / f"s{s}.faiss"))
+        shard = build.build_shard(unit(per_shard, dim, seed=s + 1), params, template)
+        faiss_io.save_index(shard, str(tmp_path / f"s{s}.faiss"))
     shard_mb = os.path.getsize(tmp_path / "s0.faiss") / 2**20
     got = run_script(
         f"""
         import json, threading, time
-        from meddr_ray.retrieval import store as fi
+        from meddr_ray.retrieval import build
+        from meddr_ray.retrieval import faiss_io
 
         def anon_mb():
             for line in open("/proc/self/status"):
                 if line.startswith("RssAnon:"):
                     return int(line.split()[1]) / 1024
 
-        template = fi.read_index_file({str(tmp_path / "template.faiss")!r})
+        template = faiss_io.read_index_file({str(tmp_path / "template.faiss")!r})
         paths = [{str(tmp_path)!r} + f"/s{{s}}.faiss" for s in range({shards})]
         base, peak, stop = anon_mb(), [0.0], threading.Event()
 
@@ -170,7 +175,7 @@ def test_the_ivf_merge_holds_one_shard_at_a_time(tmp_path):
 
         t = threading.Thread(target=poll)
         t.start()
-        info = fi.merge_ivf_on_disk(template, paths, {str(tmp_path / "out")!r})
+        info = build.merge_ivf_on_disk(template, paths, {str(tmp_path / "out")!r})
         stop.set()
         t.join()
         print(json.dumps({{"extra_mb": peak[0] - base, "count": info["count"]}}))
@@ -187,30 +192,30 @@ def ivf_version(root: Path, n: int = 3000, dim: int = 16, parent=None, build_id=
     """Publish an IVF-PQ version the way the merge task does: shard files -> on-disk merge -> publish_staged."""
     x = unit(n, dim)
     params = IndexParams("ivfpq", nlist=8, nprobe=8, pq_m=4)
-    template = fi.train_ivf(x, params, 8)
+    template = build.train_ivf(x, params, 8)
     paths = []
     for s, part in enumerate(np.array_split(x, 2)):
         paths.append(str(root.parent / f"{root.name}-shard{s}.faiss"))
-        fi.save_index(fi.build_shard(part, params, template), paths[-1])
-    stage = fi.new_stage(str(root))
-    info = fi.merge_ivf_on_disk(template, paths, stage)
+        faiss_io.save_index(build.build_shard(part, params, template), paths[-1])
+    stage = store.new_stage(str(root))
+    info = build.merge_ivf_on_disk(template, paths, stage)
     ids = [f"case{i}" for i in range(n)]
     values = pa.table({"id": ids, "dataset": ["toy"] * n, "modality": ["x"] * n, "label": ["a"] * n,
-                       "report": pa.nulls(n, pa.string()), "qa": pa.array([[]] * n, fi.QA_TYPE)})  # fmt: skip
-    pq.write_table(fi.conform_values(values), os.path.join(stage, fi.VALUES_FILE))
+                       "report": pa.nulls(n, pa.string()), "qa": pa.array([[]] * n, fmt.QA_TYPE)})  # fmt: skip
+    pq.write_table(fmt.conform_values(values), os.path.join(stage, fmt.VALUES_FILE))
     manifest = {"encoder_fingerprint": "fp", "model_name": "toy", "params": params.as_dict()}
-    return fi.publish_staged(str(root), stage, info, manifest, parent=parent, build_id=build_id), x, template
+    return store.publish_staged(str(root), stage, info, manifest, parent=parent, build_id=build_id), x, template
 
 
 def test_an_on_disk_ivf_version_loads_after_its_folder_was_renamed(tmp_path):
     root = tmp_path / "index"
     m, x, template = ivf_version(root)
     assert m["version"] == "v0001" and m["index_type"] == "ivfpq"
-    assert set(m["files"]) == {fi.INDEX_FILE, fi.IVFDATA_FILE, fi.VALUES_FILE}
+    assert set(m["files"]) == {fmt.INDEX_FILE, fmt.IVFDATA_FILE, fmt.VALUES_FILE}
     assert not [p for p in root.iterdir() if p.name.startswith(".tmp-")]
-    loaded = fi.load_index(str(root), expect_dim=16, expect_fingerprint="fp")
+    loaded = store.load_index(str(root), expect_dim=16, expect_fingerprint="fp")
     assert loaded.count == 3000 and loaded.values.num_rows == 3000
-    whole = fi.build_shard(x, IndexParams("ivfpq"), template)
+    whole = build.build_shard(x, IndexParams("ivfpq"), template)
     whole.nprobe = 8
     np.testing.assert_array_equal(loaded.index.search(x[:50], 5)[1], whole.search(x[:50], 5)[1])
 
@@ -218,15 +223,15 @@ def test_an_on_disk_ivf_version_loads_after_its_folder_was_renamed(tmp_path):
 def test_a_damaged_ivfdata_file_is_refused(tmp_path):
     root = tmp_path / "index"
     ivf_version(root)
-    data = root / "v0001" / fi.IVFDATA_FILE
+    data = root / "v0001" / fmt.IVFDATA_FILE
     raw = bytearray(data.read_bytes())
     raw[100] ^= 0xFF
     data.write_bytes(bytes(raw))
     with pytest.raises(IndexArtifactError, match="index.ivfdata is corrupt: its sha256 does not match"):
-        fi.load_index(str(root))
+        store.load_index(str(root))
     data.write_bytes(bytes(raw[:-10]))
     with pytest.raises(IndexArtifactError, match="index.ivfdata is truncated or corrupt"):
-        fi.load_index(str(root))
+        store.load_index(str(root))
 
 
 def test_an_on_disk_version_through_a_filesystem_uri(tmp_path):
@@ -238,36 +243,37 @@ def test_an_on_disk_version_through_a_filesystem_uri(tmp_path):
     remote.mkdir()
     uri = f"file://{remote}"
     x = unit(100, 16)
-    loaded = fi.load_index(str(root))
-    stage = fi.new_stage(uri)
-    for name in (fi.INDEX_FILE, fi.IVFDATA_FILE, fi.VALUES_FILE):
+    loaded = store.load_index(str(root))
+    stage = store.new_stage(uri)
+    for name in (fmt.INDEX_FILE, fmt.IVFDATA_FILE, fmt.VALUES_FILE):
         (Path(stage) / name).write_bytes((root / "v0001" / name).read_bytes())
-    got = fi.publish_staged(uri, stage, fi.describe(loaded.index), {"encoder_fingerprint": "fp"}, parent=None)
+    got = store.publish_staged(uri, stage, faiss_io.describe(loaded.index), {"encoder_fingerprint": "fp"}, parent=None)
     assert got["version"] == "v0001" and not os.path.exists(stage)
-    again = fi.load_index(uri, expect_dim=16)
+    again = store.load_index(uri, expect_dim=16)
     np.testing.assert_array_equal(again.index.search(x, 3)[1], loaded.index.search(x, 3)[1])
 
 
 def test_flat_and_hnsw_are_refused_above_the_in_memory_limit():
-    fi.check_in_memory("ivfpq", 2_000_000, 3200, 4.0)  # merged on disk: no limit
+    build.check_in_memory("ivfpq", 2_000_000, 3200, 4.0)  # merged on disk: no limit
     with pytest.raises(ValueError, match=r"'hnsw' holds every vector in one process: 2000000 x 3200 float32 = 23.8 GB"):
-        fi.check_in_memory("hnsw", 2_000_000, 3200, 4.0)
+        build.check_in_memory("hnsw", 2_000_000, 3200, 4.0)
     with pytest.raises(ValueError, match="use index.type=ivf or ivfpq"):
-        fi.check_in_memory("flat", 400_000, 3200, 4.0)
+        build.check_in_memory("flat", 400_000, 3200, 4.0)
 
 
 def test_the_training_sample_is_drawn_from_a_bounded_share_of_row_groups(tmp_path):
     """A uniform sample of 1 % touches every row group (the training task would read the whole collection); the
     plan draws it from random whole row groups holding SAMPLE_READ_FACTOR x its size, spread over the files."""
-    from meddr_ray.stages.index import SAMPLE_READ_FACTOR, _row_groups, make_plan
+    from meddr_ray.retrieval.embedding_files import row_groups
+    from meddr_ray.stages.index.shard_plan import SAMPLE_READ_FACTOR, plan_shards
 
     for f in range(4):
         embedding_file(tmp_path / f"e{f}.parquet", unit(10_000, 8, seed=f), start=f * 10_000, row_group=500)
-    plan = make_plan([str(tmp_path / f"e{f}.parquet") for f in range(4)], pa.array([], pa.string()))
+    plan = plan_shards([str(tmp_path / f"e{f}.parquet") for f in range(4)], pa.array([], pa.string()))
     assert [len(g) for g in plan.group_starts] == [20] * 4
     entries = plan.sample(400, seed=3)
     assert sum(len(r) for _, r in entries) == 400
-    touched = sum(len(list(_row_groups(path, rows, ["id"]))) for path, rows in entries)
+    touched = sum(len(list(row_groups(path, rows, ["id"]))) for path, rows in entries)
     assert touched <= SAMPLE_READ_FACTOR * 400 // 500 + 1, touched  # 80 row groups hold the 40 000 rows
     assert touched >= 3 and len({path for path, _ in entries}) >= 2  # still spread out, not one block
     assert sum(len(r) for _, r in plan.sample(400, seed=4)) == 400 and plan.sample(10**6, 0)[0][1][0] == 0
