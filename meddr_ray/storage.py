@@ -10,7 +10,7 @@ import contextlib
 import os
 import time
 import uuid
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pyarrow.fs as pafs
 from pathlib import Path
@@ -99,6 +99,32 @@ def move(src: str, dst: str) -> None:
     fs, s = resolve(src)
     _, d = resolve(dst)
     fs.move(s, d)
+
+
+# ------------------------------------------------------------------------------------------- pointers
+#
+# A versioned artifact (the instruction mix, the index) is published by a small file that names its current
+# version. Readers follow the pointer, so a version is switched by replacing that file alone, in one step.
+
+
+def read_pointer(path: str) -> Optional[str]:
+    """The name a pointer file holds (its text, stripped), or None when the file is absent or empty."""
+    if not exists(path):
+        return None
+    return read_text(path).strip() or None
+
+
+def write_pointer(path: str, name: str) -> None:
+    """Point ``path`` at ``name`` in one step: a local temporary file renamed over it; on an object store a
+    single PUT (atomic there: a reader gets the old object or the new one; a rename would be a copy and a
+    delete)."""
+    text = name + "\n"
+    if not is_uri(path):
+        write_text(path, text)
+        return
+    fs, p = resolve(path)
+    with fs.open_output_stream(p) as f:
+        f.write(text.encode("utf-8"))
 
 
 # ------------------------------------------------------------------------------------------- run lock

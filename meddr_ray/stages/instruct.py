@@ -14,9 +14,11 @@ repeats every row twice, 0.5 keeps the half of the rows whose id hash is lowest;
 of lowest hash. The train/val split hashes the *source* id, so the copies and every task of one image land in
 the same split (no image in both). The same config always gives the same mix.
 
-Output ``<stage_dir>`` (default ``<run_dir>/instruct``): ``part-*.parquet`` (:data:`MIX_SCHEMA`, both splits, a
-``split`` column), ``failed/`` (rows set aside, with the reason), ``summary.json`` and ``config.yaml``. A re-run
-rebuilds the whole mix in a temporary folder and swaps it in, so a reader never sees half a mix.
+Output ``cfg.layout.instruct_dir`` (default ``<run_dir>/instruct``): one version folder per build,
+``mix-<time>-<random>/`` with ``part-*.parquet`` (:data:`MIX_SCHEMA`, both splits, a ``split`` column), ``failed/``
+(rows set aside, with the reason), ``summary.json``, ``config.yaml`` and ``manifest.json``; and ``CURRENT``, which
+names the published version. A re-run builds a new version and switches ``CURRENT`` last, so a reader never sees
+half a mix (see "publishing" below).
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from meddr_ray.prompts import DEFAULT_MODALITY
 from meddr_ray.report_sections import split_report
 from meddr_ray.stages.bootstrap import part_files, sample_where
 from meddr_ray.stages.registry import StageResult
-from meddr_ray.storage import is_uri, join_path
+from meddr_ray.storage import join_path
 
 log = logging.getLogger("meddr_ray.stages.instruct")
 
@@ -429,10 +431,7 @@ def _fingerprint(names: List[str], sizes: List[int]) -> str:
 
 def current_version(folder: str) -> Optional[str]:
     """The version ``CURRENT`` names, or None when nothing has been published there."""
-    path = join_path(folder, CURRENT_FILE)
-    if not storage.exists(path):
-        return None
-    return storage.read_text(path).strip() or None
+    return storage.read_pointer(join_path(folder, CURRENT_FILE))
 
 
 def published_mix(folder: str) -> PublishedMix:
@@ -480,17 +479,6 @@ def _base_name(path: str) -> str:
     return path.rstrip("/").rsplit("/", 1)[-1]
 
 
-def _write_pointer(path: str, text: str) -> None:
-    """Replace a small file in one step: a local temporary file renamed over it; on an object store a single
-    PUT (atomic there: a reader gets the old object or the new one; a rename would be a copy and a delete)."""
-    if not is_uri(path):
-        storage.write_text(path, text)
-        return
-    fs, p = storage.resolve(path)
-    with fs.open_output_stream(p) as f:
-        f.write(text.encode("utf-8"))
-
-
 def remove_unpublished(folder: str) -> List[str]:
     """Delete what no ``CURRENT`` names: version folders of killed or replaced builds, a pointer's temporary
     files, and (once a version is published) the files of the old one-folder layout. Returns what it removed."""
@@ -530,7 +518,7 @@ def _publish(folder: str, version: str, results: List[Dict[str, Any]], summary: 
         "created": summary["finished"],
     }
     storage.write_text(join_path(path, MANIFEST_FILE), json.dumps(manifest, indent=2, sort_keys=True))
-    _write_pointer(join_path(folder, CURRENT_FILE), version + "\n")
+    storage.write_pointer(join_path(folder, CURRENT_FILE), version)
     removed = remove_unpublished(folder)
     if removed:
         log.info("instruct: removed %s from %s (no longer published)", removed, folder)
