@@ -442,8 +442,7 @@ def published_mix(folder: str) -> PublishedMix:
     if version is None:
         files = storage.list_files(folder, ".parquet")
         if not files:
-            raise MixNotFoundError(f"no instruction mix at {folder} (no {CURRENT_FILE}, no .parquet files): run "
-                                   "`meddr-ray instruct` first, or point instruct.output_dir at the mix")
+            raise MixNotFoundError(f"no instruction mix at {folder} (no {CURRENT_FILE}, no .parquet files)")
         sizes = [_size(f) for f in files]
         return PublishedMix(folder, None, folder, files, sizes, {}, _fingerprint([_base_name(f) for f in files], sizes))
     path = join_path(folder, version)
@@ -465,7 +464,8 @@ def published_mix(folder: str) -> PublishedMix:
 
 
 def published_mix_files(folder: str) -> List[str]:
-    """The Parquet files of the published mix at ``folder`` (see :func:`published_mix`)."""
+    """The Parquet files of the published mix at ``folder``: :func:`published_mix`'s list, with its one error
+    (:class:`MixNotFoundError`, which each caller completes with its own way out)."""
     return published_mix(folder).files
 
 
