@@ -155,7 +155,8 @@ def read_index_file(path: str):
 
 def read_published_index(path: str, on_disk: bool = False):
     """A published ``index.faiss``; ``on_disk``: its inverted lists are ``index.ivfdata`` in the same folder,
-    mapped into memory (a local path: :func:`load_index` fetches an object-store version first)."""
+    mapped into memory (a local path: :func:`meddr_ray.retrieval.store.load_index` fetches an object-store
+    version first)."""
     if on_disk:
         return _faiss().read_index(path, _faiss().IO_FLAG_ONDISK_SAME_DIR)
     if is_uri(path):

@@ -560,7 +560,7 @@ def _read_checked_index(path: str, manifest: Dict[str, Any]):
 
 
 def _read_checked_values(path: str, ntotal: int) -> pa.Table:
-    """The version's values in :data:`VALUES_SCHEMA`, one row per vector of the index."""
+    """The version's values in :data:`meddr_ray.retrieval.format.VALUES_SCHEMA`, one row per vector of the index."""
     try:
         values = _read_parquet(path)
     except Exception as exc:  # pyarrow raises several types for a damaged file
