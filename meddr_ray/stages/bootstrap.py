@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from meddr_ray import prompts, storage
-from meddr_ray.config import Config, ConfigError, GenerationConfig, ModelConfig, save_config
+from meddr_ray.config import Config, ConfigError, GenerationConfig, ModelConfig, save_config, validate
 from meddr_ray.layout import FAILED_DIR
 from meddr_ray.prompts import DEFAULT_MODALITY
 from meddr_ray.report_sections import FLAGGED, QUALITIES, split_report
@@ -392,16 +392,7 @@ class TeacherWriter:
 def _check_sources(cfg: Config) -> None:
     if not cfg.bootstrap.sources:
         raise ConfigError("key 'bootstrap.sources': no sources to bootstrap (list at least one labelled source)")
-    seen: Dict[Tuple[str, str], int] = {}
-    for i, src in enumerate(cfg.bootstrap.sources):
-        for split in src.splits:
-            # ids start with name/split (data.schema): two sources with the same name and split could share ids
-            if (src.name, split) in seen:
-                raise ConfigError(
-                    f"key 'bootstrap.sources[{i}]': source {src.name!r} split {split!r} is already "
-                    f"bootstrap.sources[{seen[(src.name, split)]}]; give each source its own name"
-                )
-            seen[(src.name, split)] = i
+    validate(cfg)  # again: a config changed after loading (one source name per split, ...)
 
 
 def _check_compatible(existing: pa.Table, cfg: Config, out_dir: str) -> None:

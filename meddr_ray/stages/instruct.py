@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 
 from meddr_ray import prompts, storage
-from meddr_ray.config import Config, ConfigError, save_config
+from meddr_ray.config import Config, ConfigError, save_config, validate
 from meddr_ray.data import NO_FINDING, medmnist_info
 from meddr_ray.layout import CURRENT_FILE, FAILED_DIR
 from meddr_ray.progress import report
@@ -532,8 +532,7 @@ def run_instruct(cfg: Config) -> StageResult:
     ic = cfg.instruct
     if not ic.sources and not ic.use_bootstrap:
         raise ConfigError("key 'instruct.sources': nothing to mix (no sources and instruct.use_bootstrap is false)")
-    if not 0.0 <= ic.val_fraction < 1.0:
-        raise ConfigError(f"key 'instruct.val_fraction': {ic.val_fraction} is not in [0, 1)")
+    validate(cfg)  # again: a config changed after loading (val_fraction in [0, 1), ...)
     out_dir = cfg.layout.instruct_dir
     storage.makedirs(out_dir)
     with storage.run_lock(out_dir):  # a second build in this folder would delete this one's version as a leftover

@@ -40,7 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from meddr_ray import storage
-from meddr_ray.config import Config, ConfigError, TASKS, save_config
+from meddr_ray.config import Config, ConfigError, save_config, validate
 from meddr_ray.progress import report
 from meddr_ray.stages.bootstrap import FAILED_SCHEMA, batch_seed, failed_row, part_files, remove_stale_temps, write_table
 from meddr_ray.stages.evaluate import scoring
@@ -358,36 +358,15 @@ def _check(cfg: Config) -> None:
     ev = cfg.evaluate
     if not ev.sources:
         raise ConfigError("key 'evaluate.sources': no test sources to evaluate (list at least one)")
-    seen: Dict[Tuple[str, str], int] = {}
-    for i, src in enumerate(ev.sources):
-        for split in src.splits:
-            if (src.name, split) in seen:  # ids hash (name, split, index): two such sources would share ids
-                raise ConfigError(
-                    f"key 'evaluate.sources[{i}]': source {src.name!r} split {split!r} is already "
-                    f"evaluate.sources[{seen[(src.name, split)]}]; give each source its own name"
-                )
-            seen[(src.name, split)] = i
-    if not ev.modes:
-        raise ConfigError("key 'evaluate.modes': empty; choose from ['no_rag', 'rag', 'voting']")
-    for task in ev.task_max_new_tokens:
-        if task not in TASKS:
-            raise ConfigError(f"key 'evaluate.task_max_new_tokens.{task}': not a task; one of {list(TASKS)}")
+    validate(cfg)  # again: a config changed after loading (one task per source name, modes, ...)
     from meddr_ray.data.common import default_task
 
-    named: Dict[str, int] = {}
     for i, src in enumerate(ev.sources):
-        first = ev.sources[named.setdefault(src.name, i)]
-        if default_task(first) != default_task(src):  # a dataset's figures are one task's
-            raise ConfigError(f"key 'evaluate.sources[{i}]': source {src.name!r} is a {default_task(src)} source, but "
-                              f"evaluate.sources[{named[src.name]}] of the same name is {default_task(first)}; give "
-                              f"each its own name")  # fmt: skip
         if not scoring.modes_for(default_task(src), ev.modes):  # e.g. VQA with modes [voting]: nothing to answer
             raise ConfigError(f"key 'evaluate.modes': {list(ev.modes)} has no row for evaluate.sources[{i}] "
                               f"({src.name}, task {default_task(src)}); VQA has no voting row")  # fmt: skip
     if ev.on_change not in ("restart", "error"):
         raise ConfigError(f"key 'evaluate.on_change': {ev.on_change!r} is not one of ['restart', 'error']")
-    if ev.figure_examples < 0 or ev.figure_top_k < 1:
-        raise ConfigError("keys 'evaluate.figure_examples' (>= 0) and 'evaluate.figure_top_k' (>= 1)")
 
 
 def _adapter(cfg: Config) -> Tuple[Optional[str], str, Optional[dict]]:
