@@ -172,52 +172,62 @@ def _run_steps(cfg: Config, steps: Optional[List[str]], fresh: bool) -> StageRes
                 records[step] = previous[step]
             continue
         position += 1
+        where = f"{position}/{total} {step}"
         func = _resolve(step)
         if func is None:
             missing.append(step)
-            report("pipeline", f"{position}/{total} {step}: not built yet, skipped")
+            report("pipeline", f"{where}: not built yet, skipped")
             continue
         done = previous.get(step)
-        if (
-            not rerun_downstream
-            and done
-            and done.get("fingerprint") == fingerprints[step]
-            and done.get("output")
-            and done.get("signature") == output_signature(done["output"])  # None == None: no output, no record
-            and done.get("signature") is not None
-        ):
+        if not rerun_downstream and _reusable(done, fingerprints[step]):
             records[step] = {**done, "reused": True}
-            report("pipeline", f"{position}/{total} {step}: reused (finished {done.get('finished')}) -> "
-                               f"{done['output']}")  # fmt: skip
+            report("pipeline", f"{where}: reused (finished {done.get('finished')}) -> {done['output']}")
             continue
         # From here until it returns, this step (and every later one) is not finished: a kill now must not leave
         # the old record behind, or a later run with that old config would reuse a half-rewritten output.
         _write_summary(cfg, records, missing)
-        report("pipeline", f"{position}/{total} {step}: starting")
-        start = time.time()
-        step_cfg = cfg
-        if step == "train" and (rerun_downstream or (done and done.get("fingerprint") != fingerprints[step])):
-            # its input or settings changed since its checkpoints were made: start over (they are moved aside)
-            # instead of being refused (train.restart)
-            step_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, restart=True))
-        result = func(step_cfg)
-        output = result.path
-        records[step] = {
-            "output": output,
-            "seconds": round(time.time() - start, 1),
-            "fingerprint": fingerprints[step],
-            "signature": output_signature(output) if output else None,
-            "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "reused": False,
-        }
+        # training whose input or settings changed since its checkpoints were made starts over (they are moved
+        # aside) instead of being refused (train.restart)
+        restart = step == "train" and (rerun_downstream or bool(done and done.get("fingerprint") != fingerprints[step]))
+        records[step] = _run_step(cfg, step, func, where, fingerprints[step], restart)
         rerun_downstream = True  # later steps read this output: they must not reuse what they built before
         _write_summary(cfg, records, missing)
-        for line in result.headline.splitlines():
-            report("pipeline", line)
-        report("pipeline", f"{position}/{total} {step}: done in {records[step]['seconds']} s -> {output}")
     summary = _write_summary(cfg, records, missing)
     report("pipeline", f"finished: {json.dumps({k: summary[k] for k in ('run_dir', 'outputs', 'seconds')})}")
     return StageResult(cfg.run_dir, summary)
+
+
+def _reusable(done: Optional[Dict[str, Any]], fingerprint: str) -> bool:
+    """A finished step's record still describes its output: same inputs, and the output as the step left it."""
+    return bool(
+        done
+        and done.get("fingerprint") == fingerprint
+        and done.get("output")
+        and done.get("signature") is not None
+        and done.get("signature") == output_signature(done["output"])
+    )
+
+
+def _run_step(cfg: Config, step: str, func: Callable[[Config], StageResult], where: str, fingerprint: str,
+              restart: bool) -> Dict[str, Any]:  # fmt: skip
+    """Run one step; its record for ``pipeline.json``."""
+    report("pipeline", f"{where}: starting")
+    start = time.time()
+    if restart:
+        cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, restart=True))
+    result = func(cfg)
+    record = {
+        "output": result.path,
+        "seconds": round(time.time() - start, 1),
+        "fingerprint": fingerprint,
+        "signature": output_signature(result.path) if result.path else None,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "reused": False,
+    }
+    for line in result.headline.splitlines():
+        report("pipeline", line)
+    report("pipeline", f"{where}: done in {record['seconds']} s -> {result.path}")
+    return record
 
 
 def _write_summary(cfg: Config, records: Dict[str, Dict[str, Any]], missing: List[str]) -> Dict[str, Any]:
