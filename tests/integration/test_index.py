@@ -351,7 +351,7 @@ def test_the_build_half_on_embedding_files_is_idempotent_and_refuses_a_stale_par
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
-    from test_faiss_ondisk import embedding_file, unit
+    from test_retrieval_merge_on_disk import embedding_file, unit
 
     x = unit(3000, 32)
     for f in range(2):
