@@ -76,7 +76,7 @@ def _error_message(exc: BaseException) -> Optional[str]:
     """A clean one-line message for errors users cause (bad config, bad data, missing model), else None."""
     from meddr_ray.model.loading import ModelNotFoundError
 
-    from meddr_ray.retrieval.store import IndexArtifactError
+    from meddr_ray.retrieval.format import IndexArtifactError
     from meddr_ray.stages.evaluate.stage import EvalArtifactError
     from meddr_ray.storage import RunBusyError
 

@@ -396,18 +396,11 @@ class TrainConfig:
     """Default ``<run_dir>/adapter``."""
 
 
-@dataclass
-class IndexConfig:
-    """The retrieval database (paper section 3.3)."""
+@dataclass(kw_only=True)
+class FaissParams:
+    """The FAISS knobs of an index, by kind; the retrieval library's ``IndexParams`` takes them from here by name
+    (keyword-only, so two ints such as nlist and nprobe can never be given in each other's place)."""
 
-    sources: List[SourceConfig] = field(default_factory=list)
-    """Training sources whose images become keys; empty: the instruction Parquet."""
-    type: Literal["auto", "flat", "ivf", "ivfpq", "hnsw"] = "auto"
-    """auto | flat | ivf | ivfpq | hnsw. auto: flat below ``auto_ivf_threshold`` vectors, IVF above. ivfpq: IVF
-    with product-quantized codes (``pq_m`` bytes per vector at 8 bits), for collections whose vectors do not fit
-    in memory."""
-    auto_ivf_threshold: int = 100_000
-    """Vector count from which ``auto`` picks IVF."""
     nlist: int = 1024
     """IVF: number of coarse cells."""
     nprobe: int = 32
@@ -422,6 +415,21 @@ class IndexConfig:
     """IVF-PQ: sub-quantizers per vector (must divide the embedding dimension); code size pq_m * pq_nbits / 8 bytes."""
     pq_nbits: int = 8
     """IVF-PQ: bits per sub-quantizer code (8: 256 centroids per sub-space)."""
+
+
+@dataclass
+class IndexConfig(FaissParams):
+    """The retrieval database (paper section 3.3). Its FAISS knobs (``nlist``, ``nprobe``, ``hnsw_m``,
+    ``ef_construction``, ``ef_search``, ``pq_m``, ``pq_nbits``) are declared in :class:`FaissParams`."""
+
+    sources: List[SourceConfig] = field(default_factory=list)
+    """Training sources whose images become keys; empty: the instruction Parquet."""
+    type: Literal["auto", "flat", "ivf", "ivfpq", "hnsw"] = "auto"
+    """auto | flat | ivf | ivfpq | hnsw. auto: flat below ``auto_ivf_threshold`` vectors, IVF above. ivfpq: IVF
+    with product-quantized codes (``pq_m`` bytes per vector at 8 bits), for collections whose vectors do not fit
+    in memory."""
+    auto_ivf_threshold: int = 100_000
+    """Vector count from which ``auto`` picks IVF."""
     max_in_memory_gb: float = 4.0
     """flat and HNSW hold every vector in one task (HNSW cannot be merged); a build whose float32 vectors exceed
     this many GB is refused with a pointer to ivf/ivfpq, which merge on disk shard by shard."""

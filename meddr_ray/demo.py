@@ -4,7 +4,7 @@ cluster, then one real request to the served model, then a summary a person can 
 bootstrap (SmolLM2 teacher) -> instruct -> train (ZeRO-3 + LoRA, 2 workers) -> index -> evaluate (Table 4 on the
 BreastMNIST test split) -> Serve: one ``POST /v1/diagnose`` over HTTP -> the table, a bootstrapped report, the
 served answer with its evidence and where every artifact is. Finished steps are reused on a re-run
-(``--fresh`` starts over). One demo or pipeline at a time per run folder (:func:`meddr_ray.stages.pipeline.run_lock`,
+(``--fresh`` starts over). One demo or pipeline at a time per run folder (:func:`meddr_ray.storage.run_lock`,
 held from the first step to the served request); a taken ``serve.port`` stops it before any step runs. This module
 is an entry point: it sits beside ``cli.py`` and may use ``serve_apps``.
 """
@@ -26,9 +26,9 @@ import pyarrow.parquet as pq
 
 from meddr_ray import storage
 from meddr_ray.config import Config, ConfigError
-from meddr_ray.storage import join_path
 from meddr_ray.progress import report
-from meddr_ray.stages.pipeline import load_summary, run_lock, run_pipeline
+from meddr_ray.stages.pipeline import load_summary, run_pipeline
+from meddr_ray.storage import join_path, run_lock
 from meddr_ray.stages.registry import StageResult
 
 RULE = "=" * 100

@@ -28,7 +28,7 @@ from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 
-from meddr_ray.config import IndexConfig
+from meddr_ray.config import FaissParams, IndexConfig
 from meddr_ray.retrieval.faiss_io import (
     _faiss,
     check_vectors,
@@ -50,25 +50,16 @@ IVF_KINDS = ("ivf", "ivfpq")
 
 
 @dataclass
-class IndexParams:
-    """How an index is built and searched: the kind, then the fields of the same names in
-    :class:`~meddr_ray.config.IndexConfig`. Every field after ``kind`` is keyword-only, so that two ints (nlist
-    and nprobe, say) can never be given in each other's place."""
+class IndexParams(FaissParams):
+    """How an index is built and searched: the kind, then the FAISS knobs of
+    :class:`~meddr_ray.config.FaissParams` (declared once there, keyword-only)."""
 
     kind: str = "flat"
-    _: dataclasses.KW_ONLY
-    nlist: int = 1024
-    nprobe: int = 32
-    hnsw_m: int = 32
-    ef_construction: int = 80
-    ef_search: int = 64
-    pq_m: int = 64
-    pq_nbits: int = 8
 
     @classmethod
     def from_config(cls, cfg: IndexConfig, kind: str) -> "IndexParams":
-        """``kind`` and, by name, every other field from ``cfg``."""
-        return cls(kind, **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls) if f.name != "kind"})
+        """``kind`` and, by name, every FAISS knob of ``cfg``."""
+        return cls(kind, **{f.name: getattr(cfg, f.name) for f in dataclasses.fields(FaissParams)})
 
     def as_dict(self) -> Dict[str, Any]:
         out: Dict[str, Any] = {"kind": self.kind}

@@ -105,10 +105,7 @@ def list_versions(index_dir: str) -> List[str]:
 
 def current_version(index_dir: str) -> Optional[str]:
     """The version ``CURRENT`` names, or None when nothing has been published."""
-    path = join_path(index_dir, CURRENT_FILE)
-    if not storage.exists(path):
-        return None
-    return storage.read_text(path).strip() or None
+    return storage.read_pointer(join_path(index_dir, CURRENT_FILE))
 
 
 def _next_version(index_dir: str) -> str:
@@ -123,7 +120,7 @@ def _claim_and_rename(tmp: str, final: str) -> None:
 
 
 def _switch_current(index_dir: str, version: str) -> None:
-    storage.write_text(join_path(index_dir, CURRENT_FILE), version + "\n")  # temp file + rename
+    storage.write_pointer(join_path(index_dir, CURRENT_FILE), version)
 
 
 def _remove_stale_tmp(index_dir: str) -> None:

@@ -34,7 +34,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from meddr_ray import storage
-from meddr_ray.storage import LOCK_FILE, RunBusyError, run_lock  # noqa: F401  (RunBusyError: re-exported)
+from meddr_ray.storage import LOCK_FILE, run_lock
 from meddr_ray.config import Config, save_config
 from meddr_ray.layout import RunLayout
 from meddr_ray.progress import report

@@ -95,7 +95,7 @@ def test_publishes_without_renaming_a_folder_and_training_and_the_index_read_it(
     out = run_instruct(first).path
     assert len(_ids(first)) == 12
 
-    from meddr_ray.stages.index import _input_dataset, _instruct_parquet_files
+    from meddr_ray.stages.index.inputs import _instruct_parquet_files, input_dataset
     from meddr_ray.stages.instruct import CURRENT_FILE, published_mix
     from meddr_ray.stages.train.stage import instruction_files
 
@@ -105,7 +105,7 @@ def test_publishes_without_renaming_a_folder_and_training_and_the_index_read_it(
     assert mix.rows["train"] + mix.rows.get("val", 0) == 20 and len(_ids(second)) == 20
     assert instruction_files(second) == _instruct_parquet_files(out) == mix.files
     assert all(f.startswith(os.path.join(out, mix.version) + os.sep) for f in mix.files)
-    cases, _ = _input_dataset(_cfg(tmp_path, 20, "index.sources=[]"))  # the index's input: the mix's train rows
+    cases, _ = input_dataset(_cfg(tmp_path, 20, "index.sources=[]"))  # the index's input: the mix's train rows
     assert cases.count() == mix.rows["train"]
     # only the published version is left: the one before it is removed once nothing names it
     assert sorted(os.listdir(out)) == sorted([CURRENT_FILE, mix.version, ".lock"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from ray.exceptions import RayError, RayTaskError
 
 from meddr_ray.cli import _error_message
-from meddr_ray.retrieval.store import IndexArtifactError
+from meddr_ray.retrieval.format import IndexArtifactError
 
 
 class _ActorDied(RayError):
@@ -15,7 +15,7 @@ class _ActorDied(RayError):
         return ("The actor died because of an error raised in its creation task, \x1b[36mray::MapWorker.__init__()"
                 "\x1b[39m\n  File \"meddr_ray/retrieval/store.py\", line 548, in _check_file\n"
                 "    raise IndexArtifactError(\n"
-                "meddr_ray.retrieval.store.IndexArtifactError: /r/index/v1/index.faiss is truncated or corrupt: 100 bytes")
+                "meddr_ray.retrieval.format.IndexArtifactError: /r/index/v1/index.faiss is truncated or corrupt: 100 bytes")
 
 
 def test_an_index_error_from_an_actor_constructor_is_one_line():

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from meddr_ray.config import DataConfig, LoraConfig, ModelBuildConfig, ModelConfig
-from meddr_ray.stages.index import Encoder
+from meddr_ray.stages.index.encoder import Encoder
 from meddr_ray.model import apply_lora, build_tiny, load_model, vision_tower
 from meddr_ray.model.vision_encoder import VisionEncoder, load_vision_encoder
 

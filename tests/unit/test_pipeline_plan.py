@@ -71,6 +71,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from meddr_ray.stages import pipeline  # noqa: E402
+from meddr_ray.storage import RunBusyError, run_lock  # noqa: E402
 
 
 class _Killed(BaseException):
@@ -151,11 +152,11 @@ def test_one_run_at_a_time_per_run_folder(tmp_path, fake_steps):
     with open(run / pipeline.LOCK_FILE, "a") as other:  # another process's pipeline or demo
         fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
         busy = f"{run} is in use by another meddr-ray pipeline, demo or evaluation"
-        with pytest.raises(pipeline.RunBusyError, match=busy):
+        with pytest.raises(RunBusyError, match=busy):
             pipeline.run_pipeline(load_config("tiny", [f"run_dir={run}"]))
     assert fake_steps.ran == []
     # released: a run goes ahead, and the demo's own hold around the pipeline does not block it (re-entrant)
-    with pipeline.run_lock(str(run)):
+    with run_lock(str(run)):
         pipeline.run_pipeline(load_config("tiny", [f"run_dir={run}"]))
     assert fake_steps.ran == STEPS
     with open(run / pipeline.LOCK_FILE, "a") as after:  # and nothing holds it once the run is over
@@ -166,7 +167,7 @@ def test_fresh_empties_the_run_folder_but_keeps_holding_it(tmp_path, fake_steps)
     run = tmp_path / "run"
     pipeline.run_pipeline(load_config("tiny", [f"run_dir={run}"]))
     (run / "stray.txt").write_text("x")
-    with pipeline.run_lock(str(run)):
+    with run_lock(str(run)):
         pipeline.run_pipeline(load_config("tiny", [f"run_dir={run}"]), fresh=True)
         assert not (run / "stray.txt").exists() and (run / pipeline.LOCK_FILE).exists()
         with open(run / pipeline.LOCK_FILE, "a") as other, pytest.raises(BlockingIOError):

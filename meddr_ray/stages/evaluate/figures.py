@@ -156,7 +156,7 @@ def neighbour_locations(manifest: dict, ids: Sequence[str]) -> Dict[str, Dict[st
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
 
-    from meddr_ray.retrieval.store import VALUES_FILE
+    from meddr_ray.retrieval.format import VALUES_FILE
 
     if not ids:
         return {}

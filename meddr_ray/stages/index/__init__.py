@@ -31,11 +31,6 @@ Resume: the embeddings of an interrupted run stay in ``<index_dir>/_work/<key>/`
 the model and adapter files, and the parent version); a re-run embeds only the rows not there yet.
 """
 
-from meddr_ray.stages.index.encoder import Encoder
-from meddr_ray.stages.index.inputs import _instruct_parquet_files, input_dataset
 from meddr_ray.stages.index.stage import run_index
 
-# tests/integration/test_instruct_publish.py imports the input helpers under these names
-_input_dataset = input_dataset
-
-__all__ = ["Encoder", "run_index", "_input_dataset", "_instruct_parquet_files"]
+__all__ = ["run_index"]
