@@ -62,7 +62,7 @@ def evaluate_dataset(dataset: str, root: Path, steps: int, fresh: bool, extra: l
     cfg = load_config("pneumonia", overrides(dataset, root, steps) + list(extra))
     started = time.time()
     run_pipeline(cfg, fresh=fresh)
-    pipeline = json.loads(Path(cfg.run_dir, "pipeline.json").read_text())
+    pipeline = json.loads(Path(cfg.layout.pipeline_summary).read_text())
     eval_dir = pipeline["outputs"]["evaluate"]
     metrics = json.loads(Path(eval_dir, "metrics.json").read_text())
     d = metrics["datasets"][dataset]

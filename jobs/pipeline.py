@@ -1,4 +1,4 @@
-"""Ray job: the whole pipeline (bootstrap -> instruct -> train -> index).
+"""Ray job: the whole pipeline (bootstrap -> instruct -> train -> index -> evaluate).
 
     RAY_AUTH_MODE=token ray job submit --working-dir . -- python jobs/pipeline.py --config tiny run_dir=/shared/runs/tiny
 

@@ -212,7 +212,7 @@ def summary_text(cfg: Config, served: Dict[str, Any], seconds: float) -> str:
     if "evaluate" in outputs:
         for name in ("report.md", "metrics.json", "predictions/"):
             out.append(f"  {'':10} {_show(join_path(outputs['evaluate'], name))}")
-    out += [f"  {'':10} {_show(join_path(cfg.run_dir, 'pipeline.json'))}", "",
+    out += [f"  {'':10} {_show(cfg.layout.pipeline_summary)}", "",
             f"Demo finished in {seconds / 60:.1f} min. Serve it again: export {cfg.serve.auth_token_env}=<token>; "
             f"meddr-ray serve --config {cfg.preset}", RULE]  # fmt: skip
     return "\n".join(out)

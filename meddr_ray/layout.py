@@ -7,7 +7,7 @@ themselves, so moving an artifact is a change here and nowhere else::
       bootstrap/            part-*.parquet (reports), failed/ (rows the teacher could not read)
       instruct/             CURRENT (names the published mix), mix-<time>-<id>/ (part-*.parquet, failed/, manifest)
       train/<name>/         Ray Train's checkpoints (``train.storage_path``)
-      adapter/              the trained LoRA adapter (``train.adapter_dir``)
+      adapter/              the trained LoRA adapter + meddr.json (``train.adapter_dir``)
       merged/               the adapter merged into the student (``train.merge``)
       index/                CURRENT, v0001/ ... (FAISS + values), failed/<version>.parquet
       eval/                 predictions/, failed/, metrics.json, report.md, plots
@@ -27,6 +27,8 @@ FAILED_DIR = "failed"
 """Inside a stage (or mix version) folder: the rows set aside as bad, with their errors."""
 CURRENT_FILE = "CURRENT"
 """Inside a versioned folder (instruct, index): the name of the published version."""
+ADAPTER_META_FILE = "meddr.json"
+"""Inside an adapter folder: what it was trained from (base model, data, config, plan, history)."""
 PREDICTIONS_DIR = "predictions"
 """Inside the evaluation folder: the answers, one Parquet file per batch."""
 _FOLDER = {"evaluate": "eval"}

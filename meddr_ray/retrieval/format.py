@@ -8,10 +8,6 @@ from typing import List, Optional
 
 import pyarrow as pa
 
-from meddr_ray.layout import CURRENT_FILE
-
-__all__ = ["CURRENT_FILE"]  # named once, in the run layout; re-exported for the modules of this package
-
 METRIC = "inner_product"
 INDEX_FILE = "index.faiss"
 IVFDATA_FILE = "index.ivfdata"  # the inverted lists of an IVF version, mapped into memory by readers

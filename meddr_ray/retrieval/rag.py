@@ -27,7 +27,7 @@ import numpy as np
 from meddr_ray import prompts
 from meddr_ray.config import Config, RagConfig
 from meddr_ray.retrieval.faiss_io import apply_search_params, check_vectors, scoped_search, to_gpu, use_gpu
-from meddr_ray.retrieval.format import IndexArtifactError, case_key
+from meddr_ray.retrieval.format import case_key
 from meddr_ray.retrieval.store import LoadedIndex, current_version, load_index
 
 log = logging.getLogger("meddr_ray.retrieval.rag")
@@ -462,7 +462,6 @@ class TrainingContext:
 
 
 __all__ = [
-    "IndexArtifactError",
     "Neighbor",
     "Retriever",
     "TrainingContext",

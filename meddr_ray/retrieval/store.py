@@ -26,9 +26,9 @@ from typing import Any, Dict, Iterator, List, Optional
 import pyarrow as pa
 
 from meddr_ray import storage
+from meddr_ray.layout import CURRENT_FILE
 from meddr_ray.retrieval.faiss_io import _faiss, apply_search_params, describe, read_published_index, to_cpu
 from meddr_ray.retrieval.format import (
-    CURRENT_FILE,
     FORMAT_VERSION,
     INDEX_FILE,
     IVFDATA_FILE,
@@ -41,9 +41,6 @@ from meddr_ray.retrieval.format import (
     conform_values,
 )
 from meddr_ray.storage import is_uri, join_path
-
-# Importers of this module name these here (the CLI, the evaluate and serve stages): re-exported on purpose.
-__all__ = ["IndexArtifactError", "PublishConflict", "VALUES_FILE", "INDEX_FILE", "IVFDATA_FILE", "MANIFEST_FILE"]
 
 log = logging.getLogger("meddr_ray.retrieval.store")
 

@@ -83,8 +83,8 @@ def _cfg(run_dir, limit: int, *extra: str):
 
 
 def _ids(cfg) -> set:
-    """The rows training would read (``meddr_ray.stages.train.stage.instruction_files``)."""
-    from meddr_ray.stages.train.stage import instruction_files
+    """The rows training would read (``meddr_ray.stages.train.inputs.instruction_files``)."""
+    from meddr_ray.stages.train.inputs import instruction_files
 
     return set(pq.read_table(instruction_files(cfg), columns=["id"]).column("id").to_pylist())
 
@@ -96,8 +96,9 @@ def test_publishes_without_renaming_a_folder_and_training_and_the_index_read_it(
     assert len(_ids(first)) == 12
 
     from meddr_ray.stages.index.inputs import _instruct_parquet_files, input_dataset
-    from meddr_ray.stages.instruct import CURRENT_FILE, published_mix
-    from meddr_ray.stages.train.stage import instruction_files
+    from meddr_ray.layout import CURRENT_FILE
+    from meddr_ray.stages.instruct import published_mix
+    from meddr_ray.stages.train.inputs import instruction_files
 
     second = _cfg(tmp_path, 20)
     assert run_instruct(second).path == out

@@ -299,7 +299,7 @@ def test_drift_of_a_source_makes_the_check_fail(tmp_path, monkeypatch, capsys):
     cluster = tmp_path / "raycluster.yaml"
     cluster.write_text((KUBERAY / "raycluster.yaml").read_text().replace('rayVersion: "2.60.0"', 'rayVersion: "2.61.0"'))
     monkeypatch.setattr(gen, "RAYCLUSTER", cluster)
-    assert set(gen.stale()) == {gen.RAYSERVICE, *(gen.rayjob_path(s) for s in gen.STAGES)}
+    assert set(gen.stale()) == {gen.RAYSERVICE, *(gen.rayjob_path(s) for s in gen.RAY_JOBS)}
 
     monkeypatch.undo()
     monkeypatch.setattr(gen, "METRICS", gen.METRICS[:-1])

@@ -23,7 +23,7 @@ def test_paper_preset_pins_its_training_values():
     assert not t.lora.train_vision_tower and not t.lora.train_projector
     assert (t.learning_rate, t.lr_scheduler, t.warmup_ratio, t.weight_decay) == (1e-5, "cosine", 0.03, 0.05)
     assert (t.epochs, t.global_batch_size, t.precision, t.zero_stage, t.num_workers) == (2, 128, "bf16", 3, 16)
-    # a native-format InternVL (InternVL3-38B-hf): no checkpoint code, its processor loads (issue #11)
+    # a native-format InternVL (InternVL3-38B-hf): no checkpoint code, its processor loads
     assert not cfg.student.trust_remote_code and cfg.student.build is None
     assert cfg.student.path.endswith("InternVL3-38B-hf") and cfg.bootstrap.pool.num_gpus == 2
 

@@ -1,4 +1,4 @@
-"""The index encoder loads only the vision tower (issue #11): its keys and fingerprint are the full model's, and
+"""The index encoder loads only the vision tower: its keys and fingerprint are the full model's, and
 the language model's weights are never read."""
 
 from __future__ import annotations

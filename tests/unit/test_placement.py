@@ -1,4 +1,4 @@
-"""Placing a checkpoint's weights on the GPUs an actor holds (issue #11): a pure decision, tested without GPUs."""
+"""Placing a checkpoint's weights on the GPUs an actor holds: a pure decision, tested without GPUs."""
 
 from __future__ import annotations
 

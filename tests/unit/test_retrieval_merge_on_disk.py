@@ -1,4 +1,4 @@
-"""Building at a size that does not fit one process (issue #11): the sample reads only its rows, shard tasks hand
+"""Building at a size that does not fit one process: the sample reads only its rows, shard tasks hand
 over files, the IVF merge holds one shard at a time and writes on-disk inverted lists, and the published version
 loads with its lists mapped and its checksums verified. No Ray: the task functions are called directly."""
 

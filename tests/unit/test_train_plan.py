@@ -8,7 +8,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from meddr_ray.config import TrainConfig, load_config
-from meddr_ray.stages.train.stage import TrainDataError, run_train
+from meddr_ray.stages.train import run_train
+from meddr_ray.stages.train.inputs import TrainDataError
 from meddr_ray.stages.train.deepspeed_config import deepspeed_config
 from meddr_ray.stages.train.plan import make_plan
 from meddr_ray.stages.train.schedule import lr_multiplier

@@ -68,7 +68,7 @@ def _open_run(cfg: Config) -> Tuple[IndexRun, Any]:
     """What this run builds on and the annotations it reads: a new index from ``index.sources`` (or the
     instruction mix), or -- ``index.add_sources`` -- a new version of the current one, its cases known."""
     index_dir = cfg.layout.index_dir
-    add_sources = list(cfg.index.add_sources)  # checked and made absolute by load_config
+    add_sources = list(cfg.index.add_sources)  # checked and made absolute by load_config / load_source_file
     if not add_sources:
         ds, sources = input_dataset(cfg)
         return IndexRun(index_dir, "build", sources), ds

@@ -27,20 +27,19 @@ from typing import Any, Dict, List, Optional
 
 from meddr_ray import storage
 from meddr_ray.config import Config, save_config
+from meddr_ray.layout import ADAPTER_META_FILE
 from meddr_ray.progress import report
 from meddr_ray.stages.instruct import PublishedMix
 from meddr_ray.stages.registry import StageResult
 from meddr_ray.stages.train.checkpoint import ADAPTER_SUBDIR, read_state
-from meddr_ray.stages.train.inputs import (TrainDataError, check_columns, instruction_files, instruction_mix,
-                                           retrieval_context, split_counts, training_datasets)  # fmt: skip
+from meddr_ray.stages.train.inputs import (TrainDataError, check_columns, instruction_mix, retrieval_context,
+                                           split_counts, training_datasets)  # fmt: skip
 from meddr_ray.stages.train.loop import train_loop_per_worker
 from meddr_ray.stages.train.plan import TrainPlan, make_plan
-from meddr_ray.stages.train.resume import (TrainResumeError, check_resume, check_worker_count,
-                                           latest_checkpoint_state, run_description, run_identity)  # fmt: skip
+from meddr_ray.stages.train.resume import (check_resume, check_worker_count, latest_checkpoint_state,
+                                           run_description, run_identity)  # fmt: skip
 from meddr_ray.storage import is_uri, join_path
 
-ADAPTER_META = "meddr.json"
-"""Inside the adapter folder: what it was trained from and how training went."""
 
 
 @dataclass
@@ -149,7 +148,7 @@ def _finish(cfg: Config, inputs: _RunInputs, checkpoint, started: float) -> Stag
         state = read_state(folder)
         _copy_tree(os.path.join(folder, ADAPTER_SUBDIR), out)
     meta = _adapter_meta(cfg, inputs, checkpoint.path, state)
-    storage.write_text(join_path(out, ADAPTER_META), json.dumps(meta, indent=2))
+    storage.write_text(join_path(out, ADAPTER_META_FILE), json.dumps(meta, indent=2))
     save_config(cfg, out, "config.yaml")
     if cfg.train.merge_lora:
         merged = cfg.layout.merged_dir
@@ -244,12 +243,3 @@ def _summary_text(state: Dict[str, Any], plan: TrainPlan, final: Dict[str, Any],
         )
     return "\n".join(lines)
 
-
-def read_adapter_meta(folder: str) -> Optional[dict]:
-    """``meddr.json`` of an adapter folder, or None."""
-    path = join_path(folder, ADAPTER_META)
-    return json.loads(storage.read_text(path)) if storage.exists(path) else None
-
-
-__all__ = ["TrainDataError", "TrainResumeError", "check_resume", "instruction_files", "instruction_mix",
-           "read_adapter_meta", "run_description", "run_identity", "run_train"]
