@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Optional
+from typing import Any, Dict, Optional
 
 
 class DataError(ValueError):
@@ -16,19 +16,34 @@ class DataError(ValueError):
     """
 
 
-def where(file: str, row: Optional[int] = None, field: Optional[str] = None, *, split: Optional[str] = None) -> str:
-    """How an error message names a place in the input: the file's name (without its folder), then the split,
-    the row (its ``source_index``) and the field if given. ``where("/d/breast.csv", 3)`` is
-    ``"breast.csv row 3"``; ``where("b.npz", 3, split="test")`` is ``"b.npz split test row 3"``;
-    ``where("b.csv", 3, "label")`` is ``"b.csv row 3, column 'label'"``."""
-    text = os.path.basename(str(file).rstrip("/")) or str(file)
+def where(file: Optional[str] = None, row: Optional[int] = None, field: Optional[str] = None, *,
+          split: Optional[str] = None, row_id: Optional[str] = None, full_path: bool = False) -> str:  # fmt: skip
+    """How an error message names a place in the input: the file (its name without its folder, or the whole path
+    with ``full_path``), then the split, the row (its ``source_index``), the row's id and the field, each if given.
+    ``where("/d/breast.csv", 3)`` is ``"breast.csv row 3"``; ``where("/d/a.csv", 5, full_path=True)`` is
+    ``"/d/a.csv row 5"``; ``where("b.npz", 3, split="test")`` is ``"b.npz split test row 3"``;
+    ``where("b.csv", 3, "label")`` is ``"b.csv row 3, column 'label'"``; ``where(row_id="x1")`` is
+    ``"row id x1"``."""
+    words = []
+    if file is not None:
+        words.append(str(file) if full_path else os.path.basename(str(file).rstrip("/")) or str(file))
     if split is not None:
-        text += f" split {split}"
+        words.append(f"split {split}")
     if row is not None:
-        text += f" row {row}"
+        words.append(f"row {row}")
+    if row_id is not None:
+        words.append(f"row id {row_id}")
+    text = " ".join(words)
     if field is not None:
         text += f", column {field!r}"
     return text
+
+
+def sample_where(sample: Dict[str, Any], *, full_path: bool = False) -> str:
+    """Where a row of the sample schema came from: its source file (the dataset when it has none) and its
+    ``source_index``, e.g. ``labels.csv row 2`` (``/data/labels.csv row 2`` with ``full_path``)."""
+    return where(str(sample.get("source_file") or sample.get("dataset")), sample.get("source_index"),
+                 full_path=full_path)  # fmt: skip
 
 
 _RAY_TEXT = re.compile(r"DataError: (.+)")

@@ -19,6 +19,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from meddr_ray.data.errors import DataError, where
+from meddr_ray.data.images import decode_image
 from meddr_ray.model.chat import chat_prompt, user_turn
 
 IGNORE_INDEX = -100
@@ -93,13 +95,11 @@ class InstructionCollator:
     # ------------------------------------------------------------------------------------------ encoding
 
     def _where(self, batch: Mapping[str, Sequence], i: int) -> str:
+        """The row's id (``row id X``); without an id column, its place in the batch (``batch row 3``)."""
         ids = batch.get(self.id_column)
-        return f"row id {ids[i]!s}" if ids is not None else f"batch row {i}"
+        return where(row_id=str(ids[i])) if ids is not None else f"batch {where(row=i)}"
 
     def _images(self, batch: Mapping[str, Sequence]) -> List[Any]:
-        from meddr_ray.data.errors import DataError
-        from meddr_ray.data.images import decode_image
-
         images = []
         for i, data in enumerate(batch[self.columns[0]]):
             where = self._where(batch, i)

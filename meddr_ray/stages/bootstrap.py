@@ -4,7 +4,7 @@
 actors (``map_batches`` with a callable class, ``ActorPoolStrategy``) sees each labelled image with the
 section 3.1 prompt (its modality and diagnosis, every label of a multi-label sample) and writes a report.
 
-Exactly once, resumable. Each actor call writes its own Parquet file, atomically (temporary name, then a
+Exactly once, resumable (:mod:`meddr_ray.stages.parts`). Each actor call writes its own Parquet file, atomically (temporary name, then a
 rename), named by a hash of the ids in it: a killed driver or actor leaves only complete files, and a batch
 that Ray retries rewrites the same file instead of adding a second one. A re-run first reads the ``id``
 column of the files already there, and the readers leave those ids out on the driver, before any image is read
@@ -13,179 +13,50 @@ rows already done. Ids that failed before (in ``failed/``) are skipped too; dele
 Row ids survive files inserted into a source between runs (see :mod:`meddr_ray.data.schema`).
 
 Layout of ``<stage_dir>`` (default ``<run_dir>/bootstrap``):
-- ``part-<hash>.parquet``: reports (:data:`REPORT_SCHEMA`);
-- ``failed/part-<hash>.parquet``: rows that could not be used, with their error (:data:`FAILED_SCHEMA`);
+- ``part-<hash>.parquet``: reports (:data:`meddr_ray.stages.bootstrap_rows.REPORT_SCHEMA`);
+- ``failed/part-<hash>.parquet``: rows that could not be used, with their error
+  (:data:`meddr_ray.stages.parts.FAILED_SCHEMA`);
 - ``summary.json``: the accounting of the last run; ``config.yaml``: the resolved config of the last run.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import io
 import json
 import logging
 import re
 import time
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from meddr_ray import prompts, storage
+from meddr_ray import storage
 from meddr_ray.config import Config, ConfigError, GenerationConfig, ModelConfig, save_config, validate
+from meddr_ray.data import DataError, decode_image, read_source
+from meddr_ray.data.errors import sample_where
 from meddr_ray.layout import FAILED_DIR
-from meddr_ray.prompts import DEFAULT_MODALITY
 from meddr_ray.report_sections import FLAGGED, QUALITIES, split_report
+from meddr_ray.stages import bootstrap_vllm
+from meddr_ray.stages.bootstrap_rows import REPORT_SCHEMA, generation_json, report_row, teacher_prompt
+from meddr_ray.stages.parts import (
+    FAILED_SCHEMA,
+    batch_seed,
+    failed_row,
+    read_columns,
+    remove_stale_temps,
+    sum_stats,
+    write_table,
+)
 from meddr_ray.stages.registry import StageResult
+from meddr_ray.stages.runtime import init_ray, map_with_actor_pool
 from meddr_ray.storage import join_path
 
 log = logging.getLogger("meddr_ray.stages.bootstrap")
 
-PART_PREFIX = "part-"
 SUMMARY_FILE = "summary.json"
-
-REPORT_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string(), nullable=False),  # the sample's id, stable under inserts (data.schema)
-        pa.field("dataset", pa.string()),
-        pa.field("split", pa.string()),
-        pa.field("source_index", pa.int64()),
-        pa.field("modality", pa.string()),
-        pa.field("label", pa.string()),  # ", "-joined diagnosis
-        pa.field("labels", pa.list_(pa.string())),  # every label the teacher was told
-        pa.field("label_set", pa.list_(pa.string())),
-        pa.field("image", pa.binary()),  # encoded image, as read
-        pa.field("prompt", pa.string()),  # the exact instruction the teacher saw
-        pa.field("report", pa.string()),  # the teacher's whole text
-        pa.field("findings", pa.string()),  # null when absent
-        pa.field("impression", pa.string()),  # null when absent
-        pa.field("quality", pa.string()),  # ok | partial | no_sections | empty (meddr_ray.report_sections)
-        pa.field("teacher", pa.string()),  # teacher model name
-        pa.field("teacher_path", pa.string()),  # teacher checkpoint directory
-        pa.field("prompt_version", pa.string()),
-        pa.field("generation", pa.string()),  # decoding settings, JSON
-        pa.field("tokens", pa.int64()),  # generated tokens
-    ]
-)
-
-FAILED_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string(), nullable=False),
-        pa.field("dataset", pa.string()),
-        pa.field("split", pa.string()),
-        pa.field("source_file", pa.string()),
-        pa.field("source_index", pa.int64()),
-        pa.field("error", pa.string()),
-    ]
-)
 
 # One row per actor call: what it did. The driver sums these (a missing key counts 0); images never come back.
 _STAT_KEYS = ("rows_in", "written", "failed", "tokens") + tuple(f"quality_{q}" for q in QUALITIES)
-
-
-# --------------------------------------------------------------------------------------------- pure helpers
-
-
-def teacher_prompt(row: Dict[str, Any]) -> str:
-    """The section 3.1 prompt of a sample: its modality and every one of its labels."""
-    labels = [x for x in (row.get("labels") or []) if x] or [row.get("label") or ""]
-    return prompts.bootstrap_prompt(row.get("modality") or DEFAULT_MODALITY, labels)
-
-
-def sample_where(row: Dict[str, Any]) -> str:
-    """Where a sample came from, for its error message: its source file (as the reader named it; the dataset
-    when there is none) and its row, e.g. ``/data/a.csv row 5``."""
-    return f"{row.get('source_file') or row.get('dataset')} row {row.get('source_index')}"
-
-
-def report_row(
-    sample: Dict[str, Any],
-    prompt: str,
-    generated: Dict[str, Any],
-    *,
-    teacher: ModelConfig,
-    prompt_version: str,
-    generation_json: str,
-) -> Dict[str, Any]:
-    """An output row (:data:`REPORT_SCHEMA`) from an input sample and the teacher's ``{"text", "tokens"}``."""
-    text = generated.get("text") or ""
-    parts = split_report(text)
-    return {
-        "id": sample["id"],
-        "dataset": sample.get("dataset"),
-        "split": sample.get("split"),
-        "source_index": sample.get("source_index"),
-        "modality": sample.get("modality"),
-        "label": sample.get("label"),
-        "labels": list(sample.get("labels") or []),
-        "label_set": list(sample.get("label_set") or []),
-        "image": sample.get("image"),
-        "prompt": prompt,
-        "report": text,
-        "findings": parts.findings,
-        "impression": parts.impression,
-        "quality": parts.quality,
-        "teacher": teacher.name,
-        "teacher_path": teacher.path,
-        "prompt_version": prompt_version,
-        "generation": generation_json,
-        "tokens": int(generated.get("tokens") or 0),
-    }
-
-
-def failed_row(sample: Dict[str, Any], error: str) -> Dict[str, Any]:
-    return {
-        "id": sample["id"],
-        "dataset": sample.get("dataset"),
-        "split": sample.get("split"),
-        "source_file": sample.get("source_file"),
-        "source_index": sample.get("source_index"),
-        "error": error,
-    }
-
-
-def generation_json(gen: GenerationConfig) -> str:
-    return json.dumps(dataclasses.asdict(gen), sort_keys=True)
-
-
-def part_name(ids: Iterable[str]) -> str:
-    """File name of a batch: the same set of ids always gets the same name, so a retried batch overwrites."""
-    digest = hashlib.sha1("\n".join(sorted(ids)).encode()).hexdigest()[:24]
-    return f"{PART_PREFIX}{digest}.parquet"
-
-
-def write_table(folder: str, table: pa.Table) -> str:
-    """Write ``table`` as ``folder/part-<hash of its ids>.parquet``, atomically."""
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    return storage.write_bytes(join_path(folder, part_name(table.column("id").to_pylist())), buf.getvalue())
-
-
-def part_files(folder: str) -> List[str]:
-    return [f for f in storage.list_files(folder, ".parquet") if f.rsplit("/", 1)[-1].startswith(PART_PREFIX)]
-
-
-def read_columns(folder: str, columns: Sequence[str]) -> pa.Table:
-    """Only ``columns`` of every part file in ``folder`` (never the images); empty table if there are none."""
-    files = part_files(folder)
-    if not files:
-        return pa.table({c: pa.array([], pa.string()) for c in columns})
-    import pyarrow.dataset as pads
-
-    fs, _ = storage.resolve(files[0])
-    paths = [storage.resolve(f)[1] for f in files]
-    return pads.dataset(paths, format="parquet", filesystem=fs).to_table(columns=list(columns))
-
-
-def remove_stale_temps(folder: str) -> int:
-    """Delete ``*.tmp-*`` files a killed writer left behind (never read: they do not end in .parquet)."""
-    n = 0
-    for f in storage.list_files(folder):
-        if ".tmp-" in f.rsplit("/", 1)[-1]:
-            storage.remove(f)
-            n += 1
-    return n
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -234,11 +105,6 @@ def teacher_generate(
         text = prefix + trim_continuation(extra["text"][len(prefix) :])
         outs[i] = {"text": text, "tokens": outs[i]["tokens"] + extra["tokens"]}
     return outs
-
-
-def batch_seed(seed: int, ids: Sequence[str]) -> int:
-    """A sampling seed fixed by the run's seed and the batch's ids (a retried batch samples the same text)."""
-    return int(hashlib.sha1(f"{seed}\x1f{'|'.join(sorted(ids))}".encode()).hexdigest()[:8], 16)
 
 
 def drop_cut_sentence(text: str) -> str:
@@ -328,10 +194,8 @@ class TeacherWriter:
         self.m_failed = Counter("meddr_bootstrap_rows_failed", "Rows set aside as bad input", tag_keys=tags)
 
     def _decode(self, row: Dict[str, Any]):
-        """The sample's image as RGB, or an error message naming the source row."""
-        from meddr_ray.data import DataError, decode_image
-
-        where = sample_where(row)
+        """The sample's image as RGB, or an error message naming the source row (its full path)."""
+        where = sample_where(row, full_path=True)
         if row.get("error"):
             return None, row["error"]
         if not row.get("image"):
@@ -342,8 +206,6 @@ class TeacherWriter:
             return None, str(exc)
 
     def __call__(self, batch: pa.Table) -> Dict[str, List[Any]]:
-        from meddr_ray.data import DataError
-
         stats = dict.fromkeys(_STAT_KEYS, 0)
         todo, images, bad = [], [], []
         for row in batch.to_pylist():
@@ -420,8 +282,6 @@ def format_summary(s: Dict[str, Any]) -> str:
 def _samples_to_do(cfg: Config, finished: FinishedIds):
     """Every ``bootstrap.sources`` row not in ``finished``, as one Dataset; the readers leave finished rows out on
     the driver, so their images are never read, checked or re-encoded."""
-    from meddr_ray.data import read_source
-
     # One block per teacher batch: the pool hands whole blocks to its actors, so blocks of the readers' default
     # size (256 rows) would keep a second actor idle and make a retry after a lost actor redo 256 reports.
     batch = cfg.bootstrap.pool.batch_size
@@ -432,13 +292,10 @@ def _samples_to_do(cfg: Config, finished: FinishedIds):
 
 def _teacher_stats(cfg: Config, ds, out_dir: str):
     """The teacher over ``ds`` (samples still to do): a Dataset of count rows (:data:`_STAT_KEYS`), one per batch."""
-    from meddr_ray.stages.runtime import map_with_actor_pool
-
     if cfg.bootstrap.backend == "vllm":  # a paper-scale teacher on GPUs: ray.data.llm's engine, same files
-        from meddr_ray.stages.bootstrap_vllm import vllm_report_stats
         from meddr_ray.model import ensure_model
 
-        return vllm_report_stats(cfg, ds, out_dir, str(ensure_model(cfg.teacher)))
+        return bootstrap_vllm.vllm_report_stats(cfg, ds, out_dir, str(ensure_model(cfg.teacher)))
     return map_with_actor_pool(
         ds,
         TeacherWriter,
@@ -462,9 +319,7 @@ def _check_inputs(cfg: Config) -> str:
 
     _check_sources(cfg)
     if cfg.bootstrap.backend == "vllm":
-        from meddr_ray.stages.bootstrap_vllm import check_vllm_config
-
-        check_vllm_config(cfg)  # settings vLLM cannot honour, vLLM not installed
+        bootstrap_vllm.check_vllm_config(cfg)  # settings vLLM cannot honour, vLLM not installed
     # Fail fast on a missing checkpoint; and build tiny/smol here once, so that the actors find it ready instead
     # of racing to build it.
     teacher_path = ensure_model(cfg.teacher)
@@ -487,17 +342,6 @@ def _finished_ids(cfg: Config) -> FinishedIds:
 
 def _set_aside_rows(cfg: Config) -> int:
     return read_columns(cfg.layout.failed_dir("bootstrap"), ["id"]).num_rows
-
-
-def _sum_stats(stats_ds) -> Tuple[Dict[str, float], float]:
-    """Runs the job (the driver pulls the count rows) and sums the counts; and the seconds it took."""
-    started = time.perf_counter()
-    totals: Dict[str, float] = dict.fromkeys(_STAT_KEYS + ("generate_seconds",), 0)
-    for batch in stats_ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for key in totals:
-            if key in batch.column_names:
-                totals[key] += sum(batch.column(key).to_pylist())
-    return totals, time.perf_counter() - started
 
 
 def _summary(cfg: Config, totals: Dict[str, float], seconds: float, finished: FinishedIds,
@@ -527,8 +371,6 @@ def _summary(cfg: Config, totals: Dict[str, float], seconds: float, finished: Fi
 
 def run_bootstrap(cfg: Config) -> StageResult:
     """Bootstrap reports for every sample of ``cfg.bootstrap.sources``; returns the output folder."""
-    from meddr_ray.stages.runtime import init_ray
-
     teacher_path = _check_inputs(cfg)
     out_dir = cfg.layout.bootstrap_dir
     finished = _finished_ids(cfg)
@@ -537,7 +379,8 @@ def run_bootstrap(cfg: Config) -> StageResult:
     save_config(cfg, out_dir)
 
     init_ray(cfg)
-    totals, seconds = _sum_stats(_teacher_stats(cfg, _samples_to_do(cfg, finished), out_dir))
+    stats = _teacher_stats(cfg, _samples_to_do(cfg, finished), out_dir)
+    totals, seconds = sum_stats(stats, _STAT_KEYS + ("generate_seconds",))
     if vllm:  # its bad rows are set aside before the engine, which counts only reports
         totals["failed"] = _set_aside_rows(cfg) - set_aside_before
         totals["rows_in"] = totals["written"] + totals["failed"]

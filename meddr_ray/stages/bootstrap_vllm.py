@@ -3,7 +3,7 @@
 The default backend (``transformers``, :class:`meddr_ray.stages.bootstrap.TeacherWriter`) runs ``generate`` in a Ray
 Data actor; it is the one tested on CPUs. A 40B teacher on a GPU cluster wants continuous batching, paged KV
 cache and tensor parallelism instead, which is what vLLM's engine under ``ray.data.llm`` gives. Both backends
-read the same samples, see the same section 3.1 prompt and write the same files (:data:`REPORT_SCHEMA` parts
+read the same samples, see the same section 3.1 prompt and write the same files (:mod:`.bootstrap_rows` rows in :mod:`.parts` files
 named by a hash of their ids, bad rows in ``failed/``), so the stages after bootstrap cannot tell them apart.
 
 The pipeline, all streaming (images never pass through the driver):
@@ -25,6 +25,13 @@ from typing import Any, Dict, List
 import pyarrow as pa
 
 from meddr_ray.config import Config, ConfigError, GenerationConfig
+from meddr_ray.data import DataError, decode_image, encode_png
+from meddr_ray.data.errors import sample_where
+from meddr_ray.layout import FAILED_DIR
+from meddr_ray.report_sections import QUALITIES
+from meddr_ray.stages.bootstrap_rows import REPORT_SCHEMA, generation_json, report_row, teacher_prompt
+from meddr_ray.stages.parts import FAILED_SCHEMA, batch_seed, failed_row, write_table
+from meddr_ray.storage import join_path
 
 # Row columns the engine needs; every other column of the sample is carried through to the report row.
 ENGINE_COLUMNS = ("messages", "sampling_params")
@@ -90,13 +97,9 @@ def engine_inputs(
 ) -> List[Dict[str, Any]]:
     """A batch of samples -> engine rows (Ray Data tasks); bad images go to ``failed/`` with their error, or,
     with ``on_error="raise"``, stop the job naming the file and row (as the transformers actor does)."""
-    from meddr_ray.stages import bootstrap
-    from meddr_ray.storage import join_path
-    from meddr_ray.data import DataError, decode_image, encode_png
-
     good, bad = [], []
     for row in batch.to_pylist():
-        where = bootstrap.sample_where(row)
+        where = sample_where(row, full_path=True)
         try:
             if row.get("error"):
                 raise DataError(row["error"])
@@ -106,33 +109,30 @@ def engine_inputs(
         except DataError as exc:
             if on_error == "raise":
                 raise
-            bad.append(bootstrap.failed_row(row, str(exc)))
+            bad.append(failed_row(row, str(exc)))
             continue
-        prompt = bootstrap.teacher_prompt(row)
+        prompt = teacher_prompt(row)
         row.update(
             teacher_prompt=prompt,
             messages=teacher_messages(prompt, encode_png(image)),
-            sampling_params=sampling_params(generation, bootstrap.batch_seed(seed, [row["id"]])),
+            sampling_params=sampling_params(generation, batch_seed(seed, [row["id"]])),
         )
         good.append(row)
     if bad:
-        failed = pa.Table.from_pylist(bad, schema=bootstrap.FAILED_SCHEMA)
-        bootstrap.write_table(join_path(out_dir, bootstrap.FAILED_DIR), failed)
+        write_table(join_path(out_dir, FAILED_DIR), pa.Table.from_pylist(bad, schema=FAILED_SCHEMA))
     return good
 
 
 def report_from_engine(row: Dict[str, Any], cfg: Config) -> Dict[str, Any]:
     """A :data:`REPORT_SCHEMA` row from the engine's output row (``generated_text``, ``num_generated_tokens``)."""
-    from meddr_ray.stages import bootstrap
-
     generated = {"text": (row.get("generated_text") or "").strip(), "tokens": row.get("num_generated_tokens") or 0}
-    return bootstrap.report_row(
+    return report_row(
         row,
         row["teacher_prompt"],
         generated,
         teacher=cfg.teacher,
         prompt_version=cfg.bootstrap.prompt_version,
-        generation_json=bootstrap.generation_json(cfg.bootstrap.generation),
+        generation_json=generation_json(cfg.bootstrap.generation),
     )
 
 
@@ -165,12 +165,9 @@ def vllm_processor(cfg: Config, model_path: str):
 def write_reports(batch: pa.Table, *, out_dir: str) -> Dict[str, List[Any]]:
     """Writes a batch of report rows as one part file (named by its ids, so a retried batch rewrites the same
     file) and returns one row of counts, as :class:`meddr_ray.stages.bootstrap.TeacherWriter` does."""
-    from meddr_ray.stages import bootstrap
-    from meddr_ray.report_sections import QUALITIES
-
-    rows = batch.select(bootstrap.REPORT_SCHEMA.names).to_pylist() if batch.num_rows else []
+    rows = batch.select(REPORT_SCHEMA.names).to_pylist() if batch.num_rows else []
     if rows:
-        bootstrap.write_table(out_dir, pa.Table.from_pylist(rows, schema=bootstrap.REPORT_SCHEMA))
+        write_table(out_dir, pa.Table.from_pylist(rows, schema=REPORT_SCHEMA))
     stats: Dict[str, List[Any]] = {"written": [len(rows)], "tokens": [sum(r["tokens"] for r in rows)]}
     for q in QUALITIES:
         stats[f"quality_{q}"] = [sum(r["quality"] == q for r in rows)]

@@ -39,13 +39,15 @@ import pyarrow.fs as pafs
 
 from meddr_ray import prompts, storage
 from meddr_ray.config import Config, ConfigError, save_config, validate
-from meddr_ray.data import NO_FINDING, medmnist_info
+from meddr_ray.data import NO_FINDING, medmnist_info, read_source
+from meddr_ray.data.errors import sample_where, where
 from meddr_ray.layout import CURRENT_FILE, FAILED_DIR
 from meddr_ray.progress import report
 from meddr_ray.prompts import DEFAULT_MODALITY
 from meddr_ray.report_sections import split_report
-from meddr_ray.stages.bootstrap import part_files, sample_where
+from meddr_ray.stages.parts import part_files
 from meddr_ray.stages.registry import StageResult
+from meddr_ray.stages.runtime import init_ray
 from meddr_ray.storage import join_path
 
 log = logging.getLogger("meddr_ray.stages.instruct")
@@ -204,7 +206,7 @@ def _render_samples(batch: pa.Table, *, weight: float, val_fraction: float, desc
                 raise RowError("no image")
             out.extend(expand(row, sample_instructions(row, descriptions), weight, val_fraction))
         except RowError as exc:
-            out.append(set_aside(row, None, f"{sample_where(row)}: {exc}"))
+            out.append(set_aside(row, None, f"{sample_where(row, full_path=True)}: {exc}"))
     return pa.Table.from_pylist(out, schema=_RENDERED_SCHEMA)
 
 
@@ -212,9 +214,9 @@ def _render_bootstrap(batch: pa.Table, *, weight: float, val_fraction: float, ke
     """Ray task: bootstrapped report rows -> guided-report mix rows; reports of unwanted quality set aside."""
     out: List[Dict[str, Any]] = []
     for row in batch.to_pylist():
-        where = f"bootstrap {row.get('dataset')} row {row.get('source_index')}"
+        here = f"bootstrap {where(row.get('dataset'), row.get('source_index'))}"
         if row.get("quality") not in keep_quality:
-            out.append(set_aside(row, TASK_GUIDED_REPORT, f"{where}: report quality {row.get('quality')!r} is not "
+            out.append(set_aside(row, TASK_GUIDED_REPORT, f"{here}: report quality {row.get('quality')!r} is not "
                                  f"in instruct.bootstrap_quality {keep_quality}"))  # fmt: skip
             continue
         try:
@@ -222,7 +224,7 @@ def _render_bootstrap(batch: pa.Table, *, weight: float, val_fraction: float, ke
                 raise RowError("no image")
             out.extend(expand(row, [bootstrap_instruction(row)], weight, val_fraction))
         except RowError as exc:
-            out.append(set_aside(row, TASK_GUIDED_REPORT, f"{where}: {exc}"))
+            out.append(set_aside(row, TASK_GUIDED_REPORT, f"{here}: {exc}"))
     return pa.Table.from_pylist(out, schema=_RENDERED_SCHEMA)
 
 
@@ -542,8 +544,6 @@ def run_instruct(cfg: Config) -> StageResult:
 def _rendered_sources(cfg: Config) -> List[Tuple[str, Any, Optional[int]]]:
     """``(name, rendered rows, cap)`` per input: the bootstrapped reports (checked first: a missing folder fails
     before any source is read), then every ``instruct.sources`` entry. Lazy Datasets: nothing runs yet."""
-    from meddr_ray.data import read_source
-
     ic = cfg.instruct
     parts = []
     if ic.use_bootstrap:
@@ -617,8 +617,6 @@ def _headline(summary: Dict[str, Any], version_dir: str) -> str:
 
 def _build(cfg: Config, out_dir: str) -> StageResult:
     """Render, write and publish one new version of the mix in ``out_dir`` (the caller holds its lock)."""
-    from meddr_ray.stages.runtime import init_ray
-
     started = time.perf_counter()
     remove_unpublished(out_dir)
     init_ray(cfg)

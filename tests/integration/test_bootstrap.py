@@ -17,7 +17,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from meddr_ray.stages.bootstrap import FAILED_DIR, SUMMARY_FILE, TeacherWriter, part_files, run_bootstrap
+from meddr_ray.layout import FAILED_DIR
+from meddr_ray.stages.bootstrap import SUMMARY_FILE, TeacherWriter, run_bootstrap
+from meddr_ray.stages.parts import part_files
 from meddr_ray.config import SourceConfig, load_config
 from meddr_ray.data import DataError, sample_id, unwrap_data_error
 from meddr_ray.model import ModelNotFoundError

@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from meddr_ray import metrics
-from meddr_ray.stages.bootstrap import part_files
+from meddr_ray.stages.parts import part_files
 from meddr_ray.config import ConfigError, SourceConfig, load_config
 from meddr_ray.data import sample_id, unwrap_data_error
 from meddr_ray.stages.evaluate import run_evaluate

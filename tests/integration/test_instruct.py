@@ -16,7 +16,8 @@ from PIL import Image
 from meddr_ray import prompts
 from meddr_ray.stages.bootstrap import run_bootstrap
 from meddr_ray.config import SourceConfig, load_config
-from meddr_ray.stages.instruct import FAILED_DIR, SUMMARY_FILE, published_mix, run_instruct
+from meddr_ray.layout import FAILED_DIR
+from meddr_ray.stages.instruct import SUMMARY_FILE, published_mix, run_instruct
 from meddr_ray.storage import list_files
 
 pytestmark = pytest.mark.integration

@@ -59,7 +59,7 @@ def test_a_report_without_impression_is_continued_with_the_header(teacher):
 
 
 def test_sampling_is_reproducible_per_batch_seed(teacher):
-    from meddr_ray.stages.bootstrap import batch_seed
+    from meddr_ray.stages.parts import batch_seed
 
     images, texts = _batch()
     gen = GenerationConfig(max_new_tokens=8, do_sample=True, temperature=1.0, response_prefix="Findings:")

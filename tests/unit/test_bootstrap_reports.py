@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from meddr_ray.stages import bootstrap
 from meddr_ray.config import GenerationConfig, ModelConfig
+from meddr_ray.stages import bootstrap_rows, parts
 from meddr_ray.report_sections import split_report
 
 
@@ -73,27 +73,27 @@ SAMPLE = {
 
 
 def test_teacher_prompt_has_every_label_and_the_modality():
-    text = bootstrap.teacher_prompt(SAMPLE)
+    text = bootstrap_rows.teacher_prompt(SAMPLE)
     assert "You are given a chest X-ray image and the diagnosis is effusion, nodule." in text
 
 
 def test_teacher_prompt_falls_back_to_label_and_a_generic_modality():
     row = dict(SAMPLE, labels=[], label="no finding", modality=None)
-    assert "You are given a medical image and the diagnosis is no finding." in bootstrap.teacher_prompt(row)
+    assert "You are given a medical image and the diagnosis is no finding." in bootstrap_rows.teacher_prompt(row)
 
 
 def test_report_row_fills_the_schema():
     teacher = ModelConfig(name="smol", path="/models/smol")
     gen = GenerationConfig(max_new_tokens=12, response_prefix="Findings:")
-    row = bootstrap.report_row(
+    row = bootstrap_rows.report_row(
         SAMPLE,
         "the prompt",
         {"text": "Findings: fluid. Impression: effusion.", "tokens": 9},
         teacher=teacher,
         prompt_version="v1",
-        generation_json=bootstrap.generation_json(gen),
+        generation_json=bootstrap_rows.generation_json(gen),
     )
-    table = pa.Table.from_pylist([row], schema=bootstrap.REPORT_SCHEMA)  # every field present and typed
+    table = pa.Table.from_pylist([row], schema=bootstrap_rows.REPORT_SCHEMA)  # every field present and typed
     out = table.to_pylist()[0]
     assert (out["findings"], out["impression"], out["quality"]) == ("fluid.", "effusion.", "ok")
     assert (out["teacher"], out["teacher_path"], out["prompt_version"], out["tokens"]) == ("smol", "/models/smol", "v1", 9)
@@ -102,31 +102,31 @@ def test_report_row_fills_the_schema():
 
 
 def test_failed_row_keeps_where_it_came_from():
-    row = bootstrap.failed_row(SAMPLE, "bad.png row 7: not a readable image")
-    table = pa.Table.from_pylist([row], schema=bootstrap.FAILED_SCHEMA)
+    row = parts.failed_row(SAMPLE, "bad.png row 7: not a readable image")
+    table = pa.Table.from_pylist([row], schema=parts.FAILED_SCHEMA)
     assert table.to_pylist()[0]["source_file"] == "/data/chestmnist.npz"
 
 
 def test_part_name_depends_on_the_set_of_ids_only():
-    assert bootstrap.part_name(["b", "a"]) == bootstrap.part_name(["a", "b"])
-    assert bootstrap.part_name(["a"]) != bootstrap.part_name(["a", "b"])
+    assert parts.part_name(["b", "a"]) == parts.part_name(["a", "b"])
+    assert parts.part_name(["a"]) != parts.part_name(["a", "b"])
 
 
 def test_write_table_is_atomic_and_readable(tmp_path):
     table = pa.table({"id": ["x", "y"], "v": [1, 2]})
-    path = bootstrap.write_table(str(tmp_path), table)
-    assert path.endswith(bootstrap.part_name(["x", "y"]))
+    path = parts.write_table(str(tmp_path), table)
+    assert path.endswith(parts.part_name(["x", "y"]))
     (tmp_path / "part-dead.parquet.tmp-1234abcd").write_bytes(b"half a file")
-    assert bootstrap.remove_stale_temps(str(tmp_path)) == 1
-    assert bootstrap.read_columns(str(tmp_path), ["id"]).column("id").to_pylist() == ["x", "y"]
+    assert parts.remove_stale_temps(str(tmp_path)) == 1
+    assert parts.read_columns(str(tmp_path), ["id"]).column("id").to_pylist() == ["x", "y"]
 
 
 def test_read_columns_of_an_empty_folder(tmp_path):
-    assert bootstrap.read_columns(str(tmp_path / "nothing"), ["id"]).num_rows == 0
+    assert parts.read_columns(str(tmp_path / "nothing"), ["id"]).num_rows == 0
 
 
 def test_read_columns_reads_only_the_asked_columns(tmp_path):
     buf = io.BytesIO()
     pq.write_table(pa.table({"id": ["a"], "image": [b"x" * 100]}), buf)
     (tmp_path / "part-1.parquet").write_bytes(buf.getvalue())
-    assert bootstrap.read_columns(str(tmp_path), ["id"]).column_names == ["id"]
+    assert parts.read_columns(str(tmp_path), ["id"]).column_names == ["id"]

@@ -6,6 +6,7 @@ the transformers backend writes, and the processor is wired as configured.
 """
 
 import base64
+import importlib.util
 import io
 import json
 
@@ -14,11 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from meddr_ray.stages import bootstrap
-
-from meddr_ray.stages import bootstrap_vllm
 from meddr_ray.config import ConfigError, GenerationConfig, load_config
 from meddr_ray.data import encode_png
+from meddr_ray.layout import FAILED_DIR
+from meddr_ray.stages import bootstrap, bootstrap_rows, bootstrap_vllm, parts
 
 
 def _png(size=(20, 16), colour=90) -> bytes:
@@ -57,9 +57,7 @@ def test_without_vllm_installed_the_error_says_how_to_install_it():
         "tiny",
         ["bootstrap.backend=vllm", "bootstrap.generation.response_prefix=", "bootstrap.impression_prefix=null"],
     )
-    try:
-        import vllm  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("vllm") is None:
         with pytest.raises(ConfigError, match=r"pip install -e '\.\[gpu\]'"):
             bootstrap_vllm.check_vllm_config(cfg)
     else:
@@ -88,12 +86,12 @@ def test_engine_rows_carry_the_prompt_and_the_image_and_bad_images_are_set_aside
     assert [r["id"] for r in rows] == ["s0"]
     (turn,) = rows[0]["messages"]
     image_part, text_part = turn["content"]
-    assert text_part == {"type": "text", "text": bootstrap.teacher_prompt(_sample(0, good))}
+    assert text_part == {"type": "text", "text": bootstrap_rows.teacher_prompt(_sample(0, good))}
     url = image_part["image_url"]["url"]
     assert url.startswith("data:image/png;base64,")
     decoded = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
     assert decoded.size == (20, 16) and decoded.mode == "RGB"
-    failed = pq.read_table(str(tmp_path / bootstrap.FAILED_DIR)).to_pylist()
+    failed = pq.read_table(str(tmp_path / FAILED_DIR)).to_pylist()
     assert sorted(r["id"] for r in failed) == ["s1", "s2"]
     assert all("breastmnist.npz row" in r["error"] for r in failed)
 
@@ -101,21 +99,21 @@ def test_engine_rows_carry_the_prompt_and_the_image_and_bad_images_are_set_aside
 def test_engine_output_becomes_the_same_report_rows_the_transformers_backend_writes(tmp_path):
     cfg = load_config("tiny")
     sample = _sample(0, _png())
-    prompt = bootstrap.teacher_prompt(sample)
+    prompt = bootstrap_rows.teacher_prompt(sample)
     engine_row = {**sample, "teacher_prompt": prompt, "generated_text": " Findings: a mass.\nImpression: likely "
                   "malignant.", "num_generated_tokens": 12}
     row = bootstrap_vllm.report_from_engine(engine_row, cfg)
-    want = bootstrap.report_row(
+    want = bootstrap_rows.report_row(
         sample, prompt, {"text": "Findings: a mass.\nImpression: likely malignant.", "tokens": 12},
         teacher=cfg.teacher, prompt_version=cfg.bootstrap.prompt_version,
-        generation_json=bootstrap.generation_json(cfg.bootstrap.generation),
+        generation_json=bootstrap_rows.generation_json(cfg.bootstrap.generation),
     )
     assert row == want and row["quality"] == "ok"
     stats = bootstrap_vllm.write_reports(pa.Table.from_pylist([row]), out_dir=str(tmp_path))
     assert stats["written"] == [1] and stats["tokens"] == [12] and stats["quality_ok"] == [1]
-    written = pq.read_table(bootstrap.part_files(str(tmp_path))[0])
-    assert written.schema.equals(bootstrap.REPORT_SCHEMA) and written.column("id").to_pylist() == ["s0"]
-    assert json.loads(written.column("generation")[0].as_py()) == json.loads(bootstrap.generation_json(
+    written = pq.read_table(parts.part_files(str(tmp_path))[0])
+    assert written.schema.equals(bootstrap_rows.REPORT_SCHEMA) and written.column("id").to_pylist() == ["s0"]
+    assert json.loads(written.column("generation")[0].as_py()) == json.loads(bootstrap_rows.generation_json(
         cfg.bootstrap.generation))
 
 
@@ -139,7 +137,7 @@ def test_with_on_error_raise_a_bad_image_stops_the_job_naming_its_row(tmp_path):
             batch, generation=GenerationConfig(), out_dir=str(tmp_path), seed=0, max_image_bytes=None,
             max_image_pixels=None, on_error="raise",
         )
-    assert not (tmp_path / bootstrap.FAILED_DIR).exists()  # nothing set aside: the row stopped the job
+    assert not (tmp_path / FAILED_DIR).exists()  # nothing set aside: the row stopped the job
 
 
 def test_the_job_refuses_the_vllm_backend_before_any_work(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 
 from meddr_ray import metrics
 from meddr_ray.data import medmnist_info
-from meddr_ray.stages.evaluate import PREDICTION_SCHEMA
+from meddr_ray.stages.evaluate.schema import PREDICTION_SCHEMA
 from meddr_ray.stages.evaluate.scoring import (
     SUMMARY_COLUMNS,
     diagnosis_options,

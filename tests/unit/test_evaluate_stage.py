@@ -10,15 +10,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from meddr_ray import cli
-from meddr_ray.stages.bootstrap import FAILED_SCHEMA, write_table
 from meddr_ray.config import ConfigError, load_config
+from meddr_ray.stages.evaluate.schema import PREDICTION_SCHEMA
 from meddr_ray.stages.evaluate.stage import (
-    PREDICTION_SCHEMA,
     EvalArtifactError,
     StudentEvaluator,
     _check,
     _prepare_output,
 )
+from meddr_ray.stages.parts import FAILED_SCHEMA, write_table
 
 
 def _cfg(tmp_path, *overrides):

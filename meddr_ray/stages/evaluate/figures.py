@@ -18,10 +18,12 @@ import numpy as np
 
 from meddr_ray import storage
 from meddr_ray.config import Config, DataConfig, SourceConfig
+from meddr_ray.data import DataError, decode_image, load_image, sample_id
+from meddr_ray.data.common import find_image, image_root, read_records
+from meddr_ray.data.errors import where
+from meddr_ray.stages.evaluate.schema import MODE_ORDER, MODE_TITLES, TABLE4_ROWS
 from meddr_ray.storage import join_path
 
-MODE_ORDER = ("voting", "no_rag", "rag")
-MODE_LABELS = {"voting": "voting", "no_rag": "w/o RAG", "rag": "w/ RAG"}
 MODE_COLOURS = {"voting": "#9e9e9e", "no_rag": "#4c72b0", "rag": "#dd8452"}
 
 
@@ -69,7 +71,7 @@ def confusion_plot(name: str, labels: Sequence[str], modes: Dict[str, Dict[str, 
         ax.set_yticks(range(len(ticks)), ticks, fontsize=7)
         ax.set_xlabel("predicted")
         acc = modes[mode].get("accuracy")
-        ax.set_title(f"{MODE_LABELS[mode]}" + (f" (acc {acc:.3f})" if acc is not None else ""), fontsize=9)
+        ax.set_title(f"{MODE_TITLES[mode]}" + (f" (acc {acc:.3f})" if acc is not None else ""), fontsize=9)
     axes[0][0].set_ylabel("reference")
     fig.suptitle(f"{name}: confusion matrices (n={modes[present[0]].get('n')})", fontsize=10)
     return _save(fig, out_dir, f"confusion_{_file_name(name)}.png")
@@ -95,7 +97,7 @@ def modes_plot(datasets: Dict[str, Dict[str, Any]], rows: Dict[str, List[str]], 
             values = [d["modes"][mode].get(k) for k in keys]
             values = [v if isinstance(v, (int, float)) else 0.0 for v in values]
             ax.bar(np.arange(len(keys)) + (j - (len(modes) - 1) / 2) * width, values, width,
-                   label=MODE_LABELS[mode], color=MODE_COLOURS[mode])  # fmt: skip
+                   label=MODE_TITLES[mode], color=MODE_COLOURS[mode])  # fmt: skip
         ax.set_xticks(range(len(keys)), keys, rotation=30, ha="right", fontsize=8)
         ax.set_ylim(0, 1)
         ax.set_title(f"{name} ({d.get('task')}, n={d.get('n')})", fontsize=9)
@@ -125,12 +127,12 @@ def retrieval_plot(cases: List[Dict[str, Any]], images: "CaseImages", manifest: 
             if c >= len(ids):
                 ax.axis("off")
                 continue
-            where = located.get(ids[c]) or {}
-            image, why = (None, f"case {ids[c]} is not in the index values") if not where else images.load(
-                where.get("dataset"), ids[c], where.get("source_file"), where.get("source_index"),
-                split=where.get("split"))  # fmt: skip
-            title = f"top-{c + 1}: {_short(where.get('label') or where.get('report'), 22, 1)}\n" \
-                    f"{where.get('dataset', '?')}, sim {scores[c]:.3f}"  # fmt: skip
+            neighbour = located.get(ids[c]) or {}
+            image, why = (None, f"case {ids[c]} is not in the index values") if not neighbour else images.load(
+                neighbour.get("dataset"), ids[c], neighbour.get("source_file"), neighbour.get("source_index"),
+                split=neighbour.get("split"))  # fmt: skip
+            title = f"top-{c + 1}: {_short(neighbour.get('label') or neighbour.get('report'), 22, 1)}\n" \
+                    f"{neighbour.get('dataset', '?')}, sim {scores[c]:.3f}"  # fmt: skip
             _panel(ax, image, title, why, notes)
     fig.suptitle(f"Top-{top_k} retrieved cases (index version {manifest['version']})", fontsize=10)
     return _save(fig, out_dir, "retrieval_examples.png"), sorted(set(notes))
@@ -194,8 +196,6 @@ class CaseImages:
              split: Optional[str] = None):  # fmt: skip
         """``(RGB image, None)`` or ``(None, why not)``. ``split``: the MedMNIST split the row is in (an indexed
         case records it; a test query is found by its sample id)."""
-        from meddr_ray.data import DataError
-
         if not source_file or source_index is None:
             return None, "the index does not record where its images live (built before it did: rebuild it)"
         src = self._source(dataset, source_file)
@@ -210,18 +210,14 @@ class CaseImages:
                 return None, f"no source named {dataset!r} in the config to find {os.path.basename(source_file)} images"
             return self._from_record(src, int(source_index)), None
         except (DataError, OSError, KeyError, IndexError, ValueError) as exc:
-            return None, f"{dataset} {os.path.basename(source_file)} row {source_index}: {exc}"
+            return None, f"{dataset} {where(source_file, source_index)}: {exc}"
 
-    def _decode(self, data: bytes, where: str, dicom: Optional[bool] = None):
-        from meddr_ray.data import decode_image, load_image
-
-        png, _ = load_image(data, where=where, dicom=dicom, **self.limits)
-        return decode_image(png, where=where, **self.limits)
+    def _decode(self, data: bytes, place: str, dicom: Optional[bool] = None):
+        png, _ = load_image(data, where=place, dicom=dicom, **self.limits)
+        return decode_image(png, where=place, **self.limits)
 
     def _npz(self, dataset: Optional[str], case_id: str, path: str, index: int, split: Optional[str] = None):
         from PIL import Image
-
-        from meddr_ray.data import sample_id
 
         if path not in self._splits:  # the npz's image arrays, by split, from its member names
             with np.load(io.BytesIO(storage.read_bytes(path)) if "://" in path else path) as npz:
@@ -239,20 +235,18 @@ class CaseImages:
         raise KeyError(f"no split of {os.path.basename(path)} has case {case_id} at row {index}")
 
     def _from_record(self, src: SourceConfig, index: int):
-        from meddr_ray.data.common import find_image, image_root, read_records
-
         if src.path not in self._records:
             self._records[src.path] = read_records(src.path)
         rec = self._records[src.path][index]
-        where = f"{os.path.basename(src.path)} row {index}"
-        # the image field each reader reads (meddr_ray/data/image_folder.py, vqa_json.py, reports.py)
+        place = where(src.path, index)
+        # the image field each reader reads (meddr_ray/data/image_folder.py, vqa_json.py, report_files.py)
         fields = [src.image_column] + (["img_name", "image_name", "image"] if src.format == "vqa_json" else [])
         ref = next((rec.get(f) for f in fields if rec.get(f) not in (None, "", [])), None)
         ref = ref[0] if isinstance(ref, list) else ref
         if not ref:
             raise KeyError(f"the record names no image (looked for {fields})")
-        path = find_image(image_root(src), str(ref), where, True)
-        return self._decode(storage.read_bytes(path), where, dicom=True if src.format == "dicom" else None)
+        path = find_image(image_root(src), str(ref), place, True)
+        return self._decode(storage.read_bytes(path), place, dicom=True if src.format == "dicom" else None)
 
 
 def config_sources(cfg: Config) -> List[SourceConfig]:
@@ -267,8 +261,6 @@ def config_sources(cfg: Config) -> List[SourceConfig]:
 def draw_all(metrics: Dict[str, Any], cases: List[Dict[str, Any]], cfg: Config, out_dir: str,
              manifest: Optional[dict]) -> Dict[str, Any]:  # fmt: skip
     """Ray task: every plot of an evaluation; returns ``{"files": [...], "notes": [...]}``."""
-    from meddr_ray.stages.evaluate.report import TABLE4_ROWS
-
     files: List[str] = []
     notes: List[str] = []
     for name, d in metrics["datasets"].items():

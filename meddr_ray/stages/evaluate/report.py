@@ -21,13 +21,14 @@ from meddr_ray import metrics as mm
 from meddr_ray import storage
 from meddr_ray.config import Config
 from meddr_ray.layout import FAILED_DIR, PREDICTIONS_DIR
-from meddr_ray.stages.bootstrap import part_files, read_columns
-from meddr_ray.stages.evaluate import scoring
+from meddr_ray.data.common import default_task
+from meddr_ray.stages.evaluate import figures, scoring
+from meddr_ray.stages.evaluate.schema import MODE_ORDER, MODE_TITLES, PREDICTION_SCHEMA, TABLE4_ROWS
+from meddr_ray.stages.parts import part_files, read_columns
 from meddr_ray.storage import join_path
 
 METRICS_FILE = "metrics.json"
 REPORT_FILE = "report.md"
-MODE_TITLES = {"voting": "voting", "no_rag": "w/o RAG", "rag": "w/ RAG"}
 
 METRIC_NAMES = {
     "accuracy": "Accuracy (macro)↑", "accuracy_micro": "Accuracy (micro)↑", "macro_f1": "Macro-F1↑",
@@ -54,14 +55,6 @@ PAPER_TABLE4: Dict[str, Tuple[str, Dict[str, Tuple[Optional[float], float, float
         "chexbert_similarity": (0.535, 0.564, 0.575), "meteor": (0.340, 0.323, 0.341)}),
 }  # fmt: skip
 _PAPER_ALIASES = {"slakevqa": "slake", "slake": "slake", "iuxray": "iuxray", "openi": "iuxray"}
-
-# The rows of a task in the paper's Table 4 (the report rows include the model-based metrics it reports).
-TABLE4_ROWS = {
-    "diagnosis": ["accuracy", "macro_f1"],
-    "vqa": ["bleu1", "closed_acc", "open_recall", "recall", "open_acc", "f1"],
-    "report": ["f1_radgraph", "bleu1", "bleu4", "rouge1", "rougeL", "radcliq", "chexbert_similarity", "meteor"],
-}
-
 
 def paper_entry(dataset: str) -> Optional[Tuple[str, Dict[str, Tuple[Optional[float], float, float]]]]:
     """The paper's Table 4 figures for a dataset name of this project (``breastmnist``, ``slake``, ...)."""
@@ -91,8 +84,6 @@ def _prediction_files(out_dir: str):
     """Every prediction file of ``out_dir`` as one pyarrow dataset, or None before anything was answered."""
     import pyarrow.dataset as pads
 
-    from meddr_ray.stages.evaluate.stage import PREDICTION_SCHEMA
-
     files = part_files(join_path(out_dir, PREDICTIONS_DIR))
     if not files:
         return None
@@ -103,8 +94,6 @@ def _prediction_files(out_dir: str):
 
 def _predictions(out_dir: str, columns: Sequence[str], filter=None) -> pa.Table:
     """Columns of every prediction file (optionally filtered while reading)."""
-    from meddr_ray.stages.evaluate.stage import PREDICTION_SCHEMA
-
     ds = _prediction_files(out_dir)
     if ds is None:
         return pa.schema([PREDICTION_SCHEMA.field(c) for c in columns]).empty_table()
@@ -114,8 +103,6 @@ def _predictions(out_dir: str, columns: Sequence[str], filter=None) -> pa.Table:
 def dataset_metrics(cfg: Config, out_dir: str) -> Dict[str, Dict[str, Any]]:
     """Every figure of every configured dataset in every mode, from the prediction files' small columns, read one
     dataset at a time (the driver holds one dataset's ids and per-row scores, not every dataset's)."""
-    from meddr_ray.data.common import default_task
-
     failed = read_columns(join_path(out_dir, FAILED_DIR), ["id", "dataset"])
     out: Dict[str, Dict[str, Any]] = {}
     for src in cfg.evaluate.sources:
@@ -239,7 +226,7 @@ def table4_rows(metrics: Dict[str, Any]) -> List[List[str]]:
         paper = paper_entry(name)
         for i, key in enumerate(TABLE4_ROWS[task]):
             ours = []
-            for mode in ("voting", "no_rag", "rag"):
+            for mode in MODE_ORDER:
                 summary = d["modes"].get(mode)
                 if summary is None:
                     ours.append("-")
@@ -386,8 +373,6 @@ def figure_cases(ctx: RunContext) -> List[Dict[str, Any]]:
 def write_all(ctx: RunContext) -> Dict[str, Any]:
     """metrics.json, the plots (in a Ray task) and report.md; returns the metrics."""
     import ray
-
-    from meddr_ray.stages.evaluate import figures
 
     datasets = dataset_metrics(ctx.cfg, ctx.out_dir)
     metrics = build_metrics(ctx, datasets)

@@ -42,57 +42,33 @@ import pyarrow.parquet as pq
 from meddr_ray import storage
 from meddr_ray.config import Config, ConfigError, save_config, validate
 from meddr_ray.progress import report
-from meddr_ray.stages.bootstrap import FAILED_SCHEMA, batch_seed, failed_row, part_files, remove_stale_temps, write_table
+from meddr_ray.data import DataError, decode_image, read_source
+from meddr_ray.data.common import default_task
+from meddr_ray.data.errors import sample_where
+from meddr_ray.layout import ADAPTER_META_FILE
+from meddr_ray.stages.evaluate import report as evaluation_report
 from meddr_ray.stages.evaluate import scoring
+from meddr_ray.stages.evaluate.schema import PREDICTION_SCHEMA
+from meddr_ray.stages.parts import (
+    FAILED_SCHEMA,
+    batch_seed,
+    failed_row,
+    part_files,
+    remove_stale_temps,
+    sum_stats,
+    write_table,
+)
 from meddr_ray.stages.registry import StageResult
-from meddr_ray.storage import join_path
+from meddr_ray.stages.runtime import init_ray, map_with_actor_pool
+from meddr_ray.storage import join_path, run_lock
 
 log = logging.getLogger("meddr_ray.stages.evaluate")
-
-PREDICTION_SCHEMA = pa.schema(
-    [
-        pa.field("id", pa.string(), nullable=False),  # the sample's stable id (one row per id and mode)
-        pa.field("mode", pa.string()),  # no_rag | rag | voting
-        pa.field("dataset", pa.string()),
-        pa.field("split", pa.string()),
-        pa.field("task", pa.string()),  # diagnosis | vqa | report
-        pa.field("source_file", pa.string()),  # where the query image came from
-        pa.field("source_index", pa.int64()),
-        pa.field("modality", pa.string()),
-        pa.field("question", pa.string()),  # VQA
-        pa.field("answer_type", pa.string()),  # VQA: OPEN / CLOSED as the source states it
-        pa.field("reference", pa.string()),  # the label(s), the answer or the reference report
-        pa.field("options", pa.list_(pa.string())),  # diagnosis: the options the prompt offered, in order
-        pa.field("prompt", pa.string()),  # the exact instruction the student saw (null for voting)
-        pa.field("output", pa.string()),  # the student's text; voting: the voted label or the top-1 report
-        pa.field("true_index", pa.int64()),  # diagnosis: the reference's option (null: not exactly one option)
-        pa.field("pred_index", pa.int64()),  # diagnosis: the option the output maps to (MultiMedEval BLEU-1)
-        pa.field("true_vector", pa.list_(pa.int8())),  # multi-label diagnosis: 0/1 per label (options but "no finding")
-        pa.field("pred_vector", pa.list_(pa.int8())),  # multi-label diagnosis: the labels the output names
-        pa.field("pred_label", pa.string()),  # diagnosis: the predicted option(s)' name
-        pa.field("correct", pa.bool_()),  # diagnosis: prediction == reference (multi-label: every label)
-        pa.field("scores", pa.string()),  # VQA / report: the per-row figures, JSON
-        pa.field("neighbour_ids", pa.list_(pa.string())),  # retrieved cases, nearest first (null without an index)
-        pa.field("neighbour_scores", pa.list_(pa.float32())),  # their cosine similarities
-        pa.field("neighbour_labels", pa.list_(pa.string())),  # their labels (null entries: cases without one)
-        pa.field("top_k", pa.int64()),  # how many of the neighbours the prompt and the vote used (rag.top_k_*)
-        pa.field("tokens", pa.int64()),  # generated tokens (0 for voting)
-        pa.field("run_key", pa.string()),  # what the answers depend on (student, adapter, index, settings)
-    ]
-)
 
 _STAT_KEYS = ("rows_in", "written", "skipped", "skipped_failed", "failed", "tokens")
 
 
 class EvalArtifactError(ValueError):
     """A file in the evaluation folder that this stage cannot have written (unreadable, or another schema)."""
-
-
-def _where(row: Dict[str, Any]) -> str:
-    """A test row's place in its source, for its error message: ``labels.csv row 2``."""
-    from meddr_ray.data.errors import where
-
-    return where(str(row.get("source_file") or row.get("dataset")), row.get("source_index"))
 
 
 def needs_index(modes: Sequence[str]) -> bool:
@@ -154,9 +130,7 @@ class StudentEvaluator:
 
     def _decode(self, row: Dict[str, Any]):
         """The sample's image as RGB, or the error that sets the row aside (raised with ``on_error=raise``)."""
-        from meddr_ray.data import DataError, decode_image
-
-        where = _where(row)
+        where = sample_where(row)
         if row.get("error"):
             return None, row["error"]  # the reader set it aside (on_error=skip)
         try:
@@ -170,8 +144,6 @@ class StudentEvaluator:
 
     def _unscorable(self, row: Dict[str, Any]) -> Optional[str]:
         """Why a row cannot be asked or scored (no options or no reference), or None; raised with on_error=raise."""
-        from meddr_ray.data import DataError
-
         task = row.get("task") or "diagnosis"
         labelled = bool(row.get("label_set") and (row.get("label") or row.get("labels")))
         has = {
@@ -182,7 +154,7 @@ class StudentEvaluator:
         what, ok = has.get(task, (f"known task (not {task!r})", False))
         if ok:
             return None
-        message = f"{_where(row)}: no {what} to evaluate (id {row['id']})"
+        message = f"{sample_where(row)}: no {what} to evaluate (id {row['id']})"
         if self.cfg.data.on_error == "raise":
             raise DataError(message)
         return message
@@ -359,8 +331,6 @@ def _check(cfg: Config) -> None:
     if not ev.sources:
         raise ConfigError("key 'evaluate.sources': no test sources to evaluate (list at least one)")
     validate(cfg)  # again: a config changed after loading (one task per source name, modes, ...)
-    from meddr_ray.data.common import default_task
-
     for i, src in enumerate(ev.sources):
         if not scoring.modes_for(default_task(src), ev.modes):  # e.g. VQA with modes [voting]: nothing to answer
             raise ConfigError(f"key 'evaluate.modes': {list(ev.modes)} has no row for evaluate.sources[{i}] "
@@ -380,7 +350,7 @@ def _adapter(cfg: Config) -> Tuple[Optional[str], str, Optional[dict]]:
             f"evaluate: no trained adapter at {folder} (no adapter_config.json); run `meddr-ray train` first, or "
             f"set evaluate.require_adapter=false to evaluate the base student"
         )
-    meta_path = join_path(folder, "meddr.json")
+    meta_path = join_path(folder, ADAPTER_META_FILE)
     meta = None
     if adapter and storage.exists(meta_path):
         try:
@@ -482,8 +452,6 @@ def read_parts(folder: str, schema: pa.Schema, columns: Sequence[str]) -> pa.Tab
 
 def _prepare_output(cfg: Config, key: str) -> Tuple[pa.Array, pa.Array]:
     """Make the folders, drop stale temporary files and predictions of another run key; the ids to skip."""
-    from meddr_ray.data.common import default_task
-
     pred_dir, failed_dir = cfg.layout.predictions_dir, cfg.layout.failed_dir("evaluate")
     for folder in (pred_dir, failed_dir):
         storage.makedirs(folder)
@@ -520,8 +488,6 @@ def _prepare_output(cfg: Config, key: str) -> Tuple[pa.Array, pa.Array]:
 
 
 def _source_dataset(cfg: Config):
-    from meddr_ray.data import read_source
-
     # One block per student batch, so a second actor gets work and a retried batch redoes one batch.
     batch = cfg.evaluate.pool.batch_size
     read_cfg = dataclasses.replace(cfg.data, rows_per_block=max(1, min(cfg.data.rows_per_block, batch)))
@@ -533,7 +499,6 @@ def run_evaluate(cfg: Config) -> StageResult:
     """Answer every row of ``evaluate.sources`` in every mode, then write metrics.json, report.md and the plots;
     returns the evaluation folder."""
     from meddr_ray.model import ensure_model
-    from meddr_ray.storage import run_lock  # the one run-folder lock (the pipeline's and the demo's too)
 
     _check(cfg)
     student_path = ensure_model(cfg.student)  # fail fast on a missing checkpoint; build tiny/smol once, here
@@ -544,7 +509,8 @@ def run_evaluate(cfg: Config) -> StageResult:
     key = run_key(cfg, adapter, adapter_meta, manifest)
     out_dir = cfg.layout.evaluate_dir
     # Two evaluations writing one folder at once would answer the same rows in differently cut batches: the
-    # same (id, mode) in two files. The second stops instead (not locked on object stores).
+    # same (id, mode) in two files. The second stops instead (not locked on object stores); it is the one run-folder
+    # lock, the pipeline's and the demo's too.
     with run_lock(out_dir):
         return _answer_and_report(cfg, str(student_path), adapter, adapter_folder, adapter_meta, manifest, key, out_dir)
 
@@ -552,8 +518,6 @@ def run_evaluate(cfg: Config) -> StageResult:
 def _answer_all(cfg: Config, adapter: Optional[str], manifest: Optional[dict], key: str, skip) -> Any:
     """The student pool over every source row: a Dataset of count rows, one per batch (lazy: nothing runs yet)."""
     import ray
-
-    from meddr_ray.stages.runtime import map_with_actor_pool
 
     return map_with_actor_pool(
         _source_dataset(cfg),
@@ -567,36 +531,25 @@ def _answer_all(cfg: Config, adapter: Optional[str], manifest: Optional[dict], k
     )
 
 
-def _sum_stats(stats_ds) -> Tuple[Dict[str, float], float]:
-    """Runs the job (the driver pulls the count rows), reporting each answered batch; the summed counts and the
-    seconds it took."""
-    started = time.perf_counter()
-    totals: Dict[str, float] = dict.fromkeys(_STAT_KEYS + ("seconds",), 0)
-    for batch in stats_ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for i in range(batch.num_rows):
-            for k in totals:
-                totals[k] += batch.column(k)[i].as_py()
-            elapsed = time.perf_counter() - started
-            if batch.column("written")[i].as_py() or batch.column("failed")[i].as_py():
-                report("evaluate", f"batch done ({batch.column('datasets')[i].as_py()}): {int(totals['written'])} "
-                       f"rows answered, {int(totals['failed'])} failed, {int(totals['skipped'])} skipped so far; "
-                       f"{totals['written'] / max(elapsed, 1e-9):.2f} rows/s")  # fmt: skip
-    return totals, time.perf_counter() - started
+def _report_batch(row: Dict[str, Any], totals: Dict[str, float], elapsed: float) -> None:
+    """Says each answered batch, with the counts so far."""
+    if row["written"] or row["failed"]:
+        report("evaluate", f"batch done ({row['datasets']}): {int(totals['written'])} rows answered, "
+               f"{int(totals['failed'])} failed, {int(totals['skipped'])} skipped so far; "
+               f"{totals['written'] / max(elapsed, 1e-9):.2f} rows/s")  # fmt: skip
 
 
 def _answer_and_report(cfg: Config, student_path: str, adapter: Optional[str], adapter_folder: str,
                        adapter_meta: Optional[dict], manifest: Optional[dict], key: str,
                        out_dir: str) -> StageResult:  # fmt: skip
-    from meddr_ray.stages.evaluate import report as evaluation_report
-    from meddr_ray.stages.runtime import init_ray
-
     done, failed_before = _prepare_output(cfg, key)
     save_config(cfg, out_dir)
     if len(done):
         report("evaluate", f"resuming, {len(done)} ids already answered in {cfg.layout.predictions_dir}")
 
     init_ray(cfg)
-    totals, seconds = _sum_stats(_answer_all(cfg, adapter, manifest, key, (done, failed_before)))
+    stats = _answer_all(cfg, adapter, manifest, key, (done, failed_before))
+    totals, seconds = sum_stats(stats, _STAT_KEYS + ("seconds",), each=_report_batch)
 
     run = {k: int(v) for k, v in totals.items() if k != "seconds"}
     run.update(seconds=round(seconds, 3), answer_seconds=round(float(totals["seconds"]), 3),
