@@ -21,6 +21,7 @@ from meddr_ray.config import Config, DataConfig, SourceConfig
 from meddr_ray.data import DataError, decode_image, load_image, sample_id
 from meddr_ray.data.common import find_image, image_root, read_records
 from meddr_ray.data.errors import where
+from meddr_ray.retrieval.format import VALUES_FILE
 from meddr_ray.stages.evaluate.schema import MODE_ORDER, MODE_TITLES, TABLE4_ROWS
 from meddr_ray.storage import join_path
 
@@ -157,8 +158,6 @@ def neighbour_locations(manifest: dict, ids: Sequence[str]) -> Dict[str, Dict[st
     with a filter from its values file (only those columns; never the whole index into memory)."""
     import pyarrow.compute as pc
     import pyarrow.dataset as pads
-
-    from meddr_ray.retrieval.format import VALUES_FILE
 
     if not ids:
         return {}

@@ -46,6 +46,8 @@ from meddr_ray.data import DataError, decode_image, read_source
 from meddr_ray.data.common import default_task
 from meddr_ray.data.errors import sample_where
 from meddr_ray.layout import ADAPTER_META_FILE
+from meddr_ray.retrieval.rag import Retriever, distinct_images, rag_prompt, scope_for, top_k_for, vote, vote_report
+from meddr_ray.retrieval.store import published_manifest
 from meddr_ray.stages.evaluate import report as evaluation_report
 from meddr_ray.stages.evaluate import scoring
 from meddr_ray.stages.evaluate.schema import PREDICTION_SCHEMA
@@ -96,7 +98,6 @@ class StudentEvaluator:
         import ray
 
         from meddr_ray.model import load_model
-        from meddr_ray.retrieval.rag import Retriever
 
         done, failed = ray.get(skip_ref[0])  # wrapped in a list so Ray hands the ref over unresolved
         # Sets built once per actor: a batch's skip check then costs its own size, not that of every id written
@@ -164,8 +165,6 @@ class StudentEvaluator:
     def _neighbours(self, keys: np.ndarray, tasks: Sequence[str], datasets: Sequence[Optional[str]]):
         """Each query's retrieved images, searched in its scope (``rag.same_dataset`` / ``rag.datasets``): enough
         for its prompt and vote (``rag.top_k_*``) and for the figure."""
-        from meddr_ray.retrieval.rag import scope_for, top_k_for
-
         top_k = [top_k_for(t, self.cfg.rag) for t in tasks]
         if self.retriever is None:
             return [[] for _ in tasks], top_k
@@ -181,8 +180,6 @@ class StudentEvaluator:
         return found, top_k
 
     def _prompt(self, row: Dict[str, Any], options: List[str], neighbours) -> str:
-        from meddr_ray.retrieval.rag import rag_prompt
-
         return rag_prompt(
             row["task"], neighbours, self.cfg.rag, modality=row.get("modality"), options=options,
             question=row.get("question"),
@@ -238,8 +235,6 @@ class StudentEvaluator:
     @staticmethod
     def _voted(task: str, neighbours, top_k: int) -> dict:
         """The retrieved cases' answer: the top-k labelled images' majority; for reports the top-1 report."""
-        from meddr_ray.retrieval.rag import distinct_images, vote, vote_report
-
         labelled = [n for n in distinct_images(neighbours) if n.label][:top_k]
         return {"text": vote(labelled) if task == "diagnosis" else vote_report(neighbours), "tokens": 0}
 
@@ -363,8 +358,6 @@ def _adapter(cfg: Config) -> Tuple[Optional[str], str, Optional[dict]]:
 
 def _index_manifest(cfg: Config) -> Optional[dict]:
     """The manifest of the index version this evaluation uses (``CURRENT`` now, pinned for every actor)."""
-    from meddr_ray.retrieval.store import published_manifest
-
     if not needs_index(cfg.evaluate.modes):
         return None
     manifest = published_manifest(cfg.layout.index_dir, "evaluate", ", or set evaluate.modes=[no_rag]")
@@ -375,8 +368,6 @@ def _index_manifest(cfg: Config) -> Optional[dict]:
 def _check_scope(cfg: Config, manifest: dict) -> None:
     """Every dataset a query will search (its own, with ``rag.same_dataset``; ``rag.datasets``) has images in the
     index, said before any model loads rather than by an actor mid-run."""
-    from meddr_ray.retrieval.rag import scope_for
-
     held = (manifest.get("summary") or {}).get("datasets")
     if held is None:
         raise ConfigError(
