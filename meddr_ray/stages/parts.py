@@ -1,4 +1,4 @@
-"""Exactly-once Parquet part files, as the bootstrap, instruct and evaluate stages write them.
+"""Exactly-once Parquet part files, as the bootstrap and evaluate stages write them (instruct reads bootstrap's).
 
 A Ray Data batch writes its rows to one ``part-<hash>.parquet``: named by a hash of the batch's ids (a batch Ray
 retries rewrites the same file instead of adding a second one) and written atomically (a temporary name, then a
