@@ -52,7 +52,9 @@ def plain_loop(cfg, n: int, batch_size: int) -> dict:
     import numpy as np
     from PIL import Image
 
-    from meddr_ray.stages.bootstrap import batch_seed, teacher_generate, teacher_prompt
+    from meddr_ray.stages.bootstrap import teacher_generate
+    from meddr_ray.stages.bootstrap_rows import teacher_prompt
+    from meddr_ray.stages.parts import batch_seed
     from meddr_ray.data import medmnist_info, sample_id
     from meddr_ray.model import load_model
 

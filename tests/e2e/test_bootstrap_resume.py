@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from meddr_ray.stages.bootstrap import SUMMARY_FILE, part_files, run_bootstrap
+from meddr_ray.stages.bootstrap import SUMMARY_FILE, run_bootstrap
+from meddr_ray.stages.parts import part_files
 from meddr_ray.config import SourceConfig, load_config
 from meddr_ray.data import sample_id
 

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from meddr_ray.retrieval import store as fi
-from meddr_ray.stages.bootstrap import SUMMARY_FILE, part_files, run_bootstrap
+from meddr_ray.stages.bootstrap import SUMMARY_FILE, run_bootstrap
+from meddr_ray.stages.parts import part_files
 from meddr_ray.config import PACKAGE_DIR, cache_dir, load_config
 from meddr_ray.stages.index import run_index
 from meddr_ray.stages.instruct import run_instruct

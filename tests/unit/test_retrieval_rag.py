@@ -11,8 +11,8 @@ from meddr_ray.retrieval import format as fmt
 from meddr_ray.retrieval import store
 from meddr_ray import prompts
 from meddr_ray.config import RagConfig
+from meddr_ray.retrieval.format import IndexArtifactError
 from meddr_ray.retrieval.rag import (
-    IndexArtifactError,
     Neighbor,
     Retriever,
     UnknownDatasetError,
