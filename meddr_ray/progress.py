@@ -1,10 +1,11 @@
 """How the library tells a person what it is doing: one place instead of ``print`` in every stage.
 
-Stages call :func:`report` with their name and a line. The line goes to the ``meddr_ray.<stage>`` logger at INFO,
-so an application that configures logging decides where it goes. When nothing has configured the ``meddr_ray``
-logger, the first report installs a handler that writes ``[<stage>] <line>`` to standard output, in the driver
-and in Ray workers alike (Ray forwards a worker's output to the driver and the job logs). The CLI calls
-:func:`configure` to choose between those lines and silence.
+Stages call :func:`report` with their name and a line. The line goes to the ``meddr_ray.progress.<stage>``
+logger at INFO, so an application that configures logging decides where it goes. When nothing has configured the
+``meddr_ray.progress`` logger, the first report installs a handler that writes ``[<stage>] <line>`` to standard
+output, in the driver and in Ray workers alike (Ray forwards a worker's output to the driver and the job logs).
+The CLI calls :func:`configure` to choose between those lines and silence. The modules' own diagnostic logging
+(``logging.getLogger(__name__)``) is not progress and goes wherever the application's logging sends it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 
-ROOT = "meddr_ray"
+ROOT = "meddr_ray.progress"
 
 
 class _StdoutLines(logging.Handler):

@@ -279,7 +279,7 @@ def test_the_summary_names_the_losses_the_resumes_and_each_ranks_memory():
              "workers": [{"rank": 0, "peak_rss_mb": 900.0, "param_mb": 1.5, "optimizer_mb": 0.25}]}  # fmt: skip
     text = _summary_text(state, TrainPlan(2, 4, 2, 40, 5, 5), final, "/run/adapter", 12.0)
     assert text.splitlines() == [
-        "done: step 5/5, epoch 1, 12 s",
+        "train: done: step 5/5, epoch 1, 12 s",
         "  loss 1.5000, val_loss 6.0000 -> 1.0000",
         "  resumed 1 time(s) (from step 4, data position verified)",
         "  adapter: /run/adapter",

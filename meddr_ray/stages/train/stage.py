@@ -231,7 +231,7 @@ def _summary_text(state: Dict[str, Any], plan: TrainPlan, final: Dict[str, Any],
     where = "; ".join(f"from step {e['start_step']}, data position {e.get('data_position', 'epoch start')}"
                       for e in resumes)  # fmt: skip
     lines = [
-        f"done: step {state['step']}/{plan.total_steps}, epoch {state['epoch']}, {seconds:.0f} s",
+        f"train: done: step {state['step']}/{plan.total_steps}, epoch {state['epoch']}, {seconds:.0f} s",
         f"  loss {final.get('loss', float('nan')):.4f}{val}",
         f"  resumed {len(resumes)} time(s)" + (f" ({where})" if resumes else ""),
         f"  adapter: {out}",
