@@ -126,7 +126,11 @@ def _remove_stale_tmp(index_dir: str) -> None:
     now = time.time()
     for name in os.listdir(index_dir):
         path = os.path.join(index_dir, name)
-        if name.startswith(".tmp-") and now - os.path.getmtime(path) > _STALE_TMP_S:
+        try:
+            stale = name.startswith(".tmp-") and now - os.path.getmtime(path) > _STALE_TMP_S
+        except FileNotFoundError:  # another publisher's stage, renamed into place (or removed) since the listing
+            continue
+        if stale:
             log.info("removing %s, left by an interrupted publish", path)
             storage.remove(path)
 

@@ -8,10 +8,12 @@ from meddr_ray import progress
 
 
 @pytest.fixture(autouse=True)
-def fresh_progress_logger():
+def fresh_progress_logger(monkeypatch):
+    """Each test starts as a fresh process would: nothing configured, no handler of ours."""
     root = logging.getLogger(progress.ROOT)
     saved = (list(root.handlers), root.level, root.propagate)
     root.handlers.clear()
+    monkeypatch.setattr(progress, "_configured", False)
     yield
     root.handlers[:], root.level, root.propagate = saved
 
@@ -39,9 +41,8 @@ def test_an_application_handler_receives_the_reports_instead(capsys):
         def emit(self, record):
             seen.append((record.name, record.getMessage()))
 
-    root = logging.getLogger(progress.ROOT)
-    root.addHandler(Collect())
-    root.setLevel(logging.INFO)
+    progress.configure(stdout=False)
+    logging.getLogger(progress.ROOT).addHandler(Collect())
     progress.report("evaluate", "batch done")
     assert seen == [("meddr_ray.progress.evaluate", "batch done")]
     assert capsys.readouterr().out == ""  # the application chose where progress goes: no second handler
